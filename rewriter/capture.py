@@ -1,0 +1,280 @@
+"""Capture a model as one FX GraphModule: torch.export (non-strict) first, torch.fx as fallback.
+
+The captured module keeps ``nn_module_stack`` metadata on its nodes (which module owns each op),
+shares its parameters with the source model (nothing is copied or mutated) and carries a
+:class:`CaptureInfo` in ``gm.meta["rewriter.capture"]``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect as _pyinspect
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError, InputError
+
+__all__ = ["CaptureInfo", "capture", "capture_info", "normalize_inputs", "outputs_close"]
+
+CAPTURE_META_KEY = "rewriter.capture"
+
+
+@dataclass(frozen=True)
+class CaptureInfo:
+    """How a graph was captured; stored in ``gm.meta["rewriter.capture"]``."""
+
+    method: str  # "torch.export" | "torch.fx.symbolic_trace"
+    model_class: str
+    input_names: tuple[str, ...]
+    dynamic_dims: Mapping[str, tuple[int, ...]]  # input name -> dims left symbolic
+    example_args: tuple[Any, ...] = field(repr=False)
+    example_kwargs: Mapping[str, Any] = field(repr=False)
+    export_error: str | None = None  # why torch.export failed when the fallback was used
+    max_abs_error: float = 0.0  # captured graph vs eager model on the example inputs
+
+
+def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo | None:
+    """The :class:`CaptureInfo` of a graph made by :func:`capture`, else None."""
+    return getattr(gm, "meta", {}).get(CAPTURE_META_KEY)
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Tensor | tuple/list | dict -> (args, kwargs); every leaf must be a tensor (or None/bool)."""
+    if isinstance(example_inputs, torch.Tensor):
+        args, kwargs = (example_inputs,), {}
+    elif isinstance(example_inputs, Mapping):
+        args, kwargs = (), dict(example_inputs)
+    elif isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        args, kwargs = tuple(example_inputs), {}
+    else:
+        raise InputError(
+            "example_inputs must be a tensor, a tuple of tensors or a dict of tensors, "
+            f"got {type(example_inputs).__name__}"
+        )
+    named = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
+    if not named:
+        raise InputError("example_inputs is empty: give at least one input tensor")
+    for name, value in named:
+        if not isinstance(value, (torch.Tensor, type(None), bool, int, float)):
+            raise InputError(
+                f"example input {name} must be a tensor, got {type(value).__name__}"
+            )
+    return args, kwargs
+
+
+def _describe(args: tuple, kwargs: Mapping) -> str:
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+        return repr(v)
+
+    parts = [one(a) for a in args] + [f"{k}={one(v)}" for k, v in kwargs.items()]
+    return "(" + ", ".join(parts) + ")"
+
+
+def _input_names(model: nn.Module, args: tuple, kwargs: Mapping) -> tuple[str, ...]:
+    try:
+        params = [
+            p.name
+            for p in _pyinspect.signature(model.forward).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (TypeError, ValueError):
+        params = []
+    names = [params[i] if i < len(params) else f"arg{i}" for i in range(len(args))]
+    return tuple(names) + tuple(kwargs)
+
+
+def _widen_unit_dims(value: Any, dims: Sequence[int]) -> Any:
+    """Repeat size-1 batch/sequence dims to 2 so torch.export keeps them symbolic."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    for d in dims:
+        if d < value.dim() and value.shape[d] == 1:
+            value = torch.cat([value, value], dim=d)
+    return value
+
+
+# ----------------------------------------------------------------------------- HF helpers
+
+
+@contextlib.contextmanager
+def _kv_cache_off(model: nn.Module) -> Iterator[None]:
+    """Temporarily set ``config.use_cache = False`` (HF models) and restore it afterwards."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_cache"):
+        yield
+        return
+    saved = config.use_cache
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = saved
+
+
+def _first_lines(exc: BaseException, n: int = 4) -> str:
+    text = f"{type(exc).__name__}: {exc}".strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    out = "\n    ".join(lines[:n])
+    return out + (" ..." if len(lines) > n else "")
+
+
+# ----------------------------------------------------------------------------- comparison
+
+
+def outputs_close(reference: Any, actual: Any) -> float:
+    """Max absolute difference over the tensor leaves of two outputs (inf if structures differ)."""
+    ref_leaves = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+    act_leaves = [x for x in pytree.tree_leaves(actual) if isinstance(x, torch.Tensor)]
+    if len(ref_leaves) != len(act_leaves):
+        return float("inf")
+    worst = 0.0
+    for r, a in zip(ref_leaves, act_leaves):
+        if r.shape != a.shape:
+            return float("inf")
+        if r.numel():
+            worst = max(worst, (r.double() - a.double()).abs().max().item())
+    return worst
+
+
+def _tolerance(reference: Any) -> float:
+    leaves = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
+    scale = max((x.double().abs().max().item() for x in leaves if x.numel()), default=1.0)
+    eps = max((torch.finfo(x.dtype).eps for x in leaves if x.is_floating_point()), default=1e-7)
+    return 64 * eps * max(scale, 1.0)
+
+
+# ----------------------------------------------------------------------------- front ends
+
+
+def _export(model, args, kwargs, dynamic: bool) -> torch.fx.GraphModule:
+    if dynamic:
+        def dims_for(v: Any) -> Any:
+            if isinstance(v, torch.Tensor) and v.dim() >= 1:
+                return {d: Dim.AUTO for d in range(min(v.dim(), 2))}
+            return None
+
+        args = tuple(_widen_unit_dims(a, (0, 1)) for a in args)
+        kwargs = {k: _widen_unit_dims(v, (0, 1)) for k, v in kwargs.items()}
+        dynamic_shapes: Any
+        if kwargs:  # torch.export wants names then: forward's parameter names + the kwargs
+            names = _input_names(model, args, {})
+            dynamic_shapes = {n: dims_for(a) for n, a in zip(names, args)}
+            dynamic_shapes.update({k: dims_for(v) for k, v in kwargs.items()})
+        else:
+            dynamic_shapes = tuple(dims_for(a) for a in args)
+    else:
+        dynamic_shapes = None
+    ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
+    return ep.module()
+
+
+class _NoLeafTracer(torch.fx.Tracer):
+    """Trace through every submodule so linears appear as F.linear on get_attr weights."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+
+def _symbolic_trace(model: nn.Module, args: tuple, kwargs: Mapping) -> torch.fx.GraphModule:
+    names = _input_names(model, args, {})
+    concrete = {
+        name: p.default
+        for name, p in _pyinspect.signature(model.forward).parameters.items()
+        if name not in names and name not in kwargs and p.default is not p.empty
+    }
+    graph = _NoLeafTracer().trace(model, concrete_args=concrete or None)
+    gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*args, *kwargs.values())
+    return gm
+
+
+def _dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
+    dims: dict[str, tuple[int, ...]] = {}
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            sym = tuple(i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt))
+            if sym:
+                dims[node.name] = sym
+    return dims
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def capture(
+    model: nn.Module, example_inputs: Any, *, dynamic: bool = True
+) -> torch.fx.GraphModule:
+    """Capture ``model`` as one FX GraphModule.
+
+    ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors
+    (HF style: ``{"input_ids": ids}``). With ``dynamic=True`` the first two dims of every input
+    (batch, sequence) stay symbolic where the model allows it. The model is run once eagerly on
+    the inputs (a wrong shape or dtype is reported as :class:`InputError` before anything else),
+    captured with ``torch.export`` (non-strict; HF KV cache off), falling back to
+    ``torch.fx.symbolic_trace``, and the result is checked against the eager output.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = normalize_inputs(example_inputs)
+    cls = type(model).__name__
+
+    with _kv_cache_off(model), torch.no_grad():
+        try:
+            reference = model(*args, **kwargs)
+        except Exception as exc:  # the user's model rejected the inputs: say which and why
+            raise InputError(
+                f"{cls} cannot run on the example inputs {_describe(args, kwargs)}: "
+                f"{_first_lines(exc, 2)}"
+            ) from exc
+
+        export_error: str | None = None
+        try:
+            gm = _export(model, args, kwargs, dynamic)
+            method = "torch.export"
+        except Exception as exc:
+            export_error = _first_lines(exc)
+            try:
+                gm = _symbolic_trace(model, args, kwargs)
+                method = "torch.fx.symbolic_trace"
+            except Exception as fx_exc:
+                raise CaptureError(
+                    f"cannot capture {cls} as one graph.\n"
+                    f"  torch.export (non-strict) failed: {export_error}\n"
+                    f"  torch.fx.symbolic_trace failed: {_first_lines(fx_exc)}\n"
+                    "  hint: data-dependent Python control flow (if/for on tensor values) "
+                    "cannot be captured; rewrite it with torch.where / torch.cond."
+                ) from exc
+
+        actual = gm(*args, **kwargs)
+    error = outputs_close(reference, actual)
+    if not model.training and error > _tolerance(reference):
+        raise CaptureError(
+            f"captured graph of {cls} ({method}) differs from the eager model on the example "
+            f"inputs: max abs error {error:.3g}"
+        )
+    gm.meta[CAPTURE_META_KEY] = CaptureInfo(
+        method=method,
+        model_class=cls,
+        input_names=_input_names(model, args, kwargs),
+        dynamic_dims=_dynamic_dims(gm),
+        example_args=args,
+        example_kwargs=dict(kwargs),
+        export_error=export_error,
+        max_abs_error=error,
+    )
+    return gm

@@ -1,0 +1,154 @@
+"""Small vocabulary over FX nodes shared by the matcher, the passes and inspection.
+
+Both front ends are covered: torch.export graphs (``aten.linear.default`` ...) and
+torch.fx.symbolic_trace graphs (``F.linear``, ``operator.mul``, ``call_method`` "mul" ...).
+Every op gets one canonical name, so rules speak of "linear" or "mul" whatever produced them.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch.fx import GraphModule, Node
+
+__all__ = [
+    "op_name",
+    "target_str",
+    "is_elementwise",
+    "is_split",
+    "is_reshape",
+    "param_name",
+    "owning_module",
+    "common_module",
+    "tensor_meta",
+]
+
+_OPERATOR_NAMES = {
+    operator.add: "add",
+    operator.sub: "sub",
+    operator.mul: "mul",
+    operator.truediv: "div",
+    operator.neg: "neg",
+    operator.pow: "pow",
+    operator.getitem: "getitem",
+}
+_ALIASES = {"truediv": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub"}
+
+# Elementwise ops a feed-forward block may apply between its projections (activations, gates,
+# casts, scalar arithmetic). aten ops tagged ``pointwise`` count as well.
+_ELEMENTWISE = frozenset(
+    """add sub mul div neg pow square sqrt rsqrt reciprocal exp expm1 log log1p abs sign
+    tanh sigmoid erf erfc gelu silu relu relu6 mish softplus hardswish hardsigmoid hardtanh
+    leaky_relu elu selu celu clamp clamp_min clamp_max maximum minimum where
+    to _to_copy type_as float half bfloat16 double contiguous clone alias dropout identity
+    """.split()
+)
+_SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "getitem", "slice", "narrow"})
+_RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten"})
+
+
+def op_name(node: Node) -> str | None:
+    """Canonical op name of a call node ("linear", "gelu", "mul", ...), else None."""
+    if node.op == "call_method":
+        name = str(node.target)
+    elif node.op == "call_function":
+        target = node.target
+        if target in _OPERATOR_NAMES:
+            return _OPERATOR_NAMES[target]
+        if isinstance(target, torch._ops.OpOverload):
+            name = target.overloadpacket.__name__
+        elif isinstance(target, torch._ops.OpOverloadPacket):
+            name = target.__name__
+        else:
+            name = getattr(target, "__name__", None)
+            if name is None:
+                return None
+    else:
+        return None
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+    return _ALIASES.get(name, name)
+
+
+def target_str(node: Node) -> str:
+    """Readable full target: "aten.linear.default", "torch.nn.functional.gelu", "x", ..."""
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if isinstance(t, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(t)
+    module = getattr(t, "__module__", None) or ""
+    name = getattr(t, "__qualname__", None) or getattr(t, "__name__", repr(t))
+    return f"{module}.{name}" if module else name
+
+
+def is_elementwise(node: Node) -> bool:
+    name = op_name(node)
+    if name is None:
+        return False
+    if name in _ELEMENTWISE:
+        return True
+    target = node.target
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def is_split(node: Node) -> bool:
+    return op_name(node) in _SPLITS
+
+
+def is_reshape(node: Node) -> bool:
+    return op_name(node) in _RESHAPES
+
+
+def param_name(gm: GraphModule, node: Any) -> str | None:
+    """FQN of the parameter a get_attr node reads, else None (buffers and constants: None)."""
+    if not isinstance(node, Node) or node.op != "get_attr":
+        return None
+    try:
+        value = gm.get_parameter(str(node.target))
+    except AttributeError:
+        return None
+    return str(node.target) if isinstance(value, torch.nn.Parameter) else None
+
+
+def owning_module(node: Node) -> str:
+    """FQN of the innermost module that ran ``node`` ("" for the root or unknown)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    last = list(stack.values())[-1]
+    fqn = last[0] if isinstance(last, tuple) else str(last)
+    return _clean_fqn(fqn)
+
+
+def _clean_fqn(fqn: str) -> str:
+    # torch.export can record "L['self'].layers[0].mlp"-like paths: normalise to dotted FQNs.
+    fqn = fqn.replace("L['self']", "").replace("L__self__", "")
+    fqn = fqn.replace("[", ".").replace("]", "").replace("'", "")
+    return ".".join(p for p in fqn.split(".") if p)
+
+
+def common_module(fqns: list[str]) -> str:
+    """Longest common dotted prefix of module FQNs ("a.b.c", "a.b.d" -> "a.b")."""
+    if not fqns:
+        return ""
+    parts = [f.split(".") if f else [] for f in fqns]
+    out = []
+    for level in zip(*parts):
+        if all(p == level[0] for p in level):
+            out.append(level[0])
+        else:
+            break
+    return ".".join(out)
+
+
+def tensor_meta(node: Node) -> tuple[tuple[Any, ...], torch.dtype] | None:
+    """(shape, dtype) recorded on a node by torch.export ("val") or ShapeProp ("tensor_meta")."""
+    val = node.meta.get("val")
+    if isinstance(val, torch.Tensor):
+        return tuple(val.shape), val.dtype
+    tm = node.meta.get("tensor_meta")
+    if tm is not None and hasattr(tm, "shape"):
+        return tuple(tm.shape), tm.dtype
+    return None

@@ -1,0 +1,159 @@
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from rewriter import CaptureError, InputError, capture, capture_info
+from tests._zoo import CASES, case_ids
+
+capture_mod = importlib.import_module("rewriter.capture")  # the package re-exports capture()
+
+SHAPES = [(1, 1), (3, 11), (5, 4)]
+
+
+def _logits(out):
+    return out if isinstance(out, torch.Tensor) else (
+        out.logits if hasattr(out, "logits") else out.last_hidden_state)
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_capture_equals_eager_at_fresh_shapes(captured, name):
+    case, model, gm = captured(name)
+    info = capture_info(gm)
+    assert info.method == "torch.export"
+    assert set(next(iter(info.dynamic_dims.values()))) == {0, 1}
+    for i, (b, t) in enumerate(SHAPES):
+        inputs = case.inputs(model, b, t, seed=100 + i)
+        args, kwargs = capture_mod.normalize_inputs(inputs)
+        with torch.no_grad():
+            ref = _logits(model(*args, **kwargs))
+            got = _logits(gm(*args, **kwargs))
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert ref.abs().max() > 0
+
+
+def test_capture_keeps_module_stack_and_shares_parameters(captured):
+    _, model, gm = captured("llama-tiny")
+    stacks = [n.meta.get("nn_module_stack") for n in gm.graph.nodes if n.op == "call_function"]
+    assert sum(1 for s in stacks if s) > 0.9 * len(stacks)
+    name, param = next(iter(model.named_parameters()))
+    assert gm.get_parameter(name) is param
+
+
+def test_hf_kv_cache_is_restored_and_model_untouched(captured):
+    case = {c.name: c for c in CASES}["hf:llama"]
+    model = case.build()
+    model.config.use_cache = True
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = capture(model, case.inputs(model, 2, 5))
+    assert model.config.use_cache is True
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert capture_info(gm).method == "torch.export"
+
+
+def test_unit_batch_example_still_gives_dynamic_batch():
+    import models
+
+    model = models.build_model("gpt-tiny")
+    gm = capture(model, models.example_inputs(model, 1, 1))
+    assert set(capture_info(gm).dynamic_dims["idx"]) == {0, 1}
+    x = models.example_inputs(model, 4, 9, seed=3)[0]
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_static_capture_rejects_other_shapes():
+    import models
+
+    model = models.build_model("gpt-tiny")
+    gm = capture(model, models.example_inputs(model, 2, 7), dynamic=False)
+    assert capture_info(gm).dynamic_dims == {}
+    with pytest.raises(Exception, match="shape|size|Guard"):
+        gm(models.example_inputs(model, 3, 7)[0])
+
+
+@pytest.mark.parametrize(
+    "bad, pattern",
+    [
+        (torch.rand(2, 7), r"float32.*(integer|Long|int64)"),
+        (torch.randint(0, 50, (7,)), r"Tensor\(7,\).*\(B, T\)"),
+        (torch.randint(0, 50, (2, 500)), r"500"),
+    ],
+)
+def test_wrong_input_shape_or_dtype_is_named(bad, pattern):
+    import models
+
+    model = models.build_model("gpt-tiny")
+    with pytest.raises(InputError, match=pattern):
+        capture(model, (bad,))
+
+
+def test_non_tensor_input_and_non_module_are_rejected():
+    import models
+
+    with pytest.raises(InputError, match=r"args\[0\] must be a tensor, got str"):
+        capture(models.build_model("gpt-tiny"), ("hello",))
+    with pytest.raises(InputError, match="must be a torch.nn.Module"):
+        capture(lambda x: x, (torch.ones(2),))
+    with pytest.raises(InputError, match="empty"):
+        capture(models.build_model("gpt-tiny"), ())
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:  # Python control flow on a tensor value: not capturable
+            return h.relu()
+        return h
+
+
+def test_uncapturable_model_names_both_front_ends():
+    with pytest.raises(CaptureError) as info:
+        capture(DataDependent(), (torch.randn(3, 8),))
+    msg = str(info.value)
+    assert "DataDependent" in msg
+    assert "torch.export" in msg and "symbolic_trace" in msg
+    assert "control flow" in msg
+
+
+class PlainBlocks(nn.Module):
+    """Float-input residual MLP stack with no input checks: torch.fx can trace it."""
+
+    def __init__(self, d=24, d_ff=70, layers=3):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.mlps = nn.ModuleList(
+            nn.Sequential(nn.Linear(d, d_ff), nn.GELU(), nn.Linear(d_ff, d)) for _ in range(layers)
+        )
+
+    def forward(self, x):
+        for norm, mlp in zip(self.norms, self.mlps):
+            x = x + mlp(norm(x))
+        return x
+
+
+def test_symbolic_trace_fallback_when_export_fails(monkeypatch):
+    from rewriter import find_ffns
+
+    def broken_export(*args, **kwargs):
+        raise RuntimeError("simulated export failure")
+
+    monkeypatch.setattr(capture_mod, "_export", broken_export)
+    model = PlainBlocks().eval()
+    x = torch.randn(2, 5, 24)
+    gm = capture(model, (x,))
+    info = capture_info(gm)
+    assert info.method == "torch.fx.symbolic_trace"
+    assert "simulated export failure" in info.export_error
+    y = torch.randn(3, 9, 24)
+    torch.testing.assert_close(gm(y), model(y), rtol=1e-6, atol=1e-6)
+    ffns = find_ffns(gm)
+    assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
+        (f"mlps.{i}", "mlp", "gelu", 70) for i in range(3)
+    ]
