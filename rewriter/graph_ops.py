@@ -53,6 +53,12 @@ def op_name(node: Node) -> str | None:
     """Canonical op name of a call node ("linear", "gelu", "mul", ...), else None."""
     if node.op == "call_method":
         name = str(node.target)
+    elif node.op == "call_module":  # a leaf module of torch.fx.symbolic_trace: nn.GELU -> "gelu"
+        root = node.graph.owning_module
+        try:
+            name = type(root.get_submodule(str(node.target))).__name__.lower()
+        except AttributeError:
+            return None
     elif node.op == "call_function":
         target = node.target
         if target in _OPERATOR_NAMES:

@@ -170,7 +170,19 @@ def _only_user(node: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _module_projection(gm: GraphModule, node: Node) -> Projection | None:
+    """A leaf nn.Linear call (plain torch.fx.symbolic_trace graphs)."""
+    module = gm.get_submodule(str(node.target))
+    if not isinstance(module, torch.nn.Linear) or not isinstance(node.args[0], Node):
+        return None
+    weight = WeightRef(f"{node.target}.weight", module.weight)
+    bias = WeightRef(f"{node.target}.bias", module.bias) if module.bias is not None else None
+    return Projection(node, node.args[0], node, weight, bias, "linear", (node,))
+
+
 def _projection(gm: GraphModule, node: Node) -> Projection | None:
+    if node.op == "call_module":
+        return _module_projection(gm, node)
     name = op_name(node)
     if name == "linear" and len(node.args) >= 2:
         x, w = node.args[0], node.args[1]
@@ -211,7 +223,7 @@ def find_projections(gm: GraphModule) -> list[Projection]:
     """Every matmul against a parameter in graph order."""
     found = []
     for node in gm.graph.nodes:
-        if node.op in ("call_function", "call_method"):
+        if node.op in ("call_function", "call_method", "call_module"):
             p = _projection(gm, node)
             if p is not None:
                 found.append(p)

@@ -1,0 +1,284 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from rewriter import NoFFNError, analyze_ffns, capture, find_ffns, require_ffns
+from tests._zoo import case_ids, ffn_weight_names
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_one_ffn_per_layer_with_kind_activation_and_sizes(captured, name):
+    case, model, gm = captured(name)
+    layers, d_model, d_ff = case.expected_sizes(model)
+    ffns = find_ffns(gm)
+    assert len(ffns) == layers
+    for f in ffns:
+        assert (f.kind, f.activation, f.has_bias, f.layout) == (
+            case.kind, case.activation, case.bias, case.layout)
+        assert (f.d_model, f.d_ff) == (d_model, d_ff)
+        for ref in f.weights.values():  # references to the model's own parameters
+            assert model.get_parameter(ref.fqn) is ref.param
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_exactly_the_ffn_weights_match_never_attention(captured, name):
+    case, model, gm = captured(name)
+    matched = {ref.fqn for f in find_ffns(gm) for role, ref in f.weights.items()
+               if role.endswith("weight")}
+    assert matched == ffn_weight_names(case, model)
+    assert not any(k in w for w in matched for k in ("attn", "attention", ".wq", ".wk", ".wv"))
+
+
+@pytest.mark.parametrize("name", case_ids())
+def test_params_and_flops_are_counted_from_the_weights(captured, name):
+    case, model, gm = captured(name)
+    _, d, d_ff = case.expected_sizes(model)
+    n_mats = 3 if case.kind.startswith("glu") else 2
+    for f in find_ffns(gm):
+        bias = sum(p.numel() for n, p in model.named_parameters()
+                   if n.endswith("bias") and n.rpartition(".")[0] in
+                   {p.module for p in f.projections.values()})
+        assert f.params == n_mats * d * d_ff + bias
+        assert f.flops_per_token == 2 * n_mats * d * d_ff
+
+
+def test_attention_projections_are_rejected_with_reasons(captured):
+    _, _, gm = captured("hf:llama")
+    rej = {r.module: r.reason for r in analyze_ffns(gm).rejections}
+    assert "model.layers.0.self_attn.o_proj" in rej
+    assert "not computed from another projection" in rej["model.layers.0.self_attn.o_proj"]
+    assert all(("self_attn" in m) or m == "lm_head" for m in rej)
+
+
+# ----------------------------------------------------------------------------- hand-made blocks
+
+
+def _erf_gelu(x):
+    return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+def _tanh_gelu(x):  # GPT-2's NewGELUActivation, written out
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3.0))))
+
+
+ACTS = {
+    "relu": (F.relu, "relu"),
+    "gelu": (F.gelu, "gelu"),
+    "gelu_erf_written_out": (_erf_gelu, "gelu"),
+    "gelu_tanh": (lambda x: F.gelu(x, approximate="tanh"), "gelu_tanh"),
+    "gelu_tanh_written_out": (_tanh_gelu, "gelu_tanh"),
+    "silu": (F.silu, "silu"),
+    "silu_written_out": (lambda x: x * torch.sigmoid(x), "silu"),
+}
+
+
+class Residual(nn.Module):
+    """x -> x + block(norm(x)) for a few layers; the block is built by ``make``."""
+
+    def __init__(self, make, d, layers=2):
+        super().__init__()
+        self.norms = nn.ModuleList(nn.LayerNorm(d) for _ in range(layers))
+        self.blocks = nn.ModuleList(make() for _ in range(layers))
+
+    def forward(self, x):
+        for norm, block in zip(self.norms, self.blocks):
+            x = x + block(norm(x))
+        return x
+
+
+class MLP(nn.Module):
+    def __init__(self, d, d_ff, act, bias=True):
+        super().__init__()
+        self.up, self.down, self.act = nn.Linear(d, d_ff, bias), nn.Linear(d_ff, d, bias), act
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+class GLU(nn.Module):
+    def __init__(self, d, d_ff, act, bias=False):
+        super().__init__()
+        self.gate, self.up = nn.Linear(d, d_ff, bias), nn.Linear(d, d_ff, bias)
+        self.down, self.act = nn.Linear(d_ff, d, bias), act
+
+    def forward(self, x):
+        return self.down(self.up(x) * self.act(self.gate(x)))  # operands swapped on purpose
+
+
+class FusedGLU(nn.Module):
+    def __init__(self, d, d_ff, act, up_first=False):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(d, 2 * d_ff, False), nn.Linear(d_ff, d, False)
+        self.act, self.up_first = act, up_first
+
+    def forward(self, x):
+        a, b = self.gate_up(x).chunk(2, dim=-1)
+        gate, up = (b, a) if self.up_first else (a, b)
+        return self.down(up * self.act(gate))
+
+
+class Conv1D(nn.Module):
+    """GPT-2's Conv1D: weight (in, out), addmm on the flattened input."""
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_in, n_out) * 0.1)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+
+    def forward(self, x):
+        out = torch.addmm(self.bias, x.view(-1, x.size(-1)), self.weight)
+        return out.view(x.size()[:-1] + (self.weight.shape[1],))
+
+
+class ConvMLP(nn.Module):
+    def __init__(self, d, d_ff, act):
+        super().__init__()
+        self.c_fc, self.c_proj, self.act = Conv1D(d, d_ff), Conv1D(d_ff, d), act
+
+    def forward(self, x):
+        return self.c_proj(self.act(self.c_fc(x)))
+
+
+def _found(model, d, shape=(2, 5)):
+    model = model.eval()
+    gm = capture(model, (torch.randn(*shape, d),))
+    return gm, analyze_ffns(gm)
+
+
+@pytest.mark.parametrize("act_name", list(ACTS))
+@pytest.mark.parametrize("block", ["mlp", "mlp_nobias", "glu", "fused", "fused_up_first",
+                                   "conv1d"])
+def test_every_block_form_and_activation_form(act_name, block):
+    fn, expected = ACTS[act_name]
+    d, d_ff = 20, 46
+    make = {
+        "mlp": lambda: MLP(d, d_ff, fn),
+        "mlp_nobias": lambda: MLP(d, d_ff, fn, bias=False),
+        "glu": lambda: GLU(d, d_ff, fn, bias=True),
+        "fused": lambda: FusedGLU(d, d_ff, fn),
+        "fused_up_first": lambda: FusedGLU(d, d_ff, fn, up_first=True),
+        "conv1d": lambda: ConvMLP(d, d_ff, fn),
+    }[block]
+    gm, analysis = _found(Residual(make, d), d)
+    assert len(analysis.matches) == 2, [r.describe() for r in analysis.rejections]
+    for i, m in enumerate(analysis.matches):
+        assert m.module == f"blocks.{i}"
+        assert m.activation == expected
+        assert (m.d_model, m.d_ff) == (d, d_ff)
+        kind = {"glu": "glu", "fused": "glu_fused", "fused_up_first": "glu_fused"}.get(block, "mlp")
+        assert m.kind == kind
+        assert m.has_bias == (block in ("mlp", "glu", "conv1d"))
+        assert m.layout == ("conv1d" if block == "conv1d" else "linear")
+        if block == "glu":
+            assert m.projections["gate"].weight.fqn == f"blocks.{i}.gate.weight"
+            assert m.projections["up"].weight.fqn == f"blocks.{i}.up.weight"
+        if block.startswith("fused"):
+            assert m.rule == ("glu_fused_up_first" if block == "fused_up_first"
+                              else "glu_fused_gate_first")
+
+
+class LeakyIntermediate(nn.Module):
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x):
+        h = F.gelu(self.up(x))
+        return self.down(h) + h.mean(-1, keepdim=True)  # h leaves the block
+
+
+class TinyAttention(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        att = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 4.0, dim=-1)
+        return self.o(att @ self.v(x))
+
+
+class TanhHead(nn.Module):
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)))
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d_ff), nn.Linear(d_ff, 3)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)))
+
+
+class MaskedMLP(nn.Module):
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+        self.register_buffer("mask", (torch.arange(d_ff) % 3 != 0).float())
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)) * x.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize(
+    "module, reason",
+    [
+        (LeakyIntermediate(12, 30), r"intermediate '.*' is also used by '.*' outside the block"),
+        (TinyAttention(12), r"not computed from another projection .*(matmul|bmm)"),
+        (TanhHead(12, 30), r"matches no rule .* known activation"),
+        (Bottleneck(12, 30), r"output width 3 != input width 12"),
+        (MaskedMLP(12, 30), r"reads tensor '.*' .* that is not a projection output"),
+    ],
+)
+def test_near_misses_are_rejected_with_their_reason(module, reason):
+    gm, analysis = _found(module, 12)
+    assert analysis.matches == ()
+    reasons = [r.reason for r in analysis.rejections]
+    assert any(__import__("re").search(reason, r) for r in reasons), reasons
+
+
+def test_require_ffns_raises_with_near_misses():
+    gm, _ = _found(LeakyIntermediate(12, 30), 12)
+    with pytest.raises(NoFFNError, match="also used by"):
+        require_ffns(gm)
+    gm, _ = _found(nn.LayerNorm(12), 12)
+    with pytest.raises(NoFFNError, match="no linear layers"):
+        require_ffns(gm)
+
+
+def test_fx_symbolic_trace_graphs_match_too():
+    model = Residual(lambda: GLU(16, 40, F.silu), 16, layers=3).eval()
+    gm = torch.fx.symbolic_trace(model)
+    ffns = find_ffns(gm)
+    assert [(f.module, f.kind, f.activation) for f in ffns] == [
+        (f"blocks.{i}", "glu", "silu") for i in range(3)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    d=st.integers(3, 40),
+    d_ff=st.integers(2, 90),
+    act=st.sampled_from(sorted(ACTS)),
+    glu=st.booleans(),
+    bias=st.booleans(),
+    batch=st.integers(1, 3),
+)
+def test_property_random_ffn_shapes(d, d_ff, act, glu, bias, batch):
+    fn, expected = ACTS[act]
+    make = (lambda: GLU(d, d_ff, fn, bias)) if glu else (lambda: MLP(d, d_ff, fn, bias))
+    torch.manual_seed(d * 1000 + d_ff)
+    gm, analysis = _found(Residual(make, d, layers=1), d, shape=(batch, 3))
+    assert len(analysis.matches) == 1
+    m = analysis.matches[0]
+    assert (m.kind, m.activation, m.d_model, m.d_ff, m.has_bias) == (
+        "glu" if glu else "mlp", expected, d, d_ff, bias)
