@@ -32,6 +32,7 @@ __all__ = [
     "hf_config",
     "hf_example_inputs",
     "load_smollm2",
+    "load_local",
     "smollm2_gguf_path",
 ]
 
@@ -184,3 +185,25 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32):
     model.config.use_cache = False
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model.eval(), tokenizer
+
+
+def load_local(path: str | Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A Hugging Face model from a local directory (config.json + weights, or config only:
+    then it is built randomly initialised from the config). No network access."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} has no config.json: not a Hugging Face model directory")
+    transformers = _transformers(f"load_local({str(path)!r})")
+    dtype_key = "dtype" if _version(transformers) >= (4, 56) else "torch_dtype"
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+    config.use_cache = False
+    auto = (transformers.AutoModelForCausalLM if getattr(config, "is_decoder", False)
+            or any(a.endswith("ForCausalLM") for a in (config.architectures or []))
+            else transformers.AutoModel)
+    has_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    if has_weights:
+        model = auto.from_pretrained(str(path), config=config, local_files_only=True,
+                                     **{dtype_key: dtype})
+    else:
+        model = auto.from_config(config).to(dtype)
+    return model.eval()

@@ -190,7 +190,7 @@ def to_networkx(
             g.nodes[cid]["status"] = "changed"
 
     for node in gm.graph.nodes:
-        if collapse and not _is_value_node(node) and node.name not in node_group:
+        if collapse and not _is_value_node(node):
             continue
         shape, dtype = _shape_str(node)
         module = owning_module(node)

@@ -25,6 +25,7 @@ import heapq
 import math
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Hashable, Iterable
 from dataclasses import dataclass, field
@@ -107,8 +108,11 @@ def _ellipsize(text: str, limit: int, *, keep_tail: bool = False) -> str:
 
 
 _BOLD_CATEGORIES = ("matmul", "fp8", "attention")
-_MATMUL_WORDS = ("linear", "addmm", "matmul", "mm", "gemm", "einsum", "baddbmm", "conv")
-_ATTN_WORDS = ("scaled_dot_product", "sdpa", "attention", "flash")
+_MATMUL_WORDS = frozenset(
+    ("mm", "bmm", "addmm", "addbmm", "baddbmm", "matmul", "gemm", "einsum", "linear", "mv")
+)
+_MATMUL_PREFIXES = ("linear", "matmul", "gemm", "conv")
+_ATTN_WORDS = frozenset(("sdpa", "attention", "attn"))
 
 # category -> (fill, stroke, text colour, legend text)
 CATEGORY_STYLE: dict[str, tuple[str, str, str, str]] = {
@@ -166,9 +170,12 @@ def _category(op: str, label: str, target: str) -> str:
     text = f"{label} {target}".lower()
     if "fp8" in text or "float8" in text:
         return "fp8"
-    if any(w in text for w in _ATTN_WORDS):
+    words = [w for w in re.split(r"[^a-z0-9]+", text) if w]
+    if "scaled_dot_product" in text or (
+        any(w in _ATTN_WORDS for w in words) and "mask" not in words
+    ):
         return "attention"
-    if any(w in text for w in _MATMUL_WORDS):
+    if any(w in _MATMUL_WORDS or w.startswith(_MATMUL_PREFIXES) for w in words):
         return "matmul"
     return "compute"
 
@@ -365,7 +372,9 @@ def _engine(
     edge on the node horizontally (used for group ports). ``top`` nodes are forced to layer 0,
     ``bottom`` nodes to the last layer. ``side`` nodes (parameters) yield to others when x
     coordinates are assigned, and ``weak`` edge ids (from parameters, to or from removed nodes)
-    do not pull their end nodes into line. Returns node centers and one polyline per edge id.
+    do not pull their end nodes into line. Edges arriving at a node get distinct end points
+    unless it is in ``no_spread`` (groups, whose edges end at ports). Returns node centers and
+    one polyline per edge id (self loops get none).
     """
     n = len(widths)
     top = set(top)
@@ -752,24 +761,36 @@ class Layout:
 
 
 def _wrap_group_label(label: str, max_w: float) -> list[str]:
-    parts = [p.strip() for p in label.split("·")] if "·" in label else [label]
-    parts = [p for p in parts if p]
-    if not parts:
+    """Wrap a group label at its " · " separators (then spaces) into lines of ``max_w`` px."""
+    tokens: list[tuple[str, str]] = []  # (separator before, word)
+    for part in (p.strip() for p in label.split("·")):
+        if not part:
+            continue
+        pieces = part.split() if _text_width(part, GROUP_LABEL_FONT) > max_w else [part]
+        for i, word in enumerate(pieces):
+            tokens.append((" · " if i == 0 else " ", word))
+    if not tokens:
         return [""]
     lines: list[str] = []
     cur = ""
-    for p in parts:
-        cand = f"{cur} · {p}" if cur else p
+    for sep, word in tokens:
+        cand = f"{cur}{sep}{word}" if cur else word
         if cur and _text_width(cand, GROUP_LABEL_FONT) > max_w:
             lines.append(cur)
-            cur = p
+            cur = word
         else:
             cur = cand
     lines.append(cur)
-    if len(lines) > 3:
-        lines = lines[:2] + [_ellipsize(" · ".join(lines[2:]), 60)]
-    max_chars = max(12, int(max_w / (0.62 * GROUP_LABEL_FONT)))
-    return [_ellipsize(s, max(max_chars, 40)) for s in lines]
+    if len(lines) > 4:
+        lines = lines[:3] + [" · ".join(lines[3:])]
+    out = []
+    for t in lines:
+        if _text_width(t, GROUP_LABEL_FONT) > max_w * 1.05:
+            while len(t) > 8 and _text_width(t + "…", GROUP_LABEL_FONT) > max_w:
+                t = t[:-1]
+            t = t.rstrip(" ·") + "…"
+        out.append(t)
+    return out
 
 
 def _dedupe(points: list[Point]) -> list[Point]:
@@ -779,6 +800,23 @@ def _dedupe(points: list[Point]) -> list[Point]:
             continue
         out.append(p)
     return out
+
+
+@dataclass
+class _GroupLayout:
+    """A group laid out on its own: box size, content offset, engine output and its ids."""
+
+    w: float
+    h: float
+    ox: float  # content origin inside the box
+    oy: float
+    out: _EngineOut
+    idx: dict[Hashable, int]  # member -> engine id
+    in_idx: dict[Hashable, int]  # outside source -> in-port id
+    out_idx: dict[Hashable, int]  # member feeding the outside -> out-port id
+    eids: dict[tuple, int]  # ("i", u, v) | ("in", u, v) | ("out", u) -> edge id
+    lines: list[str]
+    align: str
 
 
 def compute_layout(g: nx.DiGraph) -> Layout:
@@ -828,21 +866,7 @@ def compute_layout(g: nx.DiGraph) -> Layout:
         return info[v].status == "removed"
 
     # ---- lay out every group on its own ---------------------------------------------------------
-    @dataclass
-    class _G:
-        w: float
-        h: float
-        ox: float
-        oy: float
-        out: _EngineOut
-        idx: dict[Hashable, int]
-        in_idx: dict[Hashable, int]
-        out_idx: dict[Hashable, int]
-        eids: dict[tuple, int]
-        lines: list[str]
-        align: str
-
-    glay: dict[str, _G] = {}
+    glay: dict[str, _GroupLayout] = {}
     for gid in group_order:
         gm = meta.get(gid) or {}
         label = str(gm.get("label") or gid) if isinstance(gm, dict) else str(gid)
@@ -880,31 +904,76 @@ def compute_layout(g: nx.DiGraph) -> Layout:
                 add(("in", u, v), in_idx[u], idx[v], weak_src(u) or weak_dst(v))
             if group_of[u] == gid:
                 add(("out", u), idx[u], out_idx[u], weak_src(u))
-        lines = _wrap_group_label(label, GROUP_LABEL_WRAP)
-        header = len(lines) * GROUP_LABEL_LINE + 10.0
-        for j in in_idx.values():
-            heights[j] = header  # in-edges drop vertically through the label header
         side = [idx[k] for k in mem if info[k].category == "param"]
-        out = _engine(
-            widths,
-            heights,
-            edges,
-            top=in_idx.values(),
-            bottom=out_idx.values(),
-            side=side,
-            weak=weak,
-        )
-        # line up the main way in and the main way out so the spine runs straight through
-        if in_idx and out_idx:
-            fan = {u: 0 for u in in_idx}
-            for key, e in eids.items():
-                if key[0] == "in" and e not in weak:
-                    fan[key[1]] += 1
-            p_in = in_idx[max(in_idx, key=lambda u: fan[u])]
-            strong_out = [u for u in out_idx if not weak_src(u)]
-            p_out = out_idx[strong_out[0] if strong_out else next(iter(out_idx))]
-            mid = (out.x[p_in] + out.x[p_out]) / 2
-            out.x[p_in] = out.x[p_out] = mid
+
+        def run(
+            lines: list[str],
+            _heights=heights,
+            _widths=widths,
+            _edges=edges,
+            _side=side,
+            _weak=weak,
+            _in=in_idx,
+            _out=out_idx,
+            _eids=eids,
+        ) -> _EngineOut:
+            header = len(lines) * GROUP_LABEL_LINE + 10.0
+            for j in _in.values():
+                _heights[j] = header  # in-edges drop vertically through the label header
+            out = _engine(
+                _widths,
+                _heights,
+                _edges,
+                top=_in.values(),
+                bottom=_out.values(),
+                side=_side,
+                weak=_weak,
+            )
+            # line up the main way in and the main way out so the spine runs straight through
+            if _in and _out:
+                fan = {u: 0 for u in _in}
+                for key, e in _eids.items():
+                    if key[0] == "in" and e not in _weak:
+                        fan[key[1]] += 1
+                p_in = _in[max(_in, key=lambda u: fan[u])]
+                strong_out = [u for u in _out if not weak_src(u)]
+                p_out = _out[strong_out[0] if strong_out else next(iter(_out))]
+                mid = (out.x[p_in] + out.x[p_out]) / 2
+                out.x[p_in] = out.x[p_out] = mid
+            return out
+
+        def label_width(lines: list[str]) -> float:
+            return max(_text_width(t, GROUP_LABEL_FONT) for t in lines) * 1.08
+
+        lines = _wrap_group_label(label, GROUP_LABEL_WRAP)
+        out = run(lines)
+        cw = out.width
+        bw = max(cw + 2 * GROUP_PAD_X, label_width(lines) + 2 * 10.0)
+        ox = (bw - cw) / 2
+        align = "start"
+        if in_idx:
+            # keep the label clear of the vertical lines of entering edges
+            port_xs = [out.x[j] for j in in_idx.values()]
+            lw = label_width(lines)
+            left = ox + min(port_xs) - 8.0 - 10.0
+            right = bw - 10.0 - (ox + max(port_xs) + 8.0)
+            if lw > left and lw > right and max(left, right) >= 120.0:
+                narrow = _wrap_group_label(label, max(left, right) / 1.08)
+                if len(narrow) <= 4 and label_width(narrow) <= max(left, right):
+                    if len(narrow) != len(lines):
+                        out = run(narrow)
+                    lines, lw = narrow, label_width(narrow)
+            if lw <= left:
+                align = "start"
+            elif lw <= right:
+                align = "end"
+            elif left >= right:  # widen the box on the roomier side
+                bw += lw - left
+                ox += lw - left
+            else:
+                bw += lw - right
+                align = "end"
+        header = len(lines) * GROUP_LABEL_LINE + 10.0
         for key, e in eids.items():
             r = out.routes.get(e)
             if not r:
@@ -915,21 +984,11 @@ def compute_layout(g: nx.DiGraph) -> Layout:
                 r.insert(0, (px, 0.0))
             elif key[0] == "out":
                 r[-1] = (out.x[out_idx[key[1]]], r[-1][1])
-        cw = out.width
-        label_w = max(_text_width(t, GROUP_LABEL_FONT) for t in lines) * 1.08
-        bw = max(cw + 2 * GROUP_PAD_X, label_w + 2 * 10.0)
-        ox = (bw - cw) / 2
         oy = 0.0 if in_idx else header + 8.0
         bh = out.height + oy
         if not out_idx:
             bh += GROUP_PAD_BOTTOM
-        # label on the left unless an entering edge would run through it
-        port_xs = [ox + out.x[j] for j in in_idx.values()]
-        align = "start"
-        if any(6.0 <= px <= 14.0 + label_w for px in port_xs):
-            if not any(bw - 14.0 - label_w <= px <= bw - 6.0 for px in port_xs):
-                align = "end"
-        glay[gid] = _G(bw, bh, ox, oy, out, idx, in_idx, out_idx, eids, lines, align)
+        glay[gid] = _GroupLayout(bw, bh, ox, oy, out, idx, in_idx, out_idx, eids, lines, align)
 
     # ---- top-level layout -----------------------------------------------------------------------
     items: list[tuple[str, Hashable]] = []  # ("n", key) or ("g", gid)
@@ -1051,9 +1110,18 @@ def layout(g: nx.DiGraph) -> dict[Hashable, Point]:
 # --------------------------------------------------------------------------------------------
 
 
+def _xml_ok(ch: str) -> bool:
+    o = ord(ch)
+    if o < 0x20:
+        return ch in "\t\n\r"
+    return not (0xD800 <= o <= 0xDFFF or o in (0xFFFE, 0xFFFF))
+
+
 def _xml(text: object) -> str:
+    """Escape for XML text and attribute values; drops characters XML cannot carry."""
     s = str(text)
-    s = "".join(ch for ch in s if ch in "\t\n\r" or ord(ch) >= 0x20)
+    if not all(map(_xml_ok, s)):
+        s = "".join(ch for ch in s if _xml_ok(ch))
     return (
         s.replace("&", "&amp;")
         .replace("<", "&lt;")
@@ -1215,7 +1283,7 @@ def _legend_svg(lay: Layout, max_w: float) -> tuple[str, float, float]:
     return "".join(parts), used_w, y + row_h
 
 
-def _edge_style(g: nx.DiGraph, lay: Layout, r: EdgeRoute) -> tuple[str, str, float]:
+def _edge_style(lay: Layout, r: EdgeRoute) -> tuple[str, str, float]:
     su = lay.info[r.u].status
     sv = lay.info[r.v].status
     if "removed" in (su, sv):
@@ -1246,7 +1314,7 @@ def _graph_svg(g: nx.DiGraph, lay: Layout) -> str:
     for r in lay.edges:
         if len(r.points) < 2:
             continue
-        color, dash, width = _edge_style(g, lay, r)
+        color, dash, width = _edge_style(lay, r)
         poly, pts = _arrow(r.points)
         da = f' stroke-dasharray="{dash}"' if dash else ""
         out.append(
@@ -1452,7 +1520,7 @@ _HTML_JS = """
   }
   function fitWidth(){
     var cw=vp.clientWidth||1;
-    s=Math.min(cw/W, 1.5); tx=-(cw/s-W)/2; ty=0; apply();
+    s=Math.min(cw/W, 1); tx=-(cw/s-W)/2; ty=0; apply();
   }
   function actual(){
     var cw=vp.clientWidth||1; s=1; tx=-(cw-W)/2; ty=0; apply();
@@ -1489,7 +1557,7 @@ _HTML_JS = """
     else if(e.key==='-') zoomAt(0.8, innerWidth/2, innerHeight/2);
   });
   window.addEventListener('resize', apply);
-  fitWidth();
+  if(Math.min((vp.clientWidth||1)/W, (vp.clientHeight||1)/H) >= 0.5) fit(); else fitWidth();
 })();
 """
 

@@ -1,0 +1,47 @@
+import subprocess
+import sys
+
+import pytest
+
+from rewriter.cli import main
+
+
+def test_inspect_prints_ffns_and_writes_picture(tmp_path, capsys):
+    pic, rep = tmp_path / "g.svg", tmp_path / "r.json"
+    assert main(["inspect", "gpt-tiny-relu", "--picture", str(pic), "--json", str(rep)]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.0.mlp" in out and "relu" in out
+    assert pic.exists() and rep.exists()
+
+
+def test_unknown_model_is_one_clear_line(capsys):
+    assert main(["inspect", "no-such-model", "--picture", ""]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("rewriter: error: unknown model 'no-such-model'")
+    assert "llama-tiny" in err[0]
+    assert err[1].startswith("hint:")
+
+
+def test_bad_values_and_unwritable_output(tmp_path, capsys):
+    assert main(["inspect", "gpt-tiny", "--batch", "0", "--picture", ""]) == 2
+    assert "--batch" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["inspect", "gpt-tiny", "--picture", str(blocker / "g.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rewriter: ") and "Traceback" not in err
+
+
+def test_models_lists_and_help_runs(capsys):
+    assert main(["models"]) == 0
+    assert "llama-tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "--help"])
+    assert info.value.code == 0
+    assert "--picture" in capsys.readouterr().out
+
+
+def test_python_dash_m_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "rewriter", "--help"], capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0 and "inspect" in proc.stdout
