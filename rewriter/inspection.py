@@ -112,6 +112,10 @@ def _is_value_node(node: Node) -> bool:
     return "sym_size" not in target and "_assert" not in target
 
 
+def _is_float(dtype: str) -> bool:
+    return dtype.startswith(("float", "bfloat", "complex"))
+
+
 def _short(op: str, target: str) -> str:
     """"aten.linear.default" -> "linear"; "a.b.weight" -> "weight"."""
     if op != "get_attr" and target.startswith("aten."):
@@ -174,6 +178,8 @@ def to_networkx(
         key = None
         if collapse and name not in node_group and attrs["op"] not in ("placeholder", "output"):
             key = _collapse_key(module, keep)
+            if key is None and attrs["dtype"] and not _is_float(attrs["dtype"]):
+                key = "masks & positions"  # integer/bool bookkeeping: one box
         if key is None:
             rep[name] = name
             g.add_node(name, **attrs)

@@ -232,7 +232,7 @@ def _node_info(key: Hashable, data: dict) -> _NodeInfo:
         if sub:
             lines.append((_ellipsize(sub, MAX_SUB_CHARS), SMALL_FONT))
         h = NODE_H2 if len(lines) > 1 else NODE_H1
-    bold = 1.12 if cat in _BOLD_CATEGORIES else 1.0
+    bold = 1.16 if cat in _BOLD_CATEGORIES else 1.0
     w = max(
         NODE_MIN_W if cat != "param" else 36.0,
         _text_width(lines[0][0], lines[0][1]) * bold,
@@ -631,6 +631,40 @@ def _engine(
             for li in range(nlayers):
                 place(layers[li], both)
 
+    # straighten long edges: runs of dummies share one x wherever the layers leave room
+    for lv in layers:
+        for i, v in enumerate(lv):
+            pos[v] = i
+
+    def room(d: int) -> tuple[float, float]:
+        lv = layers[lay[d]]
+        i = pos[d]
+        lo = x[lv[i - 1]] + sep(lv[i - 1], d) if i > 0 else -math.inf
+        hi = x[lv[i + 1]] - sep(d, lv[i + 1]) if i + 1 < len(lv) else math.inf
+        return lo, hi
+
+    def settle(seg: list[int], lo: float, hi: float) -> None:
+        target = _median([x[d] for d in seg])
+        target = min(max(target, lo), hi)
+        for d in seg:
+            x[d] = target
+
+    for start in range(n, total):
+        if any(is_dummy[t[0]] for t in up[start]):
+            continue  # not the first dummy of its run
+        seg: list[int] = []
+        lo, hi = -math.inf, math.inf
+        d: int | None = start
+        while d is not None:
+            a, b = room(d)
+            if seg and (max(lo, a) > min(hi, b)):
+                settle(seg, lo, hi)
+                seg, lo, hi = [], -math.inf, math.inf
+            seg.append(d)
+            lo, hi = max(lo, a), min(hi, b)
+            d = next((t[0] for t in down[d] if is_dummy[t[0]]), None)
+        settle(seg, lo, hi)
+
     if total:
         minx = min(x[v] - w[v] / 2 for v in range(total))
         for v in range(total):
@@ -943,7 +977,7 @@ def compute_layout(g: nx.DiGraph) -> Layout:
             return out
 
         def label_width(lines: list[str]) -> float:
-            return max(_text_width(t, GROUP_LABEL_FONT) for t in lines) * 1.08
+            return max(_text_width(t, GROUP_LABEL_FONT) for t in lines) * 1.14
 
         lines = _wrap_group_label(label, GROUP_LABEL_WRAP)
         out = run(lines)
@@ -958,7 +992,7 @@ def compute_layout(g: nx.DiGraph) -> Layout:
             left = ox + min(port_xs) - 8.0 - 10.0
             right = bw - 10.0 - (ox + max(port_xs) + 8.0)
             if lw > left and lw > right and max(left, right) >= 120.0:
-                narrow = _wrap_group_label(label, max(left, right) / 1.08)
+                narrow = _wrap_group_label(label, max(left, right) / 1.14)
                 if len(narrow) <= 4 and label_width(narrow) <= max(left, right):
                     if len(narrow) != len(lines):
                         out = run(narrow)
