@@ -14,10 +14,11 @@ from torch.fx import GraphModule, Node
 from rewriter.graph_ops import op_name, tensor_meta
 from rewriter.pass_manager import PassResult
 
-__all__ = ["remove_identity_ops", "eliminate_dead_code"]
+__all__ = ["remove_identity_ops", "eliminate_dead_code", "is_identity_op"]
 
 
-def _is_identity(node: Node) -> bool:
+def is_identity_op(node: Node) -> bool:
+    """True for ops that return their input unchanged (eval dropout, alias, same-dtype cast)."""
     name = op_name(node)
     if node.op not in ("call_function", "call_method") or not node.args:
         return False
@@ -48,7 +49,7 @@ def remove_identity_ops(gm: GraphModule) -> PassResult:
     """Rewire the users of identity ops to their input and erase them."""
     removed = []
     for node in list(gm.graph.nodes):
-        if _is_identity(node):
+        if is_identity_op(node):
             node.replace_all_uses_with(node.args[0])
             gm.graph.erase_node(node)
             removed.append(node.name)

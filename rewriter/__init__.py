@@ -22,10 +22,34 @@ from .snapshot import GraphDiff, diff_graphs, snapshot
 
 __version__ = "0.1.0"
 
+# The facade (convert and the configs of the passes it drives) imports ``passes``, which
+# imports this package's core: load it on first use to keep the import order one-way.
+_LAZY = {
+    "convert": ("rewriter.conversion", "convert"),
+    "conversion_info": ("rewriter.conversion", "conversion_info"),
+    "ConversionInfo": ("rewriter.conversion", "ConversionInfo"),
+    "MoEConfig": ("passes.ffn_to_moe", "MoEConfig"),
+    "calibrate": ("passes.calibration", "calibrate"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
+
+
 __all__ = [
     "ACTIVATIONS",
     "FFN_RULES",
     "CaptureError",
+    "ConversionInfo",
+    "MoEConfig",
     "CaptureInfo",
     "FFNAnalysis",
     "FFNMatch",
@@ -41,6 +65,9 @@ __all__ = [
     "Report",
     "RewriterError",
     "analyze_ffns",
+    "calibrate",
+    "convert",
+    "conversion_info",
     "capture",
     "capture_info",
     "diff_graphs",

@@ -21,6 +21,7 @@ __all__ = [
     "is_reshape",
     "param_name",
     "owning_module",
+    "module_stack",
     "common_module",
     "tensor_meta",
 ]
@@ -126,6 +127,12 @@ def owning_module(node: Node) -> str:
     last = list(stack.values())[-1]
     fqn = last[0] if isinstance(last, tuple) else str(last)
     return _clean_fqn(fqn)
+
+
+def module_stack(node: Node) -> list[str]:
+    """FQNs of every module active when ``node`` ran, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [_clean_fqn(v[0] if isinstance(v, tuple) else str(v)) for v in stack.values()]
 
 
 def _clean_fqn(fqn: str) -> str:

@@ -34,7 +34,10 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width text table (numbers right-aligned)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(_is_num(r[i]) for r in rows) and rows for i in range(len(headers))]
+    numeric = [
+        bool(rows) and all(_is_num(r[i]) or r[i] == "" for r in rows)
+        for i in range(len(headers))
+    ]
 
     def line(row: list[str]) -> str:
         return "  ".join(

@@ -1,0 +1,204 @@
+"""Calibration: per-neuron statistics of every FFN, collected on real batches.
+
+Runs a copy of the captured graph with recorder modules after each FFN's input ``x`` (B, T, d)
+and hidden activation ``h`` (B, T, d_ff) (the down projection's input), so it works for any
+model the matcher understands, whatever its module structure. Memory is bounded whatever the
+number of batches: running sums, one (d_ff, d_ff) co-activation matrix per FFN, and a uniform
+reservoir of at most ``max_tokens`` token samples per FFN (for router fitting and oracles).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import Graph, GraphModule
+
+from rewriter.capture import normalize_inputs
+from rewriter.errors import InputError
+from rewriter.patterns import FFNMatch, find_ffns
+
+__all__ = ["NeuronStats", "CalibrationStats", "calibrate", "stats_for", "COACTIVE_FRACTION"]
+
+# A neuron counts as "active" for a token when its |h| is in the token's top 25%.
+COACTIVE_FRACTION = 0.25
+
+
+@dataclass
+class NeuronStats:
+    """Statistics of one FFN's hidden neurons over the calibration tokens."""
+
+    d_model: int
+    d_ff: int
+    tokens: int = 0
+    abs_sum: torch.Tensor = field(default=None, repr=False)  # (d_ff,) float64
+    coact: torch.Tensor = field(default=None, repr=False)  # (d_ff, d_ff) float32
+    sample_x: torch.Tensor = field(default=None, repr=False)  # (N, d) float32
+    sample_h: torch.Tensor = field(default=None, repr=False)  # (N, d_ff) float32
+    _priority: torch.Tensor = field(default=None, repr=False)  # (N,) reservoir keys
+
+    @property
+    def mean_abs(self) -> torch.Tensor:
+        """Mean |h| per neuron (d_ff,): CMoE's criterion for the shared expert."""
+        return self.abs_sum / max(self.tokens, 1)
+
+    @property
+    def coactivation(self) -> torch.Tensor:
+        """P(both neurons active) (d_ff, d_ff)."""
+        return self.coact / max(self.tokens, 1)
+
+
+@dataclass
+class CalibrationStats:
+    """FFN module FQN -> :class:`NeuronStats`; ``tokens`` seen in all."""
+
+    per_ffn: dict[str, NeuronStats]
+    tokens: int
+    batches: int
+
+    def __getitem__(self, module: str) -> NeuronStats:
+        return self.per_ffn[module]
+
+    def __contains__(self, module: object) -> bool:
+        return module in self.per_ffn
+
+
+class _Recorder(nn.Module):
+    """Identity module that hands what flows through it to a callback."""
+
+    def __init__(self, callback):
+        super().__init__()
+        self.callback = callback
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        self.callback(t)
+        return t
+
+
+class _Accumulator:
+    def __init__(self, stats: NeuronStats, max_tokens: int, generator: torch.Generator):
+        self.stats = stats
+        self.max_tokens = max_tokens
+        self.generator = generator
+        self.pending_x: torch.Tensor | None = None
+
+    def on_x(self, x: torch.Tensor) -> None:
+        self.pending_x = x.detach().reshape(-1, x.shape[-1]).float()
+
+    def on_h(self, h: torch.Tensor) -> None:
+        s = self.stats
+        h = h.detach().reshape(-1, h.shape[-1]).float()  # (T, d_ff)
+        a = h.abs()
+        s.tokens += h.shape[0]
+        s.abs_sum += a.sum(0, dtype=torch.float64)
+        k = max(1, int(round(COACTIVE_FRACTION * s.d_ff)))
+        thresh = a.topk(k, dim=-1).values[:, -1:]  # (T, 1)
+        active = (a >= thresh).float()  # (T, d_ff)
+        s.coact += active.T @ active
+        x = self.pending_x
+        if x is None or x.shape[0] != h.shape[0]:
+            return
+        keys = torch.rand(h.shape[0], generator=self.generator)
+        xs = torch.cat([s.sample_x, x]) if s.sample_x is not None else x
+        hs = torch.cat([s.sample_h, h]) if s.sample_h is not None else h
+        pri = torch.cat([s._priority, keys]) if s._priority is not None else keys
+        if pri.numel() > self.max_tokens:
+            keep = pri.topk(self.max_tokens).indices
+            xs, hs, pri = xs[keep], hs[keep], pri[keep]
+        s.sample_x, s.sample_h, s._priority = xs, hs, pri
+
+
+def _instrumented(gm: GraphModule, ffns: list[FFNMatch], accs: list[_Accumulator]) -> GraphModule:
+    """A copy of ``gm`` (parameters shared) with recorders after each FFN's x and h."""
+    graph = Graph()
+    env: dict = {}
+    graph.output(graph.graph_copy(gm.graph, env))
+    graph._codegen = copy.deepcopy(gm.graph._codegen)  # keeps torch.export's pytree calling
+    runner = GraphModule(gm, graph)
+    recorders = nn.Module()
+    runner.add_module("_rewriter_recorders", recorders)
+    for i, (m, acc) in enumerate(zip(ffns, accs)):
+        h_node = m.projections["down"].input
+        for tag, node, callback in (("x", m.input, acc.on_x), ("h", h_node, acc.on_h)):
+            name = f"ffn{i}_{tag}"
+            recorders.add_module(name, _Recorder(callback))
+            with graph.inserting_after(env[node]):  # observes; users still read the value
+                graph.call_module(f"_rewriter_recorders.{name}", (env[node],))
+    runner.recompile()
+    return runner
+
+
+def _progress(iterable: Iterable[Any], total: int | None, desc: str, show: bool | None):
+    if show is None:
+        show = sys.stderr.isatty()
+    if not show:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, unit="batch")
+
+
+def calibrate(
+    gm: GraphModule,
+    batches: Iterable[Any],
+    *,
+    ffns: list[FFNMatch] | None = None,
+    max_tokens: int = 2048,
+    seed: int = 0,
+    progress: bool | None = None,
+) -> CalibrationStats:
+    """Collect per-neuron statistics of every FFN of a captured graph on ``batches``.
+
+    ``batches``: an iterable of model inputs (a tensor, a tuple or a dict, like the example
+    inputs given to :func:`rewriter.capture`). Raises :class:`InputError` naming the batch when
+    one is malformed, and when there are none. A progress bar is shown on a terminal.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
+    ffns = find_ffns(gm) if ffns is None else ffns
+    generator = torch.Generator().manual_seed(seed)
+    per_ffn: dict[str, NeuronStats] = {}
+    accs = []
+    for m in ffns:
+        stats = NeuronStats(
+            m.d_model, m.d_ff,
+            abs_sum=torch.zeros(m.d_ff, dtype=torch.float64),
+            coact=torch.zeros(m.d_ff, m.d_ff),
+        )
+        per_ffn[_key(m)] = stats
+        accs.append(_Accumulator(stats, max_tokens, generator))
+    runner = _instrumented(gm, ffns, accs)
+    total = len(batches) if hasattr(batches, "__len__") else None
+    n = 0
+    with torch.no_grad():
+        for i, batch in enumerate(_progress(batches, total, "calibrating", progress)):
+            try:
+                args, kwargs = normalize_inputs(batch)
+            except InputError as exc:
+                raise InputError(f"calibration batch {i}: {exc}") from exc
+            try:
+                runner(*args, **kwargs)
+            except Exception as exc:
+                raise InputError(
+                    f"calibration batch {i} cannot run through the model: "
+                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                ) from exc
+            n += 1
+    if n == 0:
+        raise InputError("calibration is empty: give at least one batch")
+    tokens = next(iter(per_ffn.values())).tokens if per_ffn else 0
+    return CalibrationStats(per_ffn, tokens, n)
+
+
+def _key(m: FFNMatch) -> str:
+    return m.module or f"ffn{m.index}"
+
+
+def stats_for(stats: CalibrationStats | None, m: FFNMatch) -> NeuronStats | None:
+    return None if stats is None else stats.per_ffn.get(_key(m))
+

@@ -1,0 +1,154 @@
+"""The one-call API: ``rewriter.convert(model, moe=MoEConfig(...), ...)``.
+
+capture -> FFN matching -> filter -> every check (sizes, weights, calibration, module swaps)
+-> calibration -> MoE blocks -> graph pass (graph mode) or swap into a copy of the model
+(module mode). Nothing the user gave is changed unless ``inplace=True``; every error is raised
+before any state changes.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+from torch.fx import GraphModule
+
+from .capture import capture
+from .errors import InputError, NoFFNError
+from .inspection import _default_inputs
+from .pass_manager import PassManager
+from .patterns import FFNMatch, analyze_ffns
+
+__all__ = ["convert", "conversion_info", "ConversionInfo", "CONVERSION_ATTR"]
+
+CONVERSION_ATTR = "rewriter_conversion"  # converted modules carry their ConversionInfo here
+MODES = ("module", "graph")
+
+
+@dataclass(frozen=True)
+class ConversionInfo:
+    """What ``convert`` did: the config, the FFNs rewritten, per-block reports."""
+
+    moe: Any
+    mode: str
+    modules: tuple[str, ...]
+    blocks: tuple[dict[str, Any], ...] = field(repr=False)
+    skipped: tuple[str, ...] = ()
+    calibration_tokens: int = 0
+
+
+def _select(model: nn.Module, matches: list[FFNMatch],
+            filter_fn: Callable[[nn.Module, str], bool] | None) -> tuple[list, list]:
+    if filter_fn is None:
+        return matches, []
+    keep, skipped = [], []
+    for m in matches:
+        try:
+            module = model.get_submodule(m.module) if m.module else model
+        except AttributeError:
+            module = model
+        (keep if filter_fn(module, m.module) else skipped).append(m)
+    return keep, [m.module for m in skipped]
+
+
+def convert(
+    model: nn.Module,
+    *,
+    moe: Any = None,
+    example_inputs: Any = None,
+    calibration: Iterable[Any] | None = None,
+    filter_fn: Callable[[nn.Module, str], bool] | None = None,
+    mode: str = "module",
+    inplace: bool = False,
+    progress: bool | None = None,
+) -> nn.Module:
+    """Convert ``model``'s feed-forward blocks to DeepSeekMoE blocks.
+
+    ``moe``: a :class:`MoEConfig`. ``example_inputs``: inputs to capture with (token ids are
+    made up for language models when omitted). ``calibration``: an iterable of input batches
+    for the calibrated strategies (grouping by co-activation, shared neurons by activation,
+    fitted router). ``filter_fn(module, fqn)``: convert only the FFNs it accepts. ``mode``:
+    "module" returns a copy of the model with the blocks swapped in (HF APIs keep working);
+    "graph" returns the rewritten GraphModule. ``inplace``: modify ``model`` itself (module
+    mode).
+    """
+    from passes.calibration import calibrate, stats_for
+    from passes.ffn_to_moe import (
+        FFNToMoE,
+        MoEConfig,
+        build_moe_block,
+        check_finite,
+        dense_weights,
+        plan_experts,
+    )
+    from passes.module_swap import apply_module_swaps, plan_module_swap
+
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if mode not in MODES:
+        raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if moe is None:
+        raise InputError("nothing to do: give moe=MoEConfig(...)")
+    if not isinstance(moe, MoEConfig):
+        raise InputError(f"moe must be a MoEConfig, got {type(moe).__name__}")
+    if inplace and mode != "module":
+        raise InputError("inplace=True only applies to mode='module'")
+    if calibration is not None and not isinstance(calibration, (list, tuple)):
+        calibration = list(calibration)  # iterate it more than once; fail early if broken
+    config = moe.resolved(calibrated=bool(calibration))
+
+    inputs = example_inputs if example_inputs is not None else _default_inputs(model)
+    gm = capture(model, inputs)
+    analysis = analyze_ffns(gm)
+    if not analysis.matches:
+        near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
+        detail = "; ".join(r.describe() for r in near[:4])
+        raise NoFFNError(
+            f"{type(model).__name__} has no feed-forward block to convert"
+            + (f" (rejected: {detail})" if detail else "")
+        )
+    matches, skipped = _select(model, list(analysis.matches), filter_fn)
+    if not matches:
+        raise NoFFNError(f"filter_fn rejected all {len(analysis.matches)} FFN blocks")
+
+    # every check, before anything changes
+    plans = [plan_experts(config, m.d_ff, m.module) for m in matches]
+    for m in matches:
+        check_finite(dense_weights(m), m.module)
+    needs_stats = (config.grouping == "coactivation" or config.router_init == "calibrated"
+                   or (config.shared_selection == "activation"
+                       and any(p.shared_dim for p in plans)))
+    if needs_stats and not calibration:
+        raise InputError(
+            "MoEConfig asks for calibrated strategies (grouping="
+            f"{config.grouping!r}, shared_selection={config.shared_selection!r}, router_init="
+            f"{config.router_init!r}) but calibration is empty: give calibration=batches"
+        )
+    swaps = [plan_module_swap(gm, m) for m in matches] if mode == "module" else []
+
+    stats = calibrate(gm, calibration, ffns=matches, progress=progress) if calibration else None
+    built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
+    blocks = [b for b, _ in built]
+    reports = tuple(r for _, r in built)
+    info = ConversionInfo(
+        moe=config, mode=mode, modules=tuple(m.module for m in matches), blocks=reports,
+        skipped=tuple(skipped), calibration_tokens=stats.tokens if stats else 0,
+    )
+    if mode == "graph":
+        result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
+        result.graph_module.meta[CONVERSION_ATTR] = info
+        return result.graph_module
+    target = model if inplace else copy.deepcopy(model)
+    apply_module_swaps(target, swaps, blocks)
+    setattr(target, CONVERSION_ATTR, info)
+    return target
+
+
+def conversion_info(obj: nn.Module) -> ConversionInfo | None:
+    if isinstance(obj, GraphModule) and CONVERSION_ATTR in obj.meta:
+        return obj.meta[CONVERSION_ATTR]
+    return getattr(obj, CONVERSION_ATTR, None)
+
