@@ -35,22 +35,28 @@ def _normalise_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _balanced_assign(sim: torch.Tensor, size: int) -> torch.Tensor:
-    """Assign each of n rows to one of E clusters of exactly ``size`` members, greedily by
-    similarity (best pairs first). sim: (n, E). Returns (n,) cluster ids."""
+    """Assign each of n rows to one of E clusters of exactly ``size`` members. sim: (n, E).
+
+    Rounds of: every unassigned row proposes to its most similar open cluster; a cluster keeps
+    the most similar proposals up to its free capacity and closes when full. At most E rounds.
+    """
     n, num = sim.shape
-    order = torch.argsort(sim.flatten(), descending=True, stable=True).tolist()
-    assign = [-1] * n
-    free = [size] * num
-    left = n
-    for flat in order:
-        i, c = divmod(flat, num)
-        if assign[i] < 0 and free[c] > 0:
-            assign[i] = c
-            free[c] -= 1
-            left -= 1
-            if left == 0:
-                break
-    return torch.tensor(assign)
+    assign = torch.full((n,), -1, dtype=torch.long)
+    free = torch.full((num,), size, dtype=torch.long)
+    while True:
+        todo = torch.nonzero(assign < 0).flatten()
+        if todo.numel() == 0:
+            return assign
+        s = sim[todo].clone()
+        s[:, free == 0] = -torch.inf
+        best = s.argmax(1)  # (m,)
+        for c in torch.unique(best).tolist():
+            rows = todo[best == c]
+            take = int(free[c])
+            if rows.numel() > take:
+                rows = rows[sim[rows, c].topk(take).indices]
+            assign[rows] = c
+            free[c] -= rows.numel()
 
 
 def balanced_kmeans(
@@ -77,8 +83,8 @@ def balanced_kmeans(
         if torch.equal(new, assign):
             break
         assign = new
-        c = torch.stack([x[assign == k].mean(0) for k in range(num_groups)])
-        c = _normalise_rows(c)
+        onehot = torch.nn.functional.one_hot(assign, num_groups).to(x.dtype)  # (n, E)
+        c = _normalise_rows(onehot.T @ x)  # (E, f) cluster means, renormalised
     return [torch.nonzero(assign == k).flatten() for k in range(num_groups)]
 
 
