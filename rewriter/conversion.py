@@ -18,13 +18,12 @@ from torch.fx import GraphModule
 
 from .capture import capture
 from .errors import InputError, NoFFNError
-from .inspection import _default_inputs
+from .inspection import CONVERSION_ATTR, _default_inputs
 from .pass_manager import PassManager
 from .patterns import FFNMatch, analyze_ffns
 
 __all__ = ["convert", "conversion_info", "ConversionInfo", "CONVERSION_ATTR"]
 
-CONVERSION_ATTR = "rewriter_conversion"  # converted modules carry their ConversionInfo here
 MODES = ("module", "graph")
 
 

@@ -28,6 +28,7 @@ __all__ = ["Report", "inspect", "to_networkx", "format_table", "GROUP_META_KEY"]
 # Passes tag the nodes they emit with node.meta[GROUP_META_KEY] = (group_id, label, kind) so
 # that the picture draws them as one block (e.g. an MoE block that replaced an FFN).
 GROUP_META_KEY = "rewriter.group"
+CONVERSION_ATTR = "rewriter_conversion"  # set by rewriter.convert on what it returns
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -106,8 +107,8 @@ def _is_value_node(node: Node) -> bool:
     """Nodes worth drawing: tensors (not sym sizes, asserts, guard calls or parameter reads)."""
     if node.op in ("placeholder", "output"):
         return True
-    if node.op in ("get_attr", "call_module"):
-        return False
+    if node.op == "get_attr" or (node.op == "call_module" and str(node.target).startswith("_")):
+        return False  # parameter reads, torch.export's _guards_fn
     val = node.meta.get("val")
     if val is not None and not isinstance(val, (torch.Tensor, tuple, list)):
         return False
@@ -179,7 +180,8 @@ def to_networkx(
 
     def add_node(name: str, attrs: dict[str, Any], module: str) -> None:
         key = None
-        if collapse and name not in node_group and attrs["op"] not in ("placeholder", "output"):
+        if (collapse and name not in node_group and attrs["status"] != "removed"
+                and attrs["op"] not in ("placeholder", "output")):
             key = _collapse_key(module, keep)
             if key is None and attrs["dtype"] and not _is_float(attrs["dtype"]):
                 key = "masks & positions"  # integer/bool bookkeeping: one box
@@ -243,6 +245,7 @@ class Report:
     analysis: FFNAnalysis
     history: tuple[PassRecord, ...]
     capture: CaptureInfo | None
+    conversion: Any = None  # rewriter.conversion.ConversionInfo of a converted model
 
     @property
     def ffns(self):
@@ -281,6 +284,19 @@ class Report:
         rows = [[r.module or r.node.name, "near miss" if r.near_miss else "", r.reason]
                 for r in rej]
         return format_table(["candidate", "", "reason"], rows)
+
+    def conversion_table(self) -> str:
+        """The blocks ``rewriter.convert`` emitted (experts, sizes, strategies, router recall)."""
+        if self.conversion is None:
+            return "not converted by rewriter.convert"
+        rows = []
+        for b in self.conversion.blocks:
+            recall = b.get("router_recall")
+            rows.append([b["module"], b["experts"], b["expert_dim"], b["shared_dim"], b["top_k"],
+                         b["grouping"], b["router_init"],
+                         "-" if recall is None else f"{recall:.2f}"])
+        return format_table(["module", "experts", "expert_dim", "shared", "top_k", "grouping",
+                             "router", "recall@k"], rows)
 
     def history_table(self) -> str:
         if not self.history:
@@ -322,7 +338,9 @@ class Report:
 
     def _title(self) -> str:
         name = self.capture.model_class if self.capture else type(self.graph_module).__name__
-        return f"{name}: {len(self.analysis.matches)} FFN blocks"
+        moe = sum(1 for n in self.graph_module.graph.nodes if GROUP_META_KEY in n.meta)
+        return f"{name}: {len(self.analysis.matches)} FFN blocks" + (
+            f", {moe} rewritten blocks" if moe else "")
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -354,6 +372,8 @@ class Report:
         near = [r for r in self.analysis.rejections if r.near_miss]
         parts += ["Near misses" if near else "Rejected candidates",
                   self.rejection_table(near_misses_only=bool(near))]
+        if self.conversion is not None:
+            parts += ["Converted blocks", self.conversion_table()]
         if self.history:
             parts += ["Passes", self.history_table()]
         return "\n\n".join(p for p in parts if p)
@@ -379,6 +399,7 @@ def inspect(obj: Any, example_inputs: Any = None, *, dynamic: bool = True) -> Re
     A plain ``nn.Module`` is captured first, with ``example_inputs`` (token ids are made up for
     language models that have ``config.vocab_size``).
     """
+    conversion = getattr(obj, CONVERSION_ATTR, None)
     if isinstance(obj, PipelineResult):
         gm = obj.graph_module
     elif isinstance(obj, GraphModule):
@@ -396,4 +417,5 @@ def inspect(obj: Any, example_inputs: Any = None, *, dynamic: bool = True) -> Re
         analysis=analyze_ffns(gm),
         history=tuple(gm.meta.get(HISTORY_META_KEY, ())),
         capture=capture_info(gm),
+        conversion=conversion if conversion is not None else gm.meta.get(CONVERSION_ATTR),
     )
