@@ -255,6 +255,11 @@ class MoEFFN(nn.Module):
         if self.b_out is not None:
             _uniform_(self.b_out, Fd * self.config.num_experts + self.config.shared_dim)
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """dtype the experts compute in (their weights' dtype)."""
+        return self.w_up.dtype
+
     # ------------------------------------------------------------------ routing
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -358,7 +363,7 @@ class MoEFFN(nn.Module):
         shape, in_dtype = x.shape, x.dtype
         xt = x.reshape(-1, cfg.d_model)  # (T, d)
         topk_idx, weights, scores = self._route(xt)  # (T, K), (T, K), (T, E)
-        cdtype = self.w_up.dtype
+        cdtype = self.compute_dtype
         xc = _as(xt, cdtype)  # (T, d) expert compute in the weights' dtype
         wc = _as(weights, cdtype)  # (T, K)
 

@@ -29,6 +29,7 @@ _LAZY = {
     "conversion_info": ("rewriter.conversion", "conversion_info"),
     "ConversionInfo": ("rewriter.conversion", "ConversionInfo"),
     "MoEConfig": ("passes.ffn_to_moe", "MoEConfig"),
+    "FP8Config": ("passes.lower_fp8", "FP8Config"),
     "calibrate": ("passes.calibration", "calibrate"),
 }
 
@@ -50,6 +51,7 @@ __all__ = [
     "CaptureError",
     "ConversionInfo",
     "MoEConfig",
+    "FP8Config",
     "CaptureInfo",
     "FFNAnalysis",
     "FFNMatch",

@@ -37,6 +37,8 @@ class ConversionInfo:
     blocks: tuple[dict[str, Any], ...] = field(repr=False)
     skipped: tuple[str, ...] = ()
     calibration_tokens: int = 0
+    fp8: Any = None
+    fp8_decisions: tuple[Any, ...] = field(default=(), repr=False)
 
 
 def _select(model: nn.Module, matches: list[FFNMatch],
@@ -57,6 +59,7 @@ def convert(
     model: nn.Module,
     *,
     moe: Any = None,
+    fp8: Any = None,
     example_inputs: Any = None,
     calibration: Iterable[Any] | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
@@ -64,15 +67,16 @@ def convert(
     inplace: bool = False,
     progress: bool | None = None,
 ) -> nn.Module:
-    """Convert ``model``'s feed-forward blocks to DeepSeekMoE blocks.
+    """Convert ``model``: feed-forward blocks to DeepSeekMoE blocks and/or matmuls to FP8.
 
-    ``moe``: a :class:`MoEConfig`. ``example_inputs``: inputs to capture with (token ids are
-    made up for language models when omitted). ``calibration``: an iterable of input batches
-    for the calibrated strategies (grouping by co-activation, shared neurons by activation,
-    fitted router). ``filter_fn(module, fqn)``: convert only the FFNs it accepts. ``mode``:
-    "module" returns a copy of the model with the blocks swapped in (HF APIs keep working);
-    "graph" returns the rewritten GraphModule. ``inplace``: modify ``model`` itself (module
-    mode).
+    ``moe``: a :class:`MoEConfig`. ``fp8``: an :class:`FP8Config` (alone or with ``moe``; the
+    lowering runs after the MoE rewrite, so experts are lowered too). ``example_inputs``: inputs
+    to capture with (token ids are made up for language models when omitted).
+    ``calibration``: an iterable of input batches for the calibrated strategies (grouping by
+    co-activation, shared neurons by activation, fitted router). ``filter_fn(module, fqn)``:
+    rewrite only the FFN blocks and linears it accepts. ``mode``: "module" returns a copy of
+    the model with the new blocks swapped in (HF APIs keep working); "graph" returns the
+    rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode).
     """
     from passes.calibration import calibrate, stats_for
     from passes.ffn_to_moe import (
@@ -89,18 +93,24 @@ def convert(
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if moe is None:
-        raise InputError("nothing to do: give moe=MoEConfig(...)")
-    if not isinstance(moe, MoEConfig):
+    from passes.lower_fp8 import FP8Config
+
+    if moe is None and fp8 is None:
+        raise InputError("nothing to do: give moe=MoEConfig(...) and/or fp8=FP8Config(...)")
+    if moe is not None and not isinstance(moe, MoEConfig):
         raise InputError(f"moe must be a MoEConfig, got {type(moe).__name__}")
+    if fp8 is not None and not isinstance(fp8, FP8Config):
+        raise InputError(f"fp8 must be an FP8Config, got {type(fp8).__name__}")
     if inplace and mode != "module":
         raise InputError("inplace=True only applies to mode='module'")
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # iterate it more than once; fail early if broken
-    config = moe.resolved(calibrated=bool(calibration))
 
     inputs = example_inputs if example_inputs is not None else _default_inputs(model)
     gm = capture(model, inputs)
+    if moe is None:
+        return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace)
+    config = moe.resolved(calibrated=bool(calibration))
     analysis = analyze_ffns(gm)
     if not analysis.matches:
         near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
@@ -126,7 +136,8 @@ def convert(
             f"{config.grouping!r}, shared_selection={config.shared_selection!r}, router_init="
             f"{config.router_init!r}) but calibration is empty: give calibration=batches"
         )
-    swaps = [plan_module_swap(gm, m) for m in matches] if mode == "module" else []
+    graph_pass = mode == "graph" and fp8 is None
+    swaps = [] if graph_pass else [plan_module_swap(gm, m) for m in matches]
 
     stats = calibrate(gm, calibration, ffns=matches, progress=progress) if calibration else None
     built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
@@ -136,12 +147,39 @@ def convert(
         moe=config, mode=mode, modules=tuple(m.module for m in matches), blocks=reports,
         skipped=tuple(skipped), calibration_tokens=stats.tokens if stats else 0,
     )
-    if mode == "graph":
+    if graph_pass:
         result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
         result.graph_module.meta[CONVERSION_ATTR] = info
         return result.graph_module
     target = model if inplace else copy.deepcopy(model)
     apply_module_swaps(target, swaps, blocks)
+    if fp8 is not None:
+        return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
+                           True, info)
+    setattr(target, CONVERSION_ATTR, info)
+    return target
+
+
+def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
+                filter_fn: Callable[[nn.Module, str], bool] | None, mode: str, inplace: bool,
+                info: ConversionInfo | None = None) -> nn.Module:
+    """FP8 lowering of ``model`` (captured as ``gm``); graph mode re-captures the result."""
+    from dataclasses import replace
+
+    from passes.lower_fp8 import apply_fp8, plan_fp8
+
+    decisions = plan_fp8(model, gm, fp8, filter_fn)
+    if not any(d.lowered for d in decisions):
+        raise InputError("FP8 lowering found nothing to lower (no projection passed the "
+                         "filters): " + "; ".join(f"{d.fqn}: {d.reason}" for d in decisions[:4]))
+    target = model if inplace else copy.deepcopy(model)
+    apply_fp8(target, decisions, fp8)
+    info = info or ConversionInfo(moe=None, mode=mode, modules=(), blocks=())
+    info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions))
+    if mode == "graph":
+        out = capture(target, inputs)
+        out.meta[CONVERSION_ATTR] = info
+        return out
     setattr(target, CONVERSION_ATTR, info)
     return target
 

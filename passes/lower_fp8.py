@@ -1,0 +1,197 @@
+"""Lower matmuls to FP8 (E4M3, DeepSeek-V3 1x128 / 128x128 scaling, FP32 accumulation).
+
+Matches: every projection of the captured graph (``linear``, GPT-2's ``addmm`` Conv1D) whose
+owning module computes exactly that projection, and every MoE block's routed experts.
+Checks: DeepSeek-V3's high-precision list is kept by default: the output head (a projection with
+no projection downstream whose result reaches the output through single-input ops only), the
+MoE router, embeddings, norms and attention's softmax path (not projections, never touched);
+plus the user's ``filter_fn(module, fqn)``. Emits: :class:`targets.fp8_linear.FP8Linear` /
+:class:`~targets.fp8_linear.FP8MoEFFN` swapped into the model, and a report of what was lowered
+and what was skipped, with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from models.moe import MoEFFN
+from rewriter.errors import InputError
+from rewriter.graph_ops import is_reshape, module_stack, op_name
+from rewriter.patterns import find_projections
+from targets.fp8_linear import ACTIVATION_MODES, MODES, FP8Linear, FP8MoEFFN
+
+from .cleanup import is_identity_op
+
+__all__ = [
+    "FP8Config",
+    "LoweringDecision",
+    "plan_fp8",
+    "apply_fp8",
+    "find_output_heads",
+    "weight_bytes",
+]
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """``mode``: "inference" stores weights FP8 once; "training" keeps master weights and runs
+    Fprop, Dgrad and Wgrad in FP8. ``activations``: "fp8" (W8A8) or "none" (weight-only,
+    inference). ``pow2_scales``: round scales up to powers of two. ``keep_output_head``:
+    leave the LM head in high precision (DeepSeek-V3)."""
+
+    mode: str = "inference"
+    activations: str = "fp8"
+    pow2_scales: bool = False
+    keep_output_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"FP8Config.mode must be one of {', '.join(MODES)}, "
+                             f"got {self.mode!r}")
+        if self.activations not in ACTIVATION_MODES:
+            raise ValueError(f"FP8Config.activations must be one of "
+                             f"{', '.join(ACTIVATION_MODES)}, got {self.activations!r}")
+        if self.mode == "training" and self.activations != "fp8":
+            raise ValueError("FP8Config.activations must be 'fp8' in training mode (all three "
+                             "GEMMs run in FP8)")
+        for name in ("pow2_scales", "keep_output_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"FP8Config.{name} must be a bool")
+
+
+@dataclass(frozen=True)
+class LoweringDecision:
+    fqn: str
+    kind: str  # "linear" | "conv1d" | "moe_experts"
+    lowered: bool
+    reason: str
+    params: int = 0
+
+
+_PASS_THROUGH = ("view", "reshape", "slice", "getitem", "select", "to", "_to_copy", "float",
+                 "contiguous", "clone", "alias", "_unsafe_view", "squeeze", "unsqueeze")
+
+
+def _single_path_to_output(node: Node) -> bool:
+    """True when ``node``'s value reaches the graph output only through single-input ops."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        for user in n.users:
+            if user.op == "output":
+                continue
+            tensor_inputs = [a for a in user.all_input_nodes if a.op != "get_attr"
+                             and "sym_size" not in str(user.target)]
+            if op_name(user) not in _PASS_THROUGH and not is_reshape(user) \
+                    and not is_identity_op(user) and len(tensor_inputs) > 1:
+                return False
+            stack.append(user)
+    return True
+
+
+def find_output_heads(gm: GraphModule) -> set[str]:
+    """Module FQNs of output heads: projections with no projection downstream whose result
+    flows to the output unmixed (no residual add)."""
+    projections = find_projections(gm)
+    proj_nodes = {p.node for p in projections}
+    downstream: dict[Node, bool] = {}
+    for node in reversed(list(gm.graph.nodes)):
+        downstream[node] = any(u in proj_nodes or downstream.get(u, False) for u in node.users)
+    return {p.module for p in projections
+            if not downstream[p.output] and _single_path_to_output(p.output)}
+
+
+def _nodes_of(gm: GraphModule, fqn: str) -> set[Node]:
+    return {n for n in gm.graph.nodes if fqn in module_stack(n)
+            and n.op not in ("get_attr", "placeholder", "output") and not is_identity_op(n)
+            and "sym_size" not in str(n.target)}
+
+
+def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
+             filter_fn: Callable[[nn.Module, str], bool] | None = None
+             ) -> list[LoweringDecision]:
+    """What to lower and what to keep, with reasons, before anything changes."""
+    heads = find_output_heads(gm) if config.keep_output_head else set()
+    projections = {p.module: p for p in find_projections(gm)}
+    routers = {f"{name}.router" if name else "router"
+               for name, m in model.named_modules() if isinstance(m, MoEFFN)}
+    decisions: list[LoweringDecision] = []
+    for name, module in model.named_modules():
+        if isinstance(module, (FP8Linear, FP8MoEFFN)):
+            decisions.append(LoweringDecision(name, "linear", False, "already FP8"))
+            continue
+        if isinstance(module, MoEFFN):
+            n = sum(p.numel() for p in (module.w_up, module.w_gate, module.w_down)
+                    if p is not None)
+            ok = filter_fn is None or filter_fn(module, name)
+            decisions.append(LoweringDecision(
+                name, "moe_experts", ok, "routed experts -> FP8 grouped GEMMs; router stays fp32"
+                if ok else "excluded by filter_fn", n))
+            continue
+        proj = projections.get(name)
+        if proj is None:
+            if isinstance(module, nn.Linear):
+                decisions.append(LoweringDecision(name, "linear", False,
+                                                  "not called in the captured graph"))
+            continue
+        kind = "linear" if proj.layout == "linear" else "conv1d"
+        params = proj.params
+        if name in routers:
+            reason = "MoE router: kept in fp32 (DeepSeek-V3 keeps gating in high precision)"
+        elif name in heads:
+            reason = "output head: kept in high precision (DeepSeek-V3)"
+        elif filter_fn is not None and not filter_fn(module, name):
+            reason = "excluded by filter_fn"
+        elif not (isinstance(module, nn.Linear) or _nodes_of(gm, name) == {
+                n for n in proj.nodes if n.op != "get_attr"}):
+            reason = f"matmul inside {type(module).__name__}.forward with other ops: not swappable"
+        else:
+            decisions.append(LoweringDecision(name, kind, True, f"{kind} -> FP8Linear", params))
+            continue
+        decisions.append(LoweringDecision(name, kind, False, reason, params))
+    return decisions
+
+
+def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config) -> int:
+    """Swap the planned modules (in place). Returns the number of modules lowered."""
+    kwargs = dict(mode=config.mode, activations=config.activations, pow2=config.pow2_scales)
+    count = 0
+    for d in decisions:
+        if not d.lowered:
+            continue
+        module = model.get_submodule(d.fqn) if d.fqn else model
+        if d.kind == "moe_experts":
+            new = FP8MoEFFN(module, **kwargs)
+        else:
+            new = FP8Linear.from_linear(module, transposed=d.kind == "conv1d", **kwargs)
+        if d.fqn:
+            _set(model, d.fqn, new)
+        else:
+            raise InputError("the model itself is a single projection: nothing to swap it into")
+        count += 1
+    return count
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer (what a checkpoint stores)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
+        if t is None or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size()
+    return total
+

@@ -1,0 +1,145 @@
+"""FP8 (E4M3) formats with DeepSeek-V3 fine-grained scaling, and the torch reference.
+
+Scaling is online (no amax history): activations (and output gradients) get one fp32 scale per
+1x128 tile along the reduction dim, weights one per 128x128 block. ``s = amax / 448`` (or the
+next power of two with ``pow2=True``); the stored value is ``(x / s).to(torch.float8_e4m3fn)``
+(round to nearest even, saturating at 448), so dequantisation is ``q.float() * s``. Dims that are
+not multiples of 128 keep partial tiles (the padding is conceptual: never materialised, never
+rejected). An all-zero tile gets scale 1 (no division by zero); NaN/Inf propagate.
+
+This module is the ground truth of the tests and the CPU execution path: the Triton kernels
+quantize exactly like it, and their GEMMs equal ``fp8_gemm_reference`` (dequantise, fp32 matmul).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "E4M3_MAX",
+    "BLOCK",
+    "FP8_DTYPE",
+    "compute_scale",
+    "quantize_rowwise",
+    "quantize_blockwise",
+    "quantize_tensorwise",
+    "dequantize_rowwise",
+    "dequantize_blockwise",
+    "fp8_gemm_reference",
+    "sqnr_db",
+]
+
+E4M3_MAX = 448.0
+BLOCK = 128
+FP8_DTYPE = torch.float8_e4m3fn
+
+
+def _check(x: torch.Tensor, name: str, dims: int) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
+    if x.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"{name} must be float32/float16/bfloat16/float64, got {x.dtype}")
+
+
+def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
+    """fp32 scale from a tile's amax: amax / 448 (zero tiles: 1; pow2: next power of two)."""
+    amax = amax.float()
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    if pow2:
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))
+    return scale
+
+
+def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
+    size = x.shape[dim]
+    extra = (-size) % multiple
+    if not extra:
+        return x
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, extra]
+    return torch.nn.functional.pad(x, pad)
+
+
+def quantize_rowwise(
+    x: torch.Tensor, *, block: int = BLOCK, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (M, K) -> q (M, K) fp8, s (M, ceil(K/block)) fp32: one scale per 1 x block tile."""
+    _check(x, "x", 2)
+    m, k = x.shape
+    kb = math.ceil(k / block)
+    xf = _pad_to(x.float(), 1, block).view(m, kb, block)  # (M, Kb, 128)
+    scale = compute_scale(xf.abs().amax(dim=2), pow2)  # (M, Kb)
+    q = (xf / scale[:, :, None]).to(FP8_DTYPE).view(m, kb * block)[:, :k]
+    return q.contiguous(), scale
+
+
+def quantize_blockwise(
+    w: torch.Tensor, *, block: int = BLOCK, pow2: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (N, K) -> q (N, K) fp8, s (ceil(N/block), ceil(K/block)) fp32: 128x128 blocks."""
+    _check(w, "w", 2)
+    n, k = w.shape
+    nb, kb = math.ceil(n / block), math.ceil(k / block)
+    wf = _pad_to(_pad_to(w.float(), 0, block), 1, block).view(nb, block, kb, block)
+    scale = compute_scale(wf.abs().amax(dim=(1, 3)), pow2)  # (Nb, Kb)
+    q = (wf / scale[:, None, :, None]).to(FP8_DTYPE).view(nb * block, kb * block)[:n, :k]
+    return q.contiguous(), scale
+
+
+def quantize_tensorwise(x: torch.Tensor, *, pow2: bool = False) -> tuple[torch.Tensor,
+                                                                        torch.Tensor]:
+    """One scale for the whole tensor (the baseline fine-grained scaling must beat)."""
+    scale = compute_scale(x.float().abs().amax(), pow2)
+    return (x.float() / scale).to(FP8_DTYPE), scale
+
+
+def _expand(scale: torch.Tensor, dim: int, size: int, block: int) -> torch.Tensor:
+    return scale.repeat_interleave(block, dim=dim).narrow(dim, 0, size)
+
+
+def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
+    """fp32 (M, K) from rowwise-quantized q and s (M, ceil(K/block))."""
+    return q.float() * _expand(scale, 1, q.shape[1], block)
+
+
+def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, *,
+                         block: int = BLOCK) -> torch.Tensor:
+    """fp32 (N, K) from blockwise-quantized q and s (ceil(N/block), ceil(K/block))."""
+    s = _expand(_expand(scale, 0, q.shape[0], block), 1, q.shape[1], block)
+    return q.float() * s
+
+
+def fp8_gemm_reference(
+    a_q: torch.Tensor,
+    a_s: torch.Tensor,
+    b_q: torch.Tensor,
+    b_s: torch.Tensor,
+    *,
+    b_layout: str = "block",
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """C = A @ B^T in fp32 from FP8 operands: A (M, K) rowwise-scaled; B (N, K) block-scaled
+    (``b_layout="block"``, weights) or rowwise-scaled (``"row"``, e.g. Wgrad's activations)."""
+    if b_layout not in ("block", "row"):
+        raise ValueError(f"b_layout must be 'block' or 'row', got {b_layout!r}")
+    a = dequantize_rowwise(a_q, a_s, block=block)
+    b = (dequantize_blockwise(b_q, b_s, block=block) if b_layout == "block"
+         else dequantize_rowwise(b_q, b_s, block=block))
+    c = a @ b.T
+    if bias is not None:
+        c = c + bias.float()
+    return c.to(out_dtype)
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10 log10(|ref|^2 / |ref - approx|^2)."""
+    ref = reference.detach().double()
+    noise = (ref - approx.detach().double()).pow(2).sum()
+    if noise == 0:
+        return math.inf
+    return float(10 * torch.log10(ref.pow(2).sum() / noise))

@@ -1,0 +1,225 @@
+"""FP8 ops registered with torch.library: capturable by torch.export, compilable, exportable.
+
+Every op has a fake (meta) implementation, a CPU implementation that is the torch reference of
+:mod:`targets.fp8`, and a CUDA implementation that runs the Triton kernels of
+:mod:`targets.triton_fp8` (imported on first use).
+
+    rewriter::fp8_quantize_rowwise(x, pow2)            -> (q, s)     1x128 tiles
+    rewriter::fp8_quantize_blockwise(w, pow2)          -> (q, s)     128x128 blocks
+    rewriter::fp8_gemm(a_q, a_s, b_q, b_s, b_rowwise, bias, out_dtype) -> C = A @ B^T
+    rewriter::fp8_linear(x, w_q, w_s, bias, pow2)      -> y          inference, W8A8
+    rewriter::fp8_weight_only_linear(x, w_q, w_s, bias) -> y         inference, W8A16
+    rewriter::fp8_grouped_linear(x, w_q, w_s, offsets, pow2) -> y    MoE experts, sorted rows
+    rewriter::fp8_linear_hp(x, weight, bias, pow2)     -> y          training: all 3 GEMMs FP8
+
+``fp8_linear_hp`` has an autograd formula (DeepSeek-V3): Fprop ``x @ W^T`` with x per 1x128 and
+W per 128x128; Dgrad ``dy @ W`` with dy per 1x128 along N and W's blocks transposed; Wgrad
+``dy^T @ x`` with both operands per 1x128 along the token dim. Gradients come out in the
+inputs' precision; master weights stay in their own dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from . import fp8 as ref
+
+__all__ = [
+    "fp8_quantize_rowwise",
+    "fp8_quantize_blockwise",
+    "fp8_gemm",
+    "fp8_linear",
+    "fp8_weight_only_linear",
+    "fp8_grouped_linear",
+    "fp8_linear_hp",
+]
+
+_LIB = "rewriter"
+
+
+def _triton():
+    from . import triton_fp8
+
+    return triton_fp8
+
+
+def _blocks(n: int) -> int:
+    return math.ceil(n / ref.BLOCK)
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_quantize_rowwise", mutates_args=())
+def fp8_quantize_rowwise(x: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    """x (M, K) -> q (M, K) fp8, s (M, ceil(K/128)) fp32."""
+    return ref.quantize_rowwise(x, pow2=pow2)
+
+
+@fp8_quantize_rowwise.register_fake
+def _(x, pow2):
+    return (x.new_empty(x.shape, dtype=ref.FP8_DTYPE),
+            x.new_empty((x.shape[0], _blocks(x.shape[1])), dtype=torch.float32))
+
+
+@fp8_quantize_rowwise.register_kernel("cuda")
+def _(x, pow2):
+    return _triton().triton_quantize_rowwise(x, pow2=pow2)
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_quantize_blockwise", mutates_args=())
+def fp8_quantize_blockwise(w: Tensor, pow2: bool) -> tuple[Tensor, Tensor]:
+    """w (N, K) -> q (N, K) fp8, s (ceil(N/128), ceil(K/128)) fp32."""
+    return ref.quantize_blockwise(w, pow2=pow2)
+
+
+@fp8_quantize_blockwise.register_fake
+def _(w, pow2):
+    return (w.new_empty(w.shape, dtype=ref.FP8_DTYPE),
+            w.new_empty((_blocks(w.shape[0]), _blocks(w.shape[1])), dtype=torch.float32))
+
+
+@fp8_quantize_blockwise.register_kernel("cuda")
+def _(w, pow2):
+    return _triton().triton_quantize_blockwise(w, pow2=pow2)
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_gemm", mutates_args=())
+def fp8_gemm(a_q: Tensor, a_s: Tensor, b_q: Tensor, b_s: Tensor, b_rowwise: bool,
+             bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+    """C (M, N) = A @ B^T, A rowwise-scaled, B block- or rowwise-scaled, fp32 accumulation."""
+    return ref.fp8_gemm_reference(a_q, a_s, b_q, b_s, b_layout="row" if b_rowwise else "block",
+                                  bias=bias, out_dtype=out_dtype)
+
+
+@fp8_gemm.register_fake
+def _(a_q, a_s, b_q, b_s, b_rowwise, bias, out_dtype):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[0]), dtype=out_dtype)
+
+
+@fp8_gemm.register_kernel("cuda")
+def _(a_q, a_s, b_q, b_s, b_rowwise, bias, out_dtype):
+    return _triton().triton_fp8_gemm(a_q, a_s, b_q, b_s, b_layout="row" if b_rowwise else
+                                     "block", bias=bias, out_dtype=out_dtype)
+
+
+def _flatten(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_linear", mutates_args=())
+def fp8_linear(x: Tensor, w_q: Tensor, w_s: Tensor, bias: Tensor | None, pow2: bool) -> Tensor:
+    """y (..., N) = x (..., K) @ W^T (+ bias): activations quantized per 1x128 on the fly,
+    W stored FP8 (N, K) with 128x128 scales. Output in x's dtype."""
+    xq, xs = ref.quantize_rowwise(_flatten(x), pow2=pow2)
+    y = ref.fp8_gemm_reference(xq, xs, w_q, w_s, bias=bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@fp8_linear.register_fake
+def _(x, w_q, w_s, bias, pow2):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@fp8_linear.register_kernel("cuda")
+def _(x, w_q, w_s, bias, pow2):
+    t = _triton()
+    xq, xs = t.triton_quantize_rowwise(_flatten(x), pow2=pow2)
+    out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    y = t.triton_fp8_gemm(xq, xs, w_q, w_s, bias=bias, out_dtype=out_dtype)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_weight_only_linear", mutates_args=())
+def fp8_weight_only_linear(x: Tensor, w_q: Tensor, w_s: Tensor, bias: Tensor | None) -> Tensor:
+    """W8A16: y = x @ dequant(W)^T (+ bias) in x's precision."""
+    w = ref.dequantize_blockwise(w_q, w_s).to(x.dtype)
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+@fp8_weight_only_linear.register_fake
+def _(x, w_q, w_s, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[0]))
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_grouped_linear", mutates_args=())
+def fp8_grouped_linear(x: Tensor, w_q: Tensor, w_s: Tensor, offsets: Tensor,
+                       pow2: bool) -> Tensor:
+    """MoE experts in contiguous layout: rows offsets[e]:offsets[e+1] of x (T, K) use expert
+    e's FP8 weight w_q[e] (N, K) with scales w_s[e]. -> (T, N) in x's dtype."""
+    xq, xs = ref.quantize_rowwise(x, pow2=pow2)
+    out = x.new_empty((x.shape[0], w_q.shape[1]), dtype=torch.float32)
+    bounds = offsets.tolist()
+    for e in range(w_q.shape[0]):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = ref.fp8_gemm_reference(xq[lo:hi], xs[lo:hi], w_q[e], w_s[e])
+    return out.to(x.dtype)
+
+
+@fp8_grouped_linear.register_fake
+def _(x, w_q, w_s, offsets, pow2):
+    return x.new_empty((x.shape[0], w_q.shape[1]))
+
+
+@fp8_grouped_linear.register_kernel("cuda")
+def _(x, w_q, w_s, offsets, pow2):
+    t = _triton()
+    xq, xs = t.triton_quantize_rowwise(x, pow2=pow2)
+    return t.triton_fp8_grouped_gemm(xq, xs, w_q, w_s, offsets).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+@torch.library.custom_op(f"{_LIB}::fp8_linear_hp", mutates_args=())
+def fp8_linear_hp(x: Tensor, weight: Tensor, bias: Tensor | None, pow2: bool) -> Tensor:
+    """Training linear: y = x @ W^T (+ bias) with both operands quantized on the fly."""
+    x2 = _flatten(x)
+    xq, xs = fp8_quantize_rowwise(x2, pow2)
+    wq, ws = fp8_quantize_blockwise(weight, pow2)
+    y = fp8_gemm(xq, xs, wq, ws, False, bias, torch.float32)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@fp8_linear_hp.register_fake
+def _(x, weight, bias, pow2):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pow2 = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.pow2 = pow2
+    ctx.has_bias = bias is not None
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+
+
+def _backward(ctx, grad_out):
+    x, weight = ctx.saved_tensors
+    pow2 = ctx.pow2
+    dy = _flatten(grad_out)  # (M, N)
+    x2 = _flatten(x)  # (M, K)
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:  # Dgrad: dx (M, K) = dy (M, N) @ W (N, K)
+        dyq, dys = fp8_quantize_rowwise(dy, pow2)  # 1x128 along N
+        wq, ws = fp8_quantize_blockwise(weight, pow2)  # 128x128 blocks, used transposed
+        grad_x = fp8_gemm(dyq, dys, wq.t().contiguous(), ws.t().contiguous(), False, None,
+                          torch.float32)
+        grad_x = grad_x.to(x.dtype).reshape(x.shape)
+    if ctx.needs_input_grad[1]:  # Wgrad: dW (N, K) = dy^T (N, M) @ x (M, K)
+        dytq, dyts = fp8_quantize_rowwise(dy.t().contiguous(), pow2)  # 1x128 along M
+        xtq, xts = fp8_quantize_rowwise(x2.t().contiguous(), pow2)  # 1x128 along M
+        grad_w = fp8_gemm(dytq, dyts, xtq, xts, True, None, torch.float32).to(weight.dtype)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = dy.float().sum(0).to(ctx.bias_dtype)
+    return grad_x, grad_w, grad_b, None
+
+
+fp8_linear_hp.register_autograd(_backward, setup_context=_setup_context)
