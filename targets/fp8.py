@@ -5,7 +5,8 @@ Scaling is online (no amax history): activations (and output gradients) get one 
 next power of two with ``pow2=True``); the stored value is ``(x / s).to(torch.float8_e4m3fn)``
 (round to nearest even, saturating at 448), so dequantisation is ``q.float() * s``. Dims that are
 not multiples of 128 keep partial tiles (the padding is conceptual: never materialised, never
-rejected). An all-zero tile gets scale 1 (no division by zero); NaN/Inf propagate.
+rejected). An all-zero tile gets scale 1 (no division by zero); a NaN in a tile makes its scale,
+hence the whole tile, NaN (never silently wrong values).
 
 This module is the ground truth of the tests and the CPU execution path: the Triton kernels
 quantize exactly like it, and their GEMMs equal ``fp8_gemm_reference`` (dequantise, fp32 matmul).
@@ -48,7 +49,7 @@ def _check(x: torch.Tensor, name: str, dims: int) -> None:
 def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
     """fp32 scale from a tile's amax: amax / 448 (zero tiles: 1; pow2: next power of two)."""
     amax = amax.float()
-    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)  # NaN stays NaN
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale

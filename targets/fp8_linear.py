@@ -101,7 +101,7 @@ class FP8MoEFFN(MoEFFN):
         self._compute_dtype = block.w_up.dtype
         if mode == "inference":
             for name in ("w_up", "w_gate", "w_down"):
-                w = self._parameters.pop(name)
+                w = self._parameters.pop(name, None)
                 if w is None:
                     self.register_buffer(f"{name}_q", None)
                     self.register_buffer(f"{name}_scale", None)

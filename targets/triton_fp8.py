@@ -56,24 +56,37 @@ if triton is not None:
     @triton.jit
     def _round_e4m3(y):
         """fp32 -> the nearest E4M3 value as fp32 (RNE, saturating at +-448, NaN kept)."""
-        bits = y.to(tl.int32, bitcast=True)
         a = tl.abs(y)
-        mag = a.to(tl.int32, bitcast=True)
+        small = a < 0.015625  # below 2^-6: E4M3 subnormals (False for NaN)
         # normal range: round to nearest even on the 3 kept mantissa bits (20 dropped); a carry
-        # into the exponent is the right answer. 0xFFF00000 as int32 is -1048576.
+        # into the exponent is the right answer. Inf's bits bound the magnitude so NaN cannot
+        # overflow the int32 add; 0xFFF00000 as int32 is -1048576.
+        mag = tl.minimum(a.to(tl.int32, bitcast=True), 0x7F800000)
         normal = ((mag + 0x7FFFF + ((mag >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
-        # subnormal range (< 2^-6): fp32 numbers in [2^14, 2^15) are spaced 2^-9 apart, so the
-        # addition rounds |y| to the E4M3 subnormal grid (nearest even); the subtraction is exact
-        sub = (a + 16384.0) - 16384.0
-        r = tl.where(a < 0.015625, sub, normal)
-        r = tl.minimum(r, 448.0)  # saturate (Inf too)
-        r = tl.where(bits < 0, -r, r)  # sign, -0.0 included
-        return tl.where(y != y, y, r)  # NaN stays NaN
+        # subnormal range: fp32 numbers in [2^14, 2^15) are spaced 2^-9 apart, so the addition
+        # rounds |y| to the E4M3 subnormal grid (nearest even); the subtraction is exact
+        sub = (tl.where(small, a, 0.0) + 16384.0) - 16384.0
+        r = tl.minimum(tl.where(small, sub, normal), 448.0)  # saturate (Inf too)
+        r = tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)  # sign, -0.0 included
+        return tl.where(y != y, y, r)
+
+    @triton.jit
+    def _to_e4m3(y, dtype: tl.constexpr):
+        """fp32 -> E4M3 (``dtype``), bit-identical to torch's ``.to(torch.float8_e4m3fn)``.
+
+        The cast sees only values already on the E4M3 grid, which every backend converts
+        exactly; NaN is written as torch does (0x7F, 0xFF with the sign bit), since the
+        interpreter's cast turns it into a number."""
+        q = _round_e4m3(y).to(dtype).to(tl.uint8, bitcast=True)
+        nan = tl.where(y.to(tl.int32, bitcast=True) < 0, 0xFF, 0x7F).to(tl.uint8)
+        return tl.where(y != y, nan, q).to(dtype, bitcast=True)
 
     @triton.jit
     def _tile_scale(amax, has_nan, POW2: tl.constexpr):
-        """fp32 scale from a tile's amax, as ``targets.fp8.compute_scale``."""
-        s = tl.where((amax > 0.0) & (has_nan == 0), tl.div_rn(amax, 448.0), 1.0)
+        """fp32 scale from a tile's amax, as ``targets.fp8.compute_scale``: zero tile -> 1,
+        a NaN in the tile -> NaN (``has_nan``: GPU max reductions may drop NaN)."""
+        amax = tl.where(has_nan != 0, float("nan"), amax)
+        s = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
         if POW2:
             # 2^ceil(fl32(log2 s)) exactly as torch computes it (log2 correctly rounded to
             # fp32): s = 2^k (1 + m/2^23), log2 s = k + d with d ~ m / (2^23 ln 2) =
@@ -81,7 +94,7 @@ if triton is not None:
             # k, else k + 1. The margins to the rounding boundaries are >= 0.2 %, far above
             # this formula's error; no log2/exp2 (approximate on GPUs) is used.
             tiny = s < 1.1754943508222875e-38  # fp32 subnormal scale: normalise first
-            sn = tl.where(tiny, s * 18446744073709551616.0, s)
+            sn = tl.where(tiny, tl.where(tiny, s, 0.0) * 18446744073709551616.0, s)
             b = sn.to(tl.int32, bitcast=True)
             k = (b >> 23) - 127 - tl.where(tiny, 64, 0)
             kf = k.to(tl.float32)
@@ -89,7 +102,7 @@ if triton is not None:
             e = tl.where(lg == kf, k, k + 1)
             low = e < -126  # 2^e is subnormal: build 2^(e + 64), then scale exactly
             p = ((tl.where(low, e + 64, e) + 127) << 23).to(tl.float32, bitcast=True)
-            s = tl.where(low, p * 5.421010862427522e-20, p)
+            s = tl.where(s != s, s, tl.where(low, p * 5.421010862427522e-20, p))
         return s
 
     @triton.jit
@@ -97,7 +110,7 @@ if triton is not None:
         offs = tl.program_id(0) * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
         mask = offs < n
         x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-        tl.store(q_ptr + offs, _round_e4m3(x).to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(q_ptr + offs, _to_e4m3(x, q_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _quant_rowwise_kernel(
@@ -116,8 +129,8 @@ if triton is not None:
         amax = tl.max(tl.abs(x), axis=1)  # (BM,)
         has_nan = tl.max((x != x).to(tl.int32), axis=1)
         s = _tile_scale(amax, has_nan, POW2)
-        q = _round_e4m3(tl.div_rn(x, s[:, None]))
-        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        q = _to_e4m3(tl.div_rn(x, s[:, None]), q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + rows.to(tl.int64) * KB + pid_k, s, mask=rmask)
 
     @triton.jit
@@ -136,8 +149,8 @@ if triton is not None:
         amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
         has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0)
         s = _tile_scale(amax, has_nan, POW2)
-        q = _round_e4m3(tl.div_rn(w, s))
-        tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty), mask=mask)
+        q = _to_e4m3(tl.div_rn(w, s), q_ptr.dtype.element_ty)
+        tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + pid_n * KB + pid_k, s)
 
     @triton.jit
@@ -254,11 +267,16 @@ def triton_available() -> bool:
 
 # ------------------------------------------------------------------------- launch configurations
 
-# On the interpreter one small fixed config (autotune with several configs fails there). On a
-# GPU, BLOCK_M/BLOCK_N are autotuned; BLOCK_K = 128 is the scaling granularity. Two fp32 tiles
-# live at once (accumulator + the block's dot), so a 128x128 tile wants 8 warps.
-_INTERP_GEMM = dict(BLOCK_M=16, BLOCK_N=32)
-_QUANT_BLOCK_M = 16
+# On a GPU, BLOCK_M/BLOCK_N are autotuned; BLOCK_K = 128 is the scaling granularity. Two fp32
+# tiles live at once (accumulator + the block's dot), so a 128x128 tile wants 8 warps. The
+# interpreter gets one fixed config per call (autotune with several configs fails there); its
+# fp8 dot is a numpy fp16 matmul whose time grows with the padded tile, so small M gets small
+# tiles.
+_QUANT_BLOCK_M = 32
+
+
+def _interp_blocks(m: int) -> dict:
+    return dict(BLOCK_M=16 if m <= 16 else 32, BLOCK_N=32)
 
 
 def _gemm_configs() -> list:
@@ -425,7 +443,7 @@ def triton_fp8_gemm(
     flags = dict(B_ROW=b_layout == "row", HAS_BIAS=bias is not None, EVEN_K=k % BLOCK == 0,
                  BLOCK_K=BLOCK, GROUP_M=8)
     if _interpreting():
-        cfg = _INTERP_GEMM
+        cfg = _interp_blocks(m)
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _fp8_gemm_kernel[grid](*args, **flags, **cfg)
     else:
@@ -511,7 +529,7 @@ def triton_fp8_grouped_gemm(
     args = (a_q, a_s, b_q, b_s, offsets, c, n, k, kb, nb, e)
     flags = dict(EVEN_K=k % BLOCK == 0, BLOCK_K=BLOCK)
     if _interpreting():
-        cfg = _INTERP_GEMM
+        cfg = _interp_blocks(1)  # experts' row tiles are often short
         grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(t, cfg["BLOCK_M"]) + e)
         _fp8_grouped_gemm_kernel[grid](*args, **flags, **cfg)
     else:

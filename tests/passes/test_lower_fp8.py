@@ -1,0 +1,101 @@
+import pytest
+import torch
+from torch import nn
+
+import rewriter
+from passes.lower_fp8 import FP8Config, find_output_heads, weight_bytes
+from rewriter import InputError, MoEConfig, capture
+from targets.fp8 import sqnr_db
+from targets.fp8_linear import FP8Linear, FP8MoEFFN
+from tests._zoo import CASES
+
+BY_NAME = {c.name: c for c in CASES}
+
+
+def _out(y):
+    return y if isinstance(y, torch.Tensor) else (
+        y.logits if hasattr(y, "logits") else y.last_hidden_state)
+
+
+def _run(model, inputs):
+    args, kwargs = (inputs, {}) if isinstance(inputs, tuple) else ((), inputs)
+    with torch.no_grad():
+        return _out(model(*args, **kwargs))
+
+
+@pytest.mark.parametrize("name, head", [
+    ("llama-tiny", {"output"}), ("gpt-tiny", {"lm_head"}), ("bert-tiny", set()),
+    ("hf:llama", {"lm_head"}), ("hf:gpt2", {"lm_head"}), ("hf:bert", set()),
+])
+def test_output_heads_found_from_the_graph(captured, name, head):
+    _, _, gm = captured(name)
+    assert find_output_heads(gm) == head
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "hf:gpt2", "hf:phi3", "bert-tiny"])
+def test_lowering_reports_and_keeps_high_precision_parts(name):
+    case = BY_NAME[name]
+    model = case.build()
+    conv = rewriter.convert(model, fp8=FP8Config(), example_inputs=case.inputs(model, 2, 7))
+    info = rewriter.conversion_info(conv)
+    lowered = [d for d in info.fp8_decisions if d.lowered]
+    kept = {d.fqn: d.reason for d in info.fp8_decisions if not d.lowered}
+    linears = [m for m in model.modules()
+               if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    assert len(lowered) + sum("head" in r for r in kept.values()) == len(linears)
+    assert all(isinstance(conv.get_submodule(d.fqn), FP8Linear) for d in lowered)
+    x = case.inputs(model, 2, 9, seed=3)
+    assert sqnr_db(_run(model, x), _run(conv, x)) > 15
+    assert not any(isinstance(m, FP8Linear) for m in model.modules())  # user model untouched
+
+
+def test_moe_plus_fp8_keeps_router_and_lowers_experts_and_saves_bytes():
+    case = BY_NAME["llama-small-test"]
+    model = case.build()
+    conv = rewriter.convert(model, moe=MoEConfig(num_experts=8, top_k=8), fp8=FP8Config())
+    info = rewriter.conversion_info(conv)
+    kept = {d.fqn: d.reason for d in info.fp8_decisions if not d.lowered}
+    assert {k for k in kept if k.endswith("router")} == {
+        f"layers.{i}.feed_forward.router" for i in range(4)}
+    assert all("fp32" in kept[f"layers.{i}.feed_forward.router"] for i in range(4))
+    blocks = [m for m in conv.modules() if isinstance(m, FP8MoEFFN)]
+    assert len(blocks) == 4 and all(b.router.weight.dtype == torch.float32 for b in blocks)
+    x = case.inputs(model, 2, 9, seed=3)
+    assert sqnr_db(_run(model, x), _run(conv, x)) > 15
+    lowered_bytes = sum(weight_bytes(conv.get_submodule(d.fqn)) for d in info.fp8_decisions
+                        if d.lowered)
+    dense_bf16 = sum(weight_bytes(model.get_submodule(d.fqn)) // 2 for d in info.fp8_decisions
+                     if d.lowered and d.kind != "moe_experts")
+    dense_bf16 += sum(2 * p.numel() for n, p in model.named_parameters()
+                      if ".feed_forward." in n)
+    assert lowered_bytes <= 0.52 * dense_bf16
+
+
+def test_graph_mode_holds_fp8_ops_and_matches_module_mode():
+    case = BY_NAME["gpt-tiny"]
+    model = case.build()
+    x = case.inputs(model, 3, 5, seed=2)
+    g = rewriter.convert(model, fp8=FP8Config(), mode="graph")
+    m = rewriter.convert(model, fp8=FP8Config())
+    assert any("rewriter.fp8_linear" in str(n.target) for n in g.graph.nodes)
+    assert torch.equal(g(*x), m(*x))
+
+
+def test_filters_and_bad_models():
+    case = BY_NAME["gpt-tiny"]
+    model = case.build()
+    conv = rewriter.convert(model, fp8=FP8Config(),
+                            filter_fn=lambda mod, fqn: not fqn.startswith("blocks.1"))
+    reasons = {d.fqn: d.reason for d in rewriter.conversion_info(conv).fp8_decisions}
+    assert reasons["blocks.1.mlp.fc_in"] == "excluded by filter_fn"
+    with pytest.raises(InputError, match="nothing to lower"):
+        rewriter.convert(model, fp8=FP8Config(), filter_fn=lambda mod, fqn: False)
+    no_linear = nn.Sequential(nn.LayerNorm(8), nn.GELU())
+    with pytest.raises(InputError, match="nothing to lower"):
+        rewriter.convert(no_linear, fp8=FP8Config(), example_inputs=(torch.randn(2, 8),))
+    with pytest.raises(ValueError, match="FP8Config.mode"):
+        FP8Config(mode="fast")
+    with pytest.raises(ValueError, match="FP8Config.activations"):
+        FP8Config(mode="training", activations="none")
+    gm = capture(model, case.inputs(model, 2, 5))
+    assert find_output_heads(gm) == {"lm_head"}
