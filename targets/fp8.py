@@ -27,6 +27,7 @@ __all__ = [
     "quantize_blockwise",
     "quantize_tensorwise",
     "dequantize_rowwise",
+    "fake_quantize_rowwise",
     "dequantize_blockwise",
     "fp8_gemm_reference",
     "sqnr_db",
@@ -64,17 +65,34 @@ def _pad_to(x: torch.Tensor, dim: int, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, pad)
 
 
+def _row_tiles(x: torch.Tensor, block: int) -> torch.Tensor:
+    """(M, K) -> (M, Kb, block) fp32 view (zero-padded copy only when K % block != 0)."""
+    m, k = x.shape
+    xf = _pad_to(x.float(), 1, block)
+    return xf.view(m, xf.shape[1] // block, block)
+
+
 def quantize_rowwise(
     x: torch.Tensor, *, block: int = BLOCK, pow2: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x (M, K) -> q (M, K) fp8, s (M, ceil(K/block)) fp32: one scale per 1 x block tile."""
     _check(x, "x", 2)
     m, k = x.shape
-    kb = math.ceil(k / block)
-    xf = _pad_to(x.float(), 1, block).view(m, kb, block)  # (M, Kb, 128)
-    scale = compute_scale(xf.abs().amax(dim=2), pow2)  # (M, Kb)
-    q = (xf / scale[:, :, None]).to(FP8_DTYPE).view(m, kb * block)[:, :k]
-    return q.contiguous(), scale
+    tiles = _row_tiles(x, block)  # (M, Kb, 128)
+    scale = compute_scale(torch.linalg.vector_norm(tiles, float("inf"), dim=2), pow2)  # (M, Kb)
+    q = (tiles / scale[:, :, None]).to(FP8_DTYPE).view(m, -1)
+    return (q if q.shape[1] == k else q[:, :k].contiguous()), scale
+
+
+def fake_quantize_rowwise(x: torch.Tensor, *, block: int = BLOCK,
+                          pow2: bool = False) -> torch.Tensor:
+    """dequantize_rowwise(*quantize_rowwise(x)) in fewer passes (the CPU emulation path)."""
+    _check(x, "x", 2)
+    m, k = x.shape
+    tiles = _row_tiles(x, block)
+    scale = compute_scale(torch.linalg.vector_norm(tiles, float("inf"), dim=2), pow2)[:, :, None]
+    out = (tiles / scale).to(FP8_DTYPE).float().mul_(scale).view(m, -1)
+    return out if out.shape[1] == k else out[:, :k]
 
 
 def quantize_blockwise(
@@ -85,7 +103,7 @@ def quantize_blockwise(
     n, k = w.shape
     nb, kb = math.ceil(n / block), math.ceil(k / block)
     wf = _pad_to(_pad_to(w.float(), 0, block), 1, block).view(nb, block, kb, block)
-    scale = compute_scale(wf.abs().amax(dim=(1, 3)), pow2)  # (Nb, Kb)
+    scale = compute_scale(torch.linalg.vector_norm(wf, float("inf"), dim=(1, 3)), pow2)
     q = (wf / scale[:, None, :, None]).to(FP8_DTYPE).view(nb * block, kb * block)[:n, :k]
     return q.contiguous(), scale
 
@@ -97,20 +115,22 @@ def quantize_tensorwise(x: torch.Tensor, *, pow2: bool = False) -> tuple[torch.T
     return (x.float() / scale).to(FP8_DTYPE), scale
 
 
-def _expand(scale: torch.Tensor, dim: int, size: int, block: int) -> torch.Tensor:
-    return scale.repeat_interleave(block, dim=dim).narrow(dim, 0, size)
-
-
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
     """fp32 (M, K) from rowwise-quantized q and s (M, ceil(K/block))."""
-    return q.float() * _expand(scale, 1, q.shape[1], block)
+    m, k = q.shape
+    tiles = _row_tiles(q, block) if k % block else q.float().view(m, -1, block)
+    out = tiles.mul_(scale[:, :, None]).view(m, -1)
+    return out if out.shape[1] == k else out[:, :k]
 
 
 def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor, *,
                          block: int = BLOCK) -> torch.Tensor:
     """fp32 (N, K) from blockwise-quantized q and s (ceil(N/block), ceil(K/block))."""
-    s = _expand(_expand(scale, 0, q.shape[0], block), 1, q.shape[1], block)
-    return q.float() * s
+    n, k = q.shape
+    nb, kb = scale.shape
+    full = _pad_to(_pad_to(q.float(), 0, block), 1, block).view(nb, block, kb, block)
+    out = full.mul_(scale[:, None, :, None]).view(nb * block, kb * block)
+    return out if (n, k) == tuple(out.shape) else out[:n, :k]
 
 
 def fp8_gemm_reference(

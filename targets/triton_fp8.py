@@ -272,7 +272,7 @@ def triton_available() -> bool:
 # interpreter gets one fixed config per call (autotune with several configs fails there); its
 # fp8 dot is a numpy fp16 matmul whose time grows with the padded tile, so small M gets small
 # tiles.
-_QUANT_BLOCK_M = 32
+_QUANT_BLOCK_M = 32  # rows per quantization program (x 128 columns)
 
 
 def _interp_blocks(m: int) -> dict:
@@ -282,7 +282,7 @@ def _interp_blocks(m: int) -> dict:
 def _gemm_configs() -> list:
     shapes = [  # (BLOCK_M, BLOCK_N, num_warps, num_stages)
         (128, 128, 8, 3), (128, 128, 8, 4), (64, 128, 4, 4), (128, 64, 4, 4),
-        (64, 256, 8, 3), (64, 64, 4, 5), (32, 128, 4, 4),
+        (64, 256, 8, 3), (64, 64, 4, 5),
     ]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
             for bm, bn, w, s in shapes]
@@ -366,7 +366,7 @@ def triton_quantize_rowwise(x: torch.Tensor, pow2: bool = False
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
     if m and k:
-        bm = _QUANT_BLOCK_M if _interpreting() else 32
+        bm = _QUANT_BLOCK_M
         _quant_rowwise_kernel[(triton.cdiv(m, bm), kb)](
             x, q, s, m, k, kb, POW2=bool(pow2), BLOCK_M=bm, BLOCK_K=BLOCK,
             **({} if _interpreting() else {"num_warps": 4}))

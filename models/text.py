@@ -1,0 +1,68 @@
+"""Real English text that ships with CPython, for calibration, evaluation and training.
+
+``pydoc_data.topics`` is Python's language reference (a dict of topic -> text). The corpus is
+its values joined in sorted-key order; token ids come from a tokenizer (the model's own) or, for
+the byte-level reference models (vocab 256), from the UTF-8 bytes. Splits are disjoint:
+calibration/training from the start of the text, evaluation from its end.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["pydoc_text", "token_ids", "split_ids", "perplexity", "logits_of"]
+
+
+def pydoc_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def token_ids(tokenizer: Any = None) -> torch.Tensor:
+    """(n,) int64 ids of the corpus: the tokenizer's, or UTF-8 bytes when it is None."""
+    text = pydoc_text()
+    if tokenizer is None:
+        return torch.tensor(list(text.encode("utf-8")), dtype=torch.long)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def split_ids(ids: torch.Tensor, seq_len: int, head_seqs: int,
+              eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(head (head_seqs, seq_len) from the start, eval (eval_tokens // seq_len, seq_len) from
+    the end). Raises ValueError when the text is too short for both."""
+    n_eval = eval_tokens // seq_len
+    need = (head_seqs + n_eval) * seq_len
+    if need > ids.numel():
+        raise ValueError(f"need {need} tokens ({head_seqs} + {n_eval} sequences of {seq_len}),"
+                         f" the text has {ids.numel()}")
+    head = ids[: head_seqs * seq_len].view(head_seqs, seq_len)
+    tail = ids[ids.numel() - n_eval * seq_len:].view(n_eval, seq_len)
+    return head, tail
+
+
+def logits_of(output: Any) -> torch.Tensor:
+    """Logits of a model output: a tensor, or an HF output with ``.logits``."""
+    return output if isinstance(output, torch.Tensor) else output.logits
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, eval_ids: torch.Tensor, batch: int = 8,
+               hf: bool | None = None) -> float:
+    """exp(mean next-token NLL) over every position but the first of each sequence."""
+    if hf is None:
+        hf = hasattr(model, "config") and hasattr(model.config, "model_type")
+    nll, count = 0.0, 0
+    for i in range(0, eval_ids.shape[0], batch):
+        ids = eval_ids[i:i + batch]
+        out = model(input_ids=ids) if hf else model(ids)
+        logits = logits_of(out)  # (B, T, V)
+        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
+                                     ids[:, 1:].flatten(), reduction="sum"))
+        count += ids[:, 1:].numel()
+    return math.exp(nll / count)
