@@ -10,17 +10,25 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError, RewriterError
 
-__all__ = ["main", "build_parser", "resolve_model"]
+__all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
 
 DEFAULT_MODEL = "llama-tiny"
 
 
-def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> tuple[Any, Any]:
+@dataclass(frozen=True)
+class ResolvedModel:
+    model: Any
+    example_inputs: Any
+    tokenizer: Any = None  # the model's own tokenizer (real models), else None
+
+
+def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
     """MODEL argument -> (model, example_inputs).
 
     ``spec``: a built-in preset (``rewriter models`` lists them), ``hf:<family>`` (a Hugging
@@ -33,7 +41,7 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> tuple[Any, Any]
         raise InputError(f"--batch and --seq must be >= 1, got batch={batch}, seq={seq}")
     if spec in models.list_models():
         model = models.build_model(spec)
-        return model, models.example_inputs(model, batch=batch, seq=seq)
+        return ResolvedModel(model, models.example_inputs(model, batch=batch, seq=seq))
     if spec.startswith("hf:"):
         from models import hf
 
@@ -44,18 +52,18 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> tuple[Any, Any]
                 + ", ".join(f"hf:{f}" for f in hf.HF_FAMILIES)
             )
         model = hf.build_hf(family)
-        return model, hf.hf_example_inputs(model, batch=batch, seq=seq)
+        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
     if spec == "smollm2":
         from models import hf
 
         model, tokenizer = hf.load_smollm2()
-        return model, hf.hf_example_inputs(model, batch=batch, seq=seq)
+        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq), tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
         from models import hf
 
         model = hf.load_local(path)
-        return model, hf.hf_example_inputs(model, batch=batch, seq=seq)
+        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
     raise InputError(
         f"unknown model {spec!r}: give a built-in preset ({', '.join(models.list_models())}), "
         "hf:<family>, smollm2, or a local Hugging Face model directory"
@@ -80,8 +88,8 @@ def _cmd_models(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from .inspection import inspect
 
-    model, inputs = resolve_model(args.model, batch=args.batch, seq=args.seq)
-    report = inspect(model, inputs)
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    report = inspect(resolved.model, resolved.example_inputs)
     print(str(report))
     if args.rejections:
         print("\nAll rejected candidates\n" + report.rejection_table())
@@ -93,6 +101,58 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report.to_dict(), indent=2))
         print(f"report: {out}")
+    return 0
+
+
+def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> list[Any]:
+    """Real text (pydoc_data.topics) in the model's own tokens: its tokenizer, or UTF-8 bytes
+    for byte-level models (vocab 256); other vocabularies get seeded random ids."""
+    import torch
+
+    import models
+    from models.text import split_ids, token_ids
+
+    model = resolved.model
+    seq_len = min(seq_len, models.max_seq_len(model) or seq_len)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    hf_style = isinstance(resolved.example_inputs, dict)
+    if resolved.tokenizer is not None or vocab == 256:
+        ids, _ = split_ids(token_ids(resolved.tokenizer), seq_len, seqs, 0)
+    else:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, int(vocab), (seqs, seq_len), generator=g)
+    rows = [ids[i:i + 4] for i in range(0, seqs, 4)]
+    return [{"input_ids": r} if hf_style else (r,) for r in rows]
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from passes.ffn_to_moe import MoEConfig
+    from passes.lower_fp8 import FP8Config
+
+    from .conversion import convert
+    from .inspection import inspect
+
+    if args.experts is None and not args.fp8:
+        raise InputError("nothing to convert: give --experts N (MoE) and/or --fp8")
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    moe = None
+    if args.experts is not None:
+        moe = MoEConfig(num_experts=args.experts, top_k=args.top_k or args.experts,
+                        shared_experts=args.shared, shared_width=args.shared_width,
+                        gate=args.gate)
+    fp8 = FP8Config(mode=args.fp8_mode, activations=args.fp8_activations) if args.fp8 else None
+    calib = (calibration_batches(resolved, args.calib_seqs, args.calib_len)
+             if moe is not None and args.calib_seqs > 0 else None)
+    converted = convert(resolved.model, moe=moe, fp8=fp8, example_inputs=resolved.example_inputs,
+                        calibration=calib, mode="graph" if args.graph else "module")
+    report = inspect(converted, resolved.example_inputs)
+    print(str(report))
+    if args.report:
+        out = Path(args.report)
+        out.mkdir(parents=True, exist_ok=True)
+        report.write_picture(out / "graph.html")
+        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        print(f"\nreport: {out}/graph.html, {out}/report.json")
     return 0
 
 
@@ -130,6 +190,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="list every rejected candidate, not only near misses")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert a model's FFNs to routed + shared experts and/or its matmuls to FP8",
+        description="Convert MODEL with rewriter.convert and print the report. MoE: --experts "
+        "N routed experts, --top-k K active per token, --shared S shared units (d_ff is cut "
+        "into N + S equal slices) or --shared-width W neurons; calibrated on real text "
+        "(pydoc_data.topics) unless --calib-seqs 0. FP8: --fp8 (E4M3, 1x128 / 128x128 "
+        "scaling).",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"preset, hf:<family>, smollm2 or a local HF dir (default {DEFAULT_MODEL})")
+    p.add_argument("--experts", type=int, default=None, help="routed experts per FFN")
+    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
+    p.add_argument("--shared", type=int, default=0, help="shared expert units (default 0)")
+    p.add_argument("--shared-width", type=int, default=None,
+                   help="shared expert width in neurons (instead of --shared)")
+    p.add_argument("--gate", default="hard", choices=["hard", "softmax", "sigmoid"],
+                   help="gate mode (default hard)")
+    p.add_argument("--fp8", action="store_true", help="lower matmuls to FP8")
+    p.add_argument("--fp8-mode", default="inference", choices=["inference", "training"])
+    p.add_argument("--fp8-activations", default="fp8", choices=["fp8", "none"],
+                   help="fp8: W8A8 (default); none: weight-only W8A16")
+    p.add_argument("--calib-seqs", type=int, default=16,
+                   help="calibration sequences of real text (default 16; 0: none)")
+    p.add_argument("--calib-len", type=int, default=128, help="calibration sequence length")
+    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    p.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
+    p.add_argument("--graph", action="store_true", help="return/inspect the rewritten graph")
+    p.add_argument("--report", default=None, help="write graph.html and report.json here")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_convert)
     return parser
 
 

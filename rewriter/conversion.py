@@ -9,6 +9,7 @@ before any state changes.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,12 @@ class ConversionInfo:
     calibration_tokens: int = 0
     fp8: Any = None
     fp8_decisions: tuple[Any, ...] = field(default=(), repr=False)
+
+
+def _copy(model: nn.Module) -> nn.Module:
+    with warnings.catch_warnings():  # torch.export leaves pytree specs whose copy warns
+        warnings.simplefilter("ignore", FutureWarning)
+        return copy.deepcopy(model)
 
 
 def _select(model: nn.Module, matches: list[FFNMatch],
@@ -151,7 +158,7 @@ def convert(
         result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
         result.graph_module.meta[CONVERSION_ATTR] = info
         return result.graph_module
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     apply_module_swaps(target, swaps, blocks)
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
@@ -172,7 +179,7 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
     if not any(d.lowered for d in decisions):
         raise InputError("FP8 lowering found nothing to lower (no projection passed the "
                          "filters): " + "; ".join(f"{d.fqn}: {d.reason}" for d in decisions[:4]))
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model)
     apply_fp8(target, decisions, fp8)
     info = info or ConversionInfo(moe=None, mode=mode, modules=(), blocks=())
     info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions))

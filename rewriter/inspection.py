@@ -298,6 +298,17 @@ class Report:
         return format_table(["module", "experts", "expert_dim", "shared", "top_k", "grouping",
                              "router", "recall@k"], rows)
 
+    def fp8_table(self) -> str:
+        """What the FP8 lowering did: each module lowered or kept, and why."""
+        decisions = getattr(self.conversion, "fp8_decisions", ()) if self.conversion else ()
+        if not decisions:
+            return "not lowered to FP8"
+        rows = [[d.fqn, "FP8" if d.lowered else "kept", d.kind, d.params, d.reason]
+                for d in decisions]
+        lowered = sum(d.lowered for d in decisions)
+        return (f"{lowered} of {len(decisions)} modules lowered\n"
+                + format_table(["module", "", "kind", "params", "reason"], rows))
+
     def history_table(self) -> str:
         if not self.history:
             return "no passes have run"
@@ -372,8 +383,10 @@ class Report:
         near = [r for r in self.analysis.rejections if r.near_miss]
         parts += ["Near misses" if near else "Rejected candidates",
                   self.rejection_table(near_misses_only=bool(near))]
-        if self.conversion is not None:
+        if self.conversion is not None and self.conversion.blocks:
             parts += ["Converted blocks", self.conversion_table()]
+        if self.conversion is not None and getattr(self.conversion, "fp8_decisions", ()):
+            parts += ["FP8 lowering", self.fp8_table()]
         if self.history:
             parts += ["Passes", self.history_table()]
         return "\n\n".join(p for p in parts if p)

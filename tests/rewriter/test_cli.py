@@ -45,3 +45,23 @@ def test_python_dash_m_entry_point():
     proc = subprocess.run([sys.executable, "-m", "rewriter", "--help"], capture_output=True,
                           text=True, check=False)
     assert proc.returncode == 0 and "inspect" in proc.stdout
+
+
+def test_convert_moe_and_fp8_with_report(tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "2", "--fp8",
+                 "--calib-seqs", "4", "--report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Converted blocks" in text and "coactivation" in text and "calibrated" in text
+    assert "FP8 lowering" in text and "output head" in text
+    assert (out / "graph.html").exists() and (out / "report.json").exists()
+
+
+def test_convert_errors_are_one_line(capsys):
+    assert main(["convert", "llama-tiny"]) == 2
+    assert "nothing to convert" in capsys.readouterr().err
+    assert main(["convert", "llama-tiny", "--experts", "5"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "num_experts=5" in err[0] and "num_experts that work" in err[0]
+    assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "9"]) == 2
+    assert "MoEConfig.top_k" in capsys.readouterr().err

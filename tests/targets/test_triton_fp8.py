@@ -2,10 +2,10 @@
 
 Quantization must be bit-identical; GEMMs equal the dequantise-then-fp32-matmul reference to
 1e-5 relative (max abs error / max abs reference). Without CUDA the kernels run on Triton's
-interpreter, which has to be switched on before triton / the kernels module are imported.
+interpreter, which has to be switched on before triton is first imported (this module does so
+at collection; a conftest doing it earlier would make that independent of collection order).
 """
 
-import importlib
 import os
 
 import pytest
@@ -18,10 +18,9 @@ pytest.importorskip("triton")
 from targets import fp8 as ref  # noqa: E402
 from targets import triton_fp8 as tf  # noqa: E402
 
-if not tf.triton_available():  # imported earlier, before TRITON_INTERPRET was set
-    tf = importlib.reload(tf)
-if not tf.triton_available():
-    pytest.skip("triton cannot run here (no CUDA, no interpreter)", allow_module_level=True)
+if not tf.triton_available():  # e.g. triton was imported before TRITON_INTERPRET was set
+    pytest.skip(f"triton cannot run here (kernel mode {tf._kernel_mode()!r}, no CUDA); set "
+                "TRITON_INTERPRET=1 before triton is imported", allow_module_level=True)
 
 # the interpreter's numpy warns on Inf / Inf (a tile holding Inf has scale Inf: NaN, as torch)
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -171,7 +170,7 @@ def test_quantize_rowwise_bit_identical(make, pow2):
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("make", DATA, ids=lambda f: f.__name__.strip("_"))
 def test_quantize_blockwise_bit_identical(make, pow2):
-    for n, k in [(1, 129), (7, 200), (130, 1000)]:
+    for n, k in [(1, 1000), (7, 129), (130, 200)]:
         w = make(n, k)
         q, s = tf.triton_quantize_blockwise(w.to(DEV), pow2=pow2)
         q_ref, s_ref = ref.quantize_blockwise(w, pow2=pow2)
@@ -186,18 +185,17 @@ def test_pow2_scales_near_powers_of_two():
     ms = (0, 1, 2, 3, 6, 12, 22, 23, 44, 45, 1000)
     amax = [448.0 * 2.0**k * (1 + m * 2.0**-23) for k in range(-140, 119) for m in ms]
     amax += [1e-44, 3e-40, 2e-37, 3e38]
-    x = torch.randn(len(amax), 130) * 1e-3
+    x = torch.randn(len(amax), 128) * 1e-3
     x[:, 0] = torch.tensor(amax)
-    x[:, 129] = torch.tensor(amax) / 3
-    s = x[:, :128].abs().amax(1) / 448  # the rule matters: next power of two != torch's
+    x[:, 127] = torch.tensor(amax) / 3
+    s = x.abs().amax(1) / 448  # the rule matters: next power of two != torch's
     b = s.view(torch.int32)
     naive = torch.where(b & 0x7FFFFF == 0, s, torch.exp2(torch.floor(torch.log2(s)) + 1))
     assert (naive != torch.exp2(torch.ceil(torch.log2(s)))).sum() > 500
-    for pow2 in (True, False):
-        q, s = tf.triton_quantize_rowwise(x.to(DEV), pow2=pow2)
-        q_ref, s_ref = ref.quantize_rowwise(x, pow2=pow2)
-        assert_same_scales(s, s_ref)
-        assert_same_fp8(q, q_ref)
+    q, s = tf.triton_quantize_rowwise(x.to(DEV), pow2=True)
+    q_ref, s_ref = ref.quantize_rowwise(x, pow2=True)
+    assert_same_scales(s, s_ref)
+    assert_same_fp8(q, q_ref)
 
 
 def test_quantize_dtypes_and_layout():
@@ -325,7 +323,7 @@ def _grouped(counts, n, k):
     ([3, 0, 1, 0, 37], 96, 200, torch.float32),  # empty experts, a lone token, multi-tile
     ([1], 200, 129, torch.float32),  # a single token; odd N and K
     ([0, 0, 20, 0], 130, 256, torch.bfloat16),  # all rows in one expert
-    ([5, 17, 16, 2, 0, 9], 96, 1000, torch.float32),
+    ([5, 17, 16, 2, 0, 9], 64, 520, torch.float32),
 ])
 def test_grouped_gemm_matches_reference(counts, n, k, out_dtype):
     a_q, a_s, b_q, b_s, offsets = _grouped(counts, n, k)
