@@ -19,9 +19,10 @@ one lives here). The custom ops / autograd sit on top of the wrappers elsewhere.
   by expert, ``offsets`` (E+1,) row boundaries, B (E, N, K). One launch; each program finds its
   expert by scanning ``offsets`` (no host sync); empty experts own no tiles.
 
-Dims that are not multiples of 128 keep partial tiles (masks). Triton decides at decoration time
-whether kernels are compiled (CUDA) or interpreted (``TRITON_INTERPRET=1``, CPU tensors), so on
-a CPU-only machine the variable must be set before this module is imported.
+Dims that are not multiples of 128 keep partial tiles (masks). Triton decides when a function
+is decorated whether it is compiled (CUDA) or interpreted (``TRITON_INTERPRET=1``, CPU tensors),
+and its own library is decorated when triton is imported: on a CPU-only machine the variable
+must be set before the first ``import triton`` of the process.
 """
 
 import math
@@ -252,17 +253,26 @@ if triton is not None:
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
 
 
+def _kernel_mode() -> str:
+    """'interpret' (Triton's CPU interpreter), 'compiled' (GPU), 'mixed' (TRITON_INTERPRET was
+    set between importing triton and importing this module: unusable) or 'none'."""
+    if triton is None:
+        return "none"
+    ours = type(_fp8_gemm_kernel).__name__ == "InterpretedFunction"
+    theirs = type(tl.cdiv).__name__ == "InterpretedFunction"  # triton's own @jit library
+    return "mixed" if ours != theirs else ("interpret" if ours else "compiled")
+
+
 def _interpreting() -> bool:
-    """True when the kernels above were built for Triton's CPU interpreter."""
-    return triton is not None and type(_fp8_gemm_kernel).__name__ == "InterpretedFunction"
+    """True when the kernels run on Triton's CPU interpreter."""
+    return _kernel_mode() == "interpret"
 
 
 def triton_available() -> bool:
-    """Triton importable and able to run here: a CUDA device, or the interpreter (kernels built
-    with ``TRITON_INTERPRET=1`` set before this module was imported)."""
-    if triton is None:
-        return False
-    return _interpreting() or torch.cuda.is_available()
+    """Triton importable and able to run here: a CUDA device, or the interpreter
+    (``TRITON_INTERPRET=1`` set before triton was first imported)."""
+    mode = _kernel_mode()
+    return mode == "interpret" or (mode == "compiled" and torch.cuda.is_available())
 
 
 # ------------------------------------------------------------------------- launch configurations
@@ -310,13 +320,16 @@ def _tuned(name: str):
 def _require_triton(*tensors: torch.Tensor) -> None:
     if triton is None:
         raise RuntimeError("triton is not installed (pip install 'rewriter[gpu]')")
+    if _kernel_mode() == "mixed":
+        raise RuntimeError("TRITON_INTERPRET changed after triton was imported; set it before "
+                           "the first import of triton")
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
     if not _interpreting() and any(d.type != "cuda" for d in devices):
         raise ValueError(
             "Triton kernels need CUDA tensors; for CPU tensors set TRITON_INTERPRET=1 before "
-            f"importing {__name__} (got {', '.join(sorted(map(str, devices)))})")
+            f"triton is first imported (got {', '.join(sorted(map(str, devices)))})")
 
 
 def _check_2d(x: torch.Tensor, name: str, dtypes: tuple) -> torch.Tensor:
@@ -366,7 +379,7 @@ def triton_quantize_rowwise(x: torch.Tensor, pow2: bool = False
     q = torch.empty((m, k), dtype=FP8_DTYPE, device=x.device)
     s = torch.empty((m, kb), dtype=torch.float32, device=x.device)
     if m and k:
-        bm = _QUANT_BLOCK_M
+        bm = 64 if _interpreting() else _QUANT_BLOCK_M  # interpreter: fewer programs
         _quant_rowwise_kernel[(triton.cdiv(m, bm), kb)](
             x, q, s, m, k, kb, POW2=bool(pow2), BLOCK_M=bm, BLOCK_K=BLOCK,
             **({} if _interpreting() else {"num_warps": 4}))
@@ -420,7 +433,7 @@ def triton_fp8_gemm(
     n = b_q.shape[0]
     if b_q.shape[1] != k:
         raise ValueError(f"a_q {tuple(a_q.shape)} and b_q {tuple(b_q.shape)} differ in K")
-    kb = triton.cdiv(k, BLOCK) if triton is not None else math.ceil(k / BLOCK)
+    kb = math.ceil(k / BLOCK)
     _check_shape(a_s, "a_s", (m, kb))
     nb = n if b_layout == "row" else math.ceil(n / BLOCK)
     _check_shape(b_s, f"b_s ({b_layout} layout)", (nb, kb))

@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Triton kernels run on the CPU interpreter when there is no GPU; the flag must be set before
+# triton is first imported anywhere in the process.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 from rewriter import capture
 
