@@ -112,6 +112,8 @@ def convert(
         raise InputError("inplace=True only applies to mode='module'")
     if calibration is not None and not isinstance(calibration, (list, tuple)):
         calibration = list(calibration)  # iterate it more than once; fail early if broken
+    if calibration is not None and len(calibration) == 0:
+        raise InputError("calibration is empty: give at least one batch, or calibration=None")
 
     inputs = example_inputs if example_inputs is not None else _default_inputs(model)
     gm = capture(model, inputs)
