@@ -5,8 +5,16 @@
   neurons' input weights.
 * ``calibrated``: a linear router (with bias) fitted by ridge regression on calibration tokens
   to predict, per token, the log-norm of each expert's true output contribution
-  ``||W_down[:, S_e] h_{S_e}||`` centred over experts: it learns which experts *matter* for a
-  token, which is what top-k selection needs (MoEfication's learned router, small and fast).
+  ``||W_down[:, S_e] h_{S_e}||`` standardised over experts (plus, given ``top_k``, the indicator
+  of the token's top-k experts): it learns which experts *matter* for a token, which is what
+  top-k selection needs (MoEfication's learned router, small and fast: one d x d solve).
+
+Measured on SmolLM2-135M (bench/moe_quality.py; 44% active, top-4 of 16, held-out tokens): the
+linear router's top-k recall of the true top-k is bounded by the grouping far more than by the
+fit (coactivation grouping ~0.69, k-means ~0.51 with the same fit); more calibration tokens
+help (2048 -> 16384: +0.05); a ridge of 0.3 beats 0.01 by 0.02-0.05 at 2048 tokens; the target
+(log, standardised log, + top-k indicator) moves recall by ~0.01; a softmax-cross-entropy fit
+by L-BFGS gave no more than the ridge at 50x the time.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ __all__ = [
     "centroid_router",
     "expert_contributions",
     "fit_router",
+    "router_target",
     "topk_recall",
 ]
 
@@ -45,16 +54,42 @@ def expert_contributions(
     return torch.stack(cols, 1)
 
 
+def router_target(contributions: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+    """(N, E) float64 regression target: per token, the log contributions standardised over
+    experts (only the ranking across experts matters), plus 1 on the token's top_k experts."""
+    target = contributions.double().clamp_min(1e-12).log()  # (N, E)
+    target = target - target.mean(1, keepdim=True)
+    target = target / target.std(1, keepdim=True).nan_to_num(0.0).clamp_min(1e-12)
+    if top_k is not None:
+        top = contributions.double().topk(top_k, dim=1).indices  # (N, k)
+        target = target.scatter_add(1, top, torch.ones(top.shape, dtype=target.dtype))
+    return target
+
+
 def fit_router(
-    x: torch.Tensor, contributions: torch.Tensor, *, ridge: float = 1e-2
+    x: torch.Tensor,
+    contributions: torch.Tensor,
+    *,
+    ridge: float = 0.3,
+    top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ridge regression x (N, d) -> centred log contributions (N, E). Returns (weight (E, d),
-    bias (E,)) in float32."""
+    """Ridge regression x (N, d) -> :func:`router_target` (N, E). ``ridge`` is relative to the
+    mean per-feature variance of x. Returns (weight (E, d), bias (E,)) in float32;
+    deterministic for given inputs."""
+    if x.dim() != 2 or contributions.dim() != 2 or x.shape[0] != contributions.shape[0]:
+        raise ValueError(
+            f"fit_router needs x (N, d) and contributions (N, E) with the same N, got "
+            f"{tuple(x.shape)} and {tuple(contributions.shape)}"
+        )
     n, d = x.shape
+    num_experts = contributions.shape[1]
     if n < 2:
         raise ValueError("fitting a router needs at least 2 calibration tokens")
-    target = contributions.double().clamp_min(1e-12).log()
-    target = target - target.mean(1, keepdim=True)  # only the ranking across experts matters
+    if not (isinstance(ridge, (int, float)) and ridge >= 0):
+        raise ValueError(f"ridge must be a number >= 0, got {ridge!r}")
+    if top_k is not None and not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k!r}")
+    target = router_target(contributions, top_k)  # (N, E)
     xd = x.double()
     mean = xd.mean(0)
     xc = xd - mean

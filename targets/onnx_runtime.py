@@ -1,0 +1,360 @@
+"""onnxruntime sessions for exported models, and parity checks against PyTorch.
+
+    sess = make_session("model.onnx")                   # CUDA when available, else CPU
+    outs = run_onnx(sess, {"input_ids": ids})           # {"logits": ndarray}
+    diff = compare_with_torch(model, "model.onnx", {"input_ids": ids})
+    diff["rel"], diff["max_abs"], diff["argmax_agreement"]
+
+``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same Python module, so exactly one of
+them may be in an environment: :func:`check_onnxruntime_install` says which one is there and
+raises when both are (pip would let the second overwrite the first's files).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "OnnxRuntimeError",
+    "check_fp8_linears",
+    "check_onnxruntime_install",
+    "compare_with_torch",
+    "default_providers",
+    "make_session",
+    "run_onnx",
+]
+
+_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
+
+
+class OnnxRuntimeError(RuntimeError):
+    """onnxruntime is missing, installed twice, or cannot run the model."""
+
+
+def check_onnxruntime_install() -> str:
+    """The one onnxruntime distribution installed ("onnxruntime" or "onnxruntime-gpu").
+
+    Raises :class:`OnnxRuntimeError` when none or both are installed."""
+    from importlib import metadata
+
+    found = []
+    for dist in _DISTRIBUTIONS:
+        try:
+            metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(dist)
+    if len(found) > 1:
+        raise OnnxRuntimeError(
+            "both onnxruntime and onnxruntime-gpu are installed in this environment; they "
+            "provide the same module and overwrite each other's files. Keep one: "
+            "pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'rewriter[onnxruntime]'"
+            " (or '[onnxruntime-gpu]')")
+    if not found:
+        raise OnnxRuntimeError("onnxruntime is not installed: pip install 'rewriter[onnxruntime]'"
+                               " (CPU) or 'rewriter[onnxruntime-gpu]' (CUDA)")
+    return found[0]
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise OnnxRuntimeError("onnxruntime is not installed: pip install 'rewriter["
+                               "onnxruntime]' (CPU) or 'rewriter[onnxruntime-gpu]'") from e
+    return onnxruntime
+
+
+def default_providers() -> list[str]:
+    """["CUDAExecutionProvider", "CPUExecutionProvider"] when onnxruntime has CUDA and torch
+    sees a GPU, else ["CPUExecutionProvider"]."""
+    available = _ort().get_available_providers()
+    if "CUDAExecutionProvider" in available and torch.cuda.is_available():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None, *,
+                 threads: int | None = None, optimization: str = "all"):
+    """An ``onnxruntime.InferenceSession`` for ``path``.
+
+    ``providers``: default :func:`default_providers` (CUDA when available, else CPU); a
+    provider onnxruntime does not have raises, naming the ones it has. ``threads``: intra-op
+    threads (default onnxruntime's). ``optimization``: "all", "extended", "basic" or
+    "disable" (graph optimization level)."""
+    ort = _ort()
+    check_onnxruntime_install()
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no ONNX model at {str(path)!r}")
+    available = ort.get_available_providers()
+    providers = list(default_providers() if providers is None else providers)
+    if not providers:
+        raise ValueError("providers must name at least one execution provider")
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise OnnxRuntimeError(f"execution provider(s) {missing} not available in this "
+                               f"onnxruntime build; available: {available}")
+    levels = {"all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
+    if optimization not in levels:
+        raise ValueError(f"optimization must be one of {', '.join(levels)}, got "
+                         f"{optimization!r}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = levels[optimization]
+    options.log_severity_level = 3  # errors only: no "removing unused initializer" chatter
+    if threads is not None:
+        if not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
+        options.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as e:
+        raise OnnxRuntimeError(f"onnxruntime could not load {str(path)!r}: {e}") from e
+    used = session.get_providers()
+    if providers[0] not in used:
+        warnings.warn(f"{providers[0]} could not be used; running on {used}", stacklevel=2)
+    return session
+
+
+def _numpy(value: Any) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _feeds(session, inputs: Any) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if isinstance(inputs, (torch.Tensor, np.ndarray)):
+        inputs = (inputs,)
+    if isinstance(inputs, Mapping):
+        unknown = set(inputs) - set(names)
+        missing = set(names) - set(inputs)
+        if unknown or missing:
+            raise ValueError(f"inputs do not match the model's inputs {names}: "
+                             f"unknown {sorted(unknown)}, missing {sorted(missing)}")
+        return {k: _numpy(inputs[k]) for k in names}
+    if isinstance(inputs, (tuple, list)):
+        if len(inputs) != len(names):
+            raise ValueError(f"the model takes {len(names)} inputs {names}, got {len(inputs)}")
+        return {k: _numpy(v) for k, v in zip(names, inputs)}
+    raise TypeError(f"inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
+
+
+def run_onnx(session_or_path: Any, inputs: Any) -> dict[str, np.ndarray]:
+    """Run an exported model: ``inputs`` a tensor, a tuple (in the model's input order) or a
+    dict by input name (torch tensors or numpy arrays). -> {output name: ndarray}."""
+    session = (make_session(session_or_path)
+               if isinstance(session_or_path, (str, os.PathLike)) else session_or_path)
+    feeds = _feeds(session, inputs)
+    names = [o.name for o in session.get_outputs()]
+    try:
+        values = session.run(names, feeds)
+    except Exception as e:
+        raise OnnxRuntimeError(f"onnxruntime failed to run the model: {e}") from e
+    return dict(zip(names, values))
+
+
+def _torch_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    from .onnx_export import _flatten_outputs
+
+    with torch.no_grad():
+        if isinstance(inputs, Mapping):
+            out = model(**inputs)
+        elif isinstance(inputs, (tuple, list)):
+            out = model(*inputs)
+        else:
+            out = model(inputs)
+    return [t for _, t in _flatten_outputs(out)]
+
+
+def _fp8_tensor(array: np.ndarray) -> torch.Tensor:
+    """An onnxruntime / onnx FLOAT8E4M3FN array (ml_dtypes or raw uint8) -> torch fp8."""
+    raw = np.ascontiguousarray(array).view(np.uint8)
+    return torch.from_numpy(raw.copy()).view(torch.float8_e4m3fn)
+
+
+def _find_fp8_linears(graph, fp8_inits: set[str]) -> list[dict[str, Any]]:
+    """MatMul(A, DequantizeLinear(FP8 W^T (K, N), axis 0)) or MatMul(A, Transpose(
+    DequantizeLinear(FP8 W (N, K), axis 1))); A = DequantizeLinear(QuantizeLinear(x)) (W8A8)
+    or x (W8A16)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    found = []
+    for node in graph.node:
+        if node.op_type != "MatMul":
+            continue
+        b = producer.get(node.input[1])
+        transposed = b is not None and b.op_type == "DequantizeLinear"
+        dq = b if transposed else (producer.get(b.input[0]) if b is not None
+                                   and b.op_type == "Transpose" else None)
+        if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in fp8_inits:
+            continue
+        a = producer.get(node.input[0])
+        ql = producer.get(a.input[0]) if a is not None and a.op_type == "DequantizeLinear" \
+            else None
+        entry = {"y": node.output[0], "w": dq.input[0], "w_scale": dq.input[1],
+                 "transposed": transposed}
+        if ql is not None and ql.op_type == "QuantizeLinear":
+            entry.update(mode="w8a8", x=ql.input[0], x_scale=ql.input[1], q=ql.output[0])
+        else:
+            entry.update(mode="w8a16", x=node.input[0])
+        found.append(entry)
+    return found
+
+
+def _model_fp8_weights(model: nn.Module) -> dict[bytes, torch.Tensor]:
+    """bytes of every inference-mode FP8 weight (N, K) of ``model`` -> its block scales."""
+    from .fp8_linear import FP8Linear, FP8MoEFFN
+
+    table = {}
+    for m in model.modules():
+        if isinstance(m, FP8Linear) and m.mode == "inference":
+            pairs = [(m.weight_q, m.weight_scale)]
+        elif isinstance(m, FP8MoEFFN) and m.mode == "inference":
+            pairs = []
+            for name in ("w_gate", "w_up", "w_down"):
+                q, s = getattr(m, f"{name}_q"), getattr(m, f"{name}_scale")
+                if q is not None:
+                    pairs += list(zip(q.unbind(0), s.unbind(0)))
+        else:
+            continue
+        for q, s in pairs:
+            table[q.contiguous().view(torch.uint8).numpy().tobytes()] = s
+    return table
+
+
+def check_fp8_linears(path: str | os.PathLike, inputs: Any,
+                      model: nn.Module | None = None) -> dict[str, Any]:
+    """Teacher-forced check of every FP8 linear of an exported model against
+    :mod:`targets.fp8`: each linear's own input, taken from the onnxruntime run, is quantized
+    by the torch reference and multiplied in fp32; the ONNX result must match.
+
+    W8A8 quantization is a discontinuous function: a one-ulp difference of an upstream fp32
+    value (onnxruntime and PyTorch sum matmuls in different orders) that sits on a rounding
+    boundary moves one FP8 value by one step, so end-to-end parity of a W8A8 model is
+    ~1e-7 except where such a boundary is crossed. This check isolates the FP8 layers from
+    that effect. With ``model``, every FP8 weight and block scale in the file must also be
+    the model's, bit for bit (``weight_mismatches``). -> ``{"linears", "w8a8", "w8a16",
+    "q_mismatches", "scale_mismatches", "weight_mismatches", "max_rel", "fp8_initializers"}``
+    (``q``/``scale``: the activations' FP8 values and 1x128 scales)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from . import fp8 as ref
+
+    proto = onnx.load(str(path))
+    graph = proto.graph
+    fp8_type = onnx.TensorProto.FLOAT8E4M3FN
+    fp8_inits = {i.name for i in graph.initializer if i.data_type == fp8_type}
+    inits = {i.name: i for i in graph.initializer}
+    linears = _find_fp8_linears(graph, fp8_inits)
+    meta = {p.key: p.value for p in proto.metadata_props}
+    pow2 = "True" in (meta.get("rewriter.onnx.fp8_pow2_scales"),
+                      meta.get("rewriter.fp8.pow2_scales"))
+    wanted: dict[str, int] = {}
+    for lin in linears:
+        wanted[lin["x"]] = onnx.TensorProto.FLOAT
+        wanted[lin["y"]] = onnx.TensorProto.FLOAT
+        if lin["mode"] == "w8a8":
+            wanted[lin["x_scale"]] = onnx.TensorProto.FLOAT
+            wanted[lin["q"]] = fp8_type
+    present = {o.name for o in graph.output}
+    for name, dtype in wanted.items():
+        if name not in present:
+            graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), sess_options=options,
+                                   providers=["CPUExecutionProvider"])
+    names = [o.name for o in session.get_outputs()]
+    values = dict(zip(names, session.run(names, _feeds(session, inputs))))
+
+    known = _model_fp8_weights(model) if model is not None else None
+    q_bad = s_bad = w_bad = 0
+    max_rel = 0.0
+    for lin in linears:
+        w_q = _fp8_tensor(numpy_helper.to_array(inits[lin["w"]]))  # (N, K) or (K, N)
+        s_rows = torch.from_numpy(numpy_helper.to_array(inits[lin["w_scale"]]).copy())
+        if lin["transposed"]:  # stored W^T (K, N) with (Kb, N) scales
+            w_q, s_rows = w_q.T.contiguous(), s_rows.T.contiguous()  # (N, K), (N, Kb)
+        w_s = s_rows[::ref.BLOCK]  # (Nb, Kb): one row per 128-row block
+        if not torch.equal(s_rows, w_s.repeat_interleave(ref.BLOCK, 0)[: s_rows.shape[0]]):
+            raise ValueError(f"{lin['w_scale']}: expanded scales are not per 128-row block")
+        if known is not None:
+            expected_s = known.get(w_q.contiguous().view(torch.uint8).numpy().tobytes())
+            w_bad += int(expected_s is None or not torch.equal(expected_s, w_s))
+        k = w_q.shape[1]
+        x = torch.from_numpy(np.asarray(values[lin["x"]], dtype=np.float32).copy())
+        x = x.reshape(-1, k)
+        y = torch.from_numpy(np.asarray(values[lin["y"]], dtype=np.float32).copy())
+        y = y.reshape(-1, w_q.shape[0])
+        if x.shape[0] == 0:
+            continue
+        if lin["mode"] == "w8a8":
+            xq, xs = ref.quantize_rowwise(x, pow2=pow2)
+            q_onnx = _fp8_tensor(values[lin["q"]]).reshape(xq.shape)
+            q_bad += int((q_onnx.view(torch.uint8) != xq.view(torch.uint8)).sum())
+            xs_onnx = torch.from_numpy(np.asarray(values[lin["x_scale"]]).copy())
+            s_bad += int((xs_onnx.reshape(xs.shape) != xs).sum())
+            expected = ref.fp8_gemm_reference(xq, xs, w_q, w_s)
+        else:
+            expected = x @ ref.dequantize_blockwise(w_q, w_s).T
+        scale = float(expected.abs().max())
+        err = float((y - expected).abs().max())
+        max_rel = max(max_rel, err / scale if scale > 0 else err)
+    return {"linears": len(linears), "w8a8": sum(lin["mode"] == "w8a8" for lin in linears),
+            "w8a16": sum(lin["mode"] == "w8a16" for lin in linears), "q_mismatches": q_bad,
+            "scale_mismatches": s_bad, "weight_mismatches": w_bad, "max_rel": max_rel,
+            "fp8_initializers": len(fp8_inits)}
+
+
+def compare_with_torch(model: nn.Module, session_or_path: Any, inputs: Any, *,
+                       outputs: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``model`` (PyTorch, eval, no grad) and the ONNX model on the same ``inputs``.
+
+    -> ``{"max_abs", "rel", "max_ref", "argmax_agreement", "shape", "providers",
+    "per_output": {name: {...}}}`` where ``rel = max|onnx - torch| / max|torch|`` (the worst
+    output), and ``argmax_agreement`` the fraction of positions whose argmax over the last dim
+    agree (the next-token prediction for logits; None for rank-1 outputs)."""
+    session = (make_session(session_or_path)
+               if isinstance(session_or_path, (str, os.PathLike)) else session_or_path)
+    ort_out = run_onnx(session, inputs)
+    torch_out = _torch_outputs(model, inputs)
+    names = list(ort_out)
+    if len(torch_out) != len(names):
+        raise ValueError(f"the model returns {len(torch_out)} tensors, the ONNX graph "
+                         f"{len(names)} ({names})")
+    chosen = list(outputs) if outputs is not None else names
+    per: dict[str, dict[str, Any]] = {}
+    for name, ref in zip(names, torch_out):
+        if name not in chosen:
+            continue
+        ref = ref.detach().float().cpu().numpy()
+        got = np.asarray(ort_out[name], dtype=np.float32)
+        if got.shape != ref.shape:
+            raise ValueError(f"output {name!r}: ONNX shape {got.shape} != torch {ref.shape}")
+        diff = np.abs(got.astype(np.float64) - ref.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_ref = float(np.abs(ref).max()) if ref.size else 0.0
+        agree = None
+        if ref.ndim >= 2 and ref.size:
+            agree = float((got.argmax(-1) == ref.argmax(-1)).mean())
+        per[name] = {"max_abs": max_abs, "max_ref": max_ref,
+                     "rel": max_abs / max_ref if max_ref > 0 else max_abs,
+                     "argmax_agreement": agree, "shape": tuple(ref.shape),
+                     "finite": bool(np.isfinite(got).all() == np.isfinite(ref).all())}
+    worst = max(per.values(), key=lambda d: d["rel"])
+    return {"max_abs": worst["max_abs"], "rel": worst["rel"], "max_ref": worst["max_ref"],
+            "argmax_agreement": worst["argmax_agreement"], "shape": worst["shape"],
+            "providers": session.get_providers(), "per_output": per}
