@@ -153,7 +153,8 @@ def test_config_errors_name_the_field(kwargs, field):
 
 
 def test_sizes_that_do_not_split_say_what_would_work():
-    with pytest.raises(InputError, match=r"num_experts=5 .*d_ff=172.*num_experts that work: 2, 4, 43"):
+    hint = r"num_experts=5 .*d_ff=172.*num_experts that work: 2, 4, 43"
+    with pytest.raises(InputError, match=hint):
         plan_experts(MoEConfig(num_experts=5, top_k=1), 172, "layers.0.ffn")
     with pytest.raises(InputError, match="shared_width=172 must be < d_ff"):
         plan_experts(MoEConfig(num_experts=4, top_k=1, shared_width=172), 172, "x")
