@@ -31,6 +31,7 @@ _LAZY = {
     "MoEConfig": ("passes.ffn_to_moe", "MoEConfig"),
     "FP8Config": ("passes.lower_fp8", "FP8Config"),
     "calibrate": ("passes.calibration", "calibrate"),
+    "export_onnx": ("targets.onnx_export", "export_onnx"),
 }
 
 
@@ -70,6 +71,7 @@ __all__ = [
     "calibrate",
     "convert",
     "conversion_info",
+    "export_onnx",
     "capture",
     "capture_info",
     "diff_graphs",

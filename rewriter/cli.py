@@ -156,6 +156,30 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from targets.onnx_export import export_onnx
+
+    from .conversion import convert
+
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    model = resolved.model
+    if args.experts is not None or args.fp8:
+        from passes.ffn_to_moe import MoEConfig
+        from passes.lower_fp8 import FP8Config
+
+        moe = (MoEConfig(num_experts=args.experts, top_k=args.top_k or args.experts,
+                         shared_experts=args.shared) if args.experts is not None else None)
+        model = convert(model, moe=moe, fp8=FP8Config() if args.fp8 else None,
+                        example_inputs=resolved.example_inputs)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    report = export_onnx(model, args.output, example_inputs=resolved.example_inputs,
+                         opset=args.opset)
+    print(f"wrote {report.path} (opset {report.opset}, {report.file_bytes:,} bytes; inputs "
+          f"{', '.join(report.input_names)}; MoE blocks {report.moe_blocks}; FP8 initializers "
+          f"{report.fp8_initializers}; checker passed)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rewriter",
@@ -222,6 +246,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None, help="write graph.html and report.json here")
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_convert)
+
+    p = sub.add_parser(
+        "export",
+        help="export a model (optionally converted first) to ONNX and check it",
+        description="Export MODEL to ONNX with torch.onnx (dynamo), dynamic batch and sequence "
+        "axes, checked with onnx.checker. --experts/--fp8 convert it first.",
+    )
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"preset, hf:<family>, smollm2 or a local HF dir (default {DEFAULT_MODEL})")
+    p.add_argument("output", nargs="?", default="out/model.onnx", help="the .onnx file to write")
+    p.add_argument("--experts", type=int, default=None, help="convert to MoE first")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--shared", type=int, default=0)
+    p.add_argument("--fp8", action="store_true", help="lower to FP8 first")
+    p.add_argument("--opset", type=int, default=None, help="default 20, 21 with FP8")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=7)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

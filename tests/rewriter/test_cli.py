@@ -65,3 +65,9 @@ def test_convert_errors_are_one_line(capsys):
     assert "num_experts=5" in err[0] and "num_experts that work" in err[0]
     assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "9"]) == 2
     assert "MoEConfig.top_k" in capsys.readouterr().err
+
+
+def test_export_writes_a_checked_onnx_file(tmp_path, capsys):
+    path = tmp_path / "sub" / "m.onnx"
+    assert main(["export", "gpt-tiny", str(path), "--experts", "4", "--top-k", "2"]) == 0
+    assert path.exists() and "MoE blocks 2" in capsys.readouterr().out
