@@ -4,7 +4,7 @@ Runs a copy of the captured graph with recorder modules after each FFN's input `
 and hidden activation ``h`` (B, T, d_ff) (the down projection's input), so it works for any
 model the matcher understands, whatever its module structure. Memory is bounded whatever the
 number of batches: running sums, one (d_ff, d_ff) co-activation matrix per FFN, and a uniform
-reservoir of at most ``max_tokens`` token samples per FFN (for router fitting and oracles).
+reservoir of at most ``max_tokens`` (4096) token samples per FFN (for router fitting and oracles).
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ def calibrate(
     batches: Iterable[Any],
     *,
     ffns: list[FFNMatch] | None = None,
-    max_tokens: int = 2048,
+    max_tokens: int = 4096,
     seed: int = 0,
     progress: bool | None = None,
 ) -> CalibrationStats:

@@ -289,7 +289,7 @@ def build_moe_block(
             if stats is None or stats.sample_x is None:
                 raise InputError("MoEConfig.router_init='calibrated' needs calibration data")
             contrib = expert_contributions(stats.sample_h, weights.down, groups)
-            w, b = fit_router(stats.sample_x, contrib)
+            w, b = fit_router(stats.sample_x, contrib, top_k=config.top_k)  # the measured winner
             block.router.weight.copy_(w)
             block.router.bias.copy_(b)
             scores = stats.sample_x.double() @ w.double().T + b.double()
