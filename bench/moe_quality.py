@@ -20,6 +20,8 @@ neurons active per token::
     58%   384 shared + 16 x 72 routed, top-7
     75%   768 shared + 16 x 48 routed, top-8
     77%   384 shared + 16 x 72 routed, top-11
+    (not by default: 75a = 1024 shared + 32 x 16 top-8, 75b = 512 shared + 16 x 64 top-10,
+     75c = 1024 shared + 16 x 32 top-4)
 
 Routers: ``centroid`` (MoEfication similarity router), ``calibrated`` (the fitted linear router
 of passes/router_init.py) and ``oracle``: an upper bound that exists only here, which computes
@@ -95,6 +97,10 @@ FRACTIONS = {
     "58": Fraction("58", 16, 7, 384),
     "75": Fraction("75", 16, 8, 768),
     "77": Fraction("77", 16, 11, 384),
+    # other shapes at 75% (shared width is a lever there), not in the default plan
+    "75a": Fraction("75a", 32, 8, 1024),
+    "75b": Fraction("75b", 16, 10, 512),
+    "75c": Fraction("75c", 16, 4, 1024),
 }
 
 

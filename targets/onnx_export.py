@@ -16,8 +16,12 @@ What it emits:
   nothing (it runs on zero rows). ``dense_moe=True`` runs every expert on every token and
   weights them by a (T, E) matrix that is zero off the top-k (static shapes, more FLOPs).
 - FP8 (:mod:`targets.fp8_ops`): the weights stay FLOAT8E4M3FN initializers dequantized by a
-  blocked ``DequantizeLinear`` (opset 21+; the 128x128 block scales are expanded to
-  [N, K/128], ``block_size=128`` along K). Activations, ``"fp8"`` (W8A8): per 1x128 tile
+  blocked ``DequantizeLinear`` (opset 21+, ``block_size=128`` along K; the 128x128 block
+  scales are expanded to one row per weight row). Each weight is stored transposed, W^T
+  (K, N) with [K/128, N] scales (the [N, K/128] layout, transposed), so ``MatMul`` takes
+  ``DequantizeLinear``'s output directly, with no per-run Transpose of a dequantized weight;
+  MoE experts get one initializer each (Slice/Gather are not defined on FLOAT8 in ONNX, so
+  the stacked expert buffer is split at export). Activations, ``"fp8"`` (W8A8): per 1x128 tile
   ``amax`` in the graph, scale ``amax/448`` (zero tile: 1), ``QuantizeLinear`` to
   FLOAT8E4M3FN (saturate) and ``DequantizeLinear`` back, then an fp32 ``MatMul``; ``"none"``
   (W8A16): the activations stay in their precision. onnxruntime's QuantizeLinear divides by
@@ -966,7 +970,7 @@ def export_onnx(
             dyn_axes[name] = axes
             # AUTO: a dim the model fixes (a feature dim) becomes static instead of failing
             dims_spec.append({i: torch.export.Dim.AUTO for i in axes} or None)
-            args.append(_widen(t, list(axes)))
+            args.append(_widen(t, list(axes)).contiguous())  # no stride guards
         program = _capture(wrapper, tuple(args), tuple(dims_spec), dense_moe)
         onnx_program = _translate(program, table, opset, onnx_inputs, onnx_outputs, optimize)
     finally:
