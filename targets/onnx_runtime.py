@@ -83,13 +83,16 @@ def default_providers() -> list[str]:
 
 
 def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None, *,
-                 threads: int | None = None, optimization: str = "all"):
+                 threads: int | None = None, optimization: str = "all",
+                 spinning: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``path``.
 
     ``providers``: default :func:`default_providers` (CUDA when available, else CPU); a
     provider onnxruntime does not have raises, naming the ones it has. ``threads``: intra-op
     threads (default onnxruntime's). ``optimization``: "all", "extended", "basic" or
-    "disable" (graph optimization level)."""
+    "disable" (graph optimization level). ``spinning=False``: the intra-op threads sleep
+    between runs instead of spinning (use it when onnxruntime shares the cores with other
+    work, e.g. interleaved with PyTorch in a benchmark)."""
     ort = _ort()
     check_onnxruntime_install()
     path = Path(path)
@@ -113,6 +116,9 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3  # errors only: no "removing unused initializer" chatter
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int, got {threads!r}")
