@@ -546,6 +546,7 @@ def test_fp8_reference_quantizer_matches_onnxruntime_bit_for_bit():
 
 
 @pytest.mark.slow
+@pytest.mark.heavy  # two SmolLM2 exports, ~15-20 min on 2 cores: not yet verified end to end
 def test_smollm2_moe_fp8_exports_and_predicts_like_pytorch(tmp_path):
     """The real SmolLM2-135M, calibrated MoE (16 x 72 routed, top 4, 384 shared) + FP8
     (W8A8): exports, passes the checker, every FP8 layer is exact given its input, and
