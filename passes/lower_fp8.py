@@ -7,7 +7,9 @@ no projection downstream whose result reaches the output through single-input op
 MoE router, embeddings, norms and attention's softmax path (not projections, never touched);
 plus the user's ``filter_fn(module, fqn)``. Emits: :class:`targets.fp8_linear.FP8Linear` /
 :class:`~targets.fp8_linear.FP8MoEFFN` swapped into the model, and a report of what was lowered
-and what was skipped, with the reason.
+and what was skipped, with the reason. Opt-in (``embeddings="fp8"``, deployment): embedding
+tables -> :class:`targets.fp8_embedding.FP8Embedding`, a head tied to one ->
+:class:`~targets.fp8_embedding.FP8TiedHead` on the same FP8 table.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from models.moe import MoEFFN
 from rewriter.errors import InputError
 from rewriter.graph_ops import is_reshape, module_stack, op_name
 from rewriter.patterns import find_projections
+from targets.fp8_embedding import FP8Embedding, FP8TiedHead
 from targets.fp8_linear import ACTIVATION_MODES, MODES, FP8Linear, FP8MoEFFN
 
 from .cleanup import is_identity_op
@@ -36,17 +39,23 @@ __all__ = [
 ]
 
 
+EMBEDDING_MODES = ("keep", "fp8")
+
+
 @dataclass(frozen=True)
 class FP8Config:
     """``mode``: "inference" stores weights FP8 once; "training" keeps master weights and runs
     Fprop, Dgrad and Wgrad in FP8. ``activations``: "fp8" (W8A8) or "none" (weight-only,
     inference). ``pow2_scales``: round scales up to powers of two. ``keep_output_head``:
-    leave the LM head in high precision (DeepSeek-V3)."""
+    leave the LM head in high precision (DeepSeek-V3). ``embeddings``: "keep" (high
+    precision, DeepSeek-V3) or "fp8" (inference, for deployment: tables stored E4M3 with one
+    fp32 scale per row; a head tied to a table reads the same FP8 table, weight-only)."""
 
     mode: str = "inference"
     activations: str = "fp8"
     pow2_scales: bool = False
     keep_output_head: bool = True
+    embeddings: str = "keep"
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -61,12 +70,18 @@ class FP8Config:
         for name in ("pow2_scales", "keep_output_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FP8Config.{name} must be a bool")
+        if self.embeddings not in EMBEDDING_MODES:
+            raise ValueError(f"FP8Config.embeddings must be one of "
+                             f"{', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
+        if self.embeddings == "fp8" and self.mode != "inference":
+            raise ValueError("FP8Config.embeddings='fp8' stores the tables FP8 for deployment: "
+                             "it needs mode='inference'")
 
 
 @dataclass(frozen=True)
 class LoweringDecision:
     fqn: str
-    kind: str  # "linear" | "conv1d" | "moe_experts"
+    kind: str  # "linear" | "conv1d" | "moe_experts" | "embedding" | "tied_head"
     lowered: bool
     reason: str
     params: int = 0
@@ -135,6 +150,9 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
                 name, "moe_experts", ok, "routed experts -> FP8 grouped GEMMs; router stays fp32"
                 if ok else "excluded by filter_fn", n))
             continue
+        if isinstance(module, nn.Embedding):
+            decisions.append(_embedding_decision(gm, module, name, config, filter_fn))
+            continue
         proj = projections.get(name)
         if proj is None:
             if isinstance(module, nn.Linear):
@@ -156,7 +174,46 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
             decisions.append(LoweringDecision(name, kind, True, f"{kind} -> FP8Linear", params))
             continue
         decisions.append(LoweringDecision(name, kind, False, reason, params))
-    return decisions
+    return _tie_heads(model, decisions)
+
+
+def _embedding_decision(gm: GraphModule, module: nn.Embedding, name: str, config: FP8Config,
+                        filter_fn: Callable[[nn.Module, str], bool] | None
+                        ) -> LoweringDecision:
+    params = module.weight.numel()
+    if config.embeddings == "keep":
+        reason = ("embedding: kept in high precision (DeepSeek-V3); FP8Config.embeddings='fp8' "
+                  "stores it FP8")
+    elif not _nodes_of(gm, name):
+        reason = "not called in the captured graph"
+    elif type(module).forward is not nn.Embedding.forward:
+        reason = f"{type(module).__name__}.forward does more than a lookup: not swappable"
+    elif module.max_norm is not None:
+        reason = "max_norm renormalizes rows in forward: kept"
+    elif filter_fn is not None and not filter_fn(module, name):
+        reason = "excluded by filter_fn"
+    else:
+        return LoweringDecision(name, "embedding", True, "embedding -> FP8Embedding (E4M3, one "
+                                "fp32 scale per row; gathered rows dequantized)", params)
+    return LoweringDecision(name, "embedding", False, reason, params)
+
+
+def _tie_heads(model: nn.Module, decisions: list[LoweringDecision]) -> list[LoweringDecision]:
+    """A linear whose weight is a lowered embedding's table (tied head) reads the FP8 table:
+    one table, whatever ``keep_output_head`` says (an fp32 copy would untie it)."""
+    tables = {id(model.get_submodule(d.fqn).weight): d.fqn for d in decisions
+              if d.lowered and d.kind == "embedding"}
+    if not tables:
+        return decisions
+    out = []
+    for d in decisions:
+        module = model.get_submodule(d.fqn) if d.fqn else model
+        table = tables.get(id(getattr(module, "weight", None)))
+        if d.kind == "linear" and isinstance(module, nn.Linear) and table is not None:
+            d = LoweringDecision(d.fqn, "tied_head", True, f"head tied to {table}: reads its FP8 "
+                                 "table (weight-only, fp32 matmul)", 0)
+        out.append(d)
+    return out
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -168,9 +225,9 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
 def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config) -> int:
     """Swap the planned modules (in place). Returns the number of modules lowered."""
     kwargs = dict(mode=config.mode, activations=config.activations, pow2=config.pow2_scales)
-    count = 0
+    count = _apply_embeddings(model, decisions, config)
     for d in decisions:
-        if not d.lowered:
+        if not d.lowered or d.kind in ("embedding", "tied_head"):
             continue
         module = model.get_submodule(d.fqn) if d.fqn else model
         if d.kind == "moe_experts":
@@ -182,6 +239,27 @@ def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Co
         else:
             raise InputError("the model itself is a single projection: nothing to swap it into")
         count += 1
+    return count
+
+
+def _apply_embeddings(model: nn.Module, decisions: list[LoweringDecision],
+                      config: FP8Config) -> int:
+    """Swap the planned embeddings for FP8Embedding, then their tied heads for FP8TiedHead."""
+    tables, count = {}, 0
+    for d in decisions:
+        if d.lowered and d.kind == "embedding":
+            if not d.fqn:
+                raise InputError("the model itself is an embedding: nothing to swap it into")
+            module = model.get_submodule(d.fqn)
+            new = FP8Embedding.from_embedding(module, pow2=config.pow2_scales)
+            tables[id(module.weight)] = new
+            _set(model, d.fqn, new)
+            count += 1
+    for d in decisions:
+        if d.lowered and d.kind == "tied_head":
+            module = model.get_submodule(d.fqn)
+            _set(model, d.fqn, FP8TiedHead(tables[id(module.weight)], module.bias))
+            count += 1
     return count
 
 

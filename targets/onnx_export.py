@@ -30,6 +30,13 @@ What it emits:
   :mod:`targets.fp8`; only the matmul's summation order differs (~1e-7 relative).
   DequantizeLinear is never constant-folded by the exporter's optimizer, so no fp32 copy of
   an FP8 weight reaches the file (checked before saving).
+- FP8 embedding tables (:mod:`targets.fp8_embedding`, ``FP8Config(embeddings="fp8")``): one
+  FLOAT8E4M3FN (V, d) initializer and (V,) fp32 row scales. ONNX defines Gather on no FLOAT8
+  type, so the lookup is ``Cast(table, FLOAT)`` (exact) -> ``Gather`` rows -> ``Mul`` by the
+  ``Gather``-ed row scales: only the looked-up rows are scaled, and the Cast is a constant
+  subgraph that the exporter never folds (the file keeps FP8) and onnxruntime folds once at
+  session load. A head tied to the table is ``Gemm(x, Cast(table), transB=1) * scales`` on
+  the same initializer (the two Casts merge): the file holds one FP8 table.
 - Metadata props: the conversion config (experts, top_k, shared width, FP8 recipe), read from
   the model's ``rewriter_conversion`` attribute (duck-typed) or given as ``config=``.
 
@@ -67,6 +74,7 @@ from models.moe import MoEFFN
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
 from .fp8 import BLOCK, E4M3_MAX
+from .fp8_embedding import FP8Embedding
 from .fp8_linear import FP8Linear, FP8MoEFFN
 
 __all__ = [
@@ -362,6 +370,39 @@ def _fp8_gemm_onnx(a_q, a_s, b_q, b_s, b_rowwise=False, bias=None, out_dtype=Non
     return y
 
 
+def _fp8_embedding_onnx(ids, table_q, scale):
+    """rewriter::fp8_embedding: (...) ids -> (..., d) = Gather(Cast(q), ids) * Gather(s, ids)
+    (Gather is not defined on FLOAT8; the Cast of the constant table is folded at load by
+    onnxruntime, never by the exporter)."""
+    from onnx import TensorProto
+
+    op = _opset()
+    table = op.Cast(table_q, to=TensorProto.FLOAT)  # (V, d), exact
+    rows = op.Gather(table, ids, axis=0)  # (..., d)
+    scale = op.Gather(scale, ids, axis=0)  # (...)
+    return op.Mul(rows, op.Unsqueeze(scale, _ints([-1])))
+
+
+def _fp8_embedding_linear_onnx(x, table_q, scale, bias=None):
+    """rewriter::fp8_embedding_linear (tied head, weight-only): (x @ Cast(q)^T) * s (+ b) as
+    Gemm(transB=1), so the (V, d) table is never transposed."""
+    from onnx import TensorProto
+
+    op = _opset()
+    v, d = _static_dims(table_q, "FP8 table")
+    xf = _as_float(x)
+    rank = len(x.shape) if x.shape is not None else None
+    x2 = xf if rank == 2 else op.Reshape(xf, _ints([-1, d]))  # (M, d)
+    y = op.Gemm(x2, op.Cast(table_q, to=TensorProto.FLOAT), transB=1)  # (M, V)
+    y = op.Mul(y, scale)
+    if bias is not None:
+        y = op.Add(y, _as_float(bias))
+    if rank != 2:
+        y = op.Reshape(y, op.Concat(op.Shape(xf, start=0, end=-1), _ints([v]), axis=0),
+                       allowzero=1)
+    return _like(y, x)
+
+
 def fp8_translation_table(activations: str | None = None) -> dict:
     """torch op -> onnxscript translation function for every ``rewriter::`` FP8 op.
 
@@ -381,6 +422,8 @@ def fp8_translation_table(activations: str | None = None) -> dict:
         _ops.fp8_quantize_rowwise.default: _fp8_quantize_rowwise_onnx,
         _ops.fp8_quantize_blockwise.default: _fp8_quantize_blockwise_onnx,
         _ops.fp8_gemm.default: _fp8_gemm_onnx,
+        _ops.fp8_embedding.default: _fp8_embedding_onnx,
+        _ops.fp8_embedding_linear.default: _fp8_embedding_linear_onnx,
     }
 
 
@@ -523,6 +566,10 @@ def _fp8_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, (FP8Linear, FP8MoEFFN))]
 
 
+def _fp8_tables(model: nn.Module) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, FP8Embedding))
+
+
 def _fp8_mode(model: nn.Module) -> str | None:
     modes = {m.activations for m in _fp8_modules(model)}
     if not modes:
@@ -589,6 +636,10 @@ def _metadata(model: nn.Module, config: Mapping[str, Any] | None, *, activations
             "W8A8: weights FLOAT8E4M3FN + blocked DequantizeLinear, activations QDQ per 1x128"
             if activations == "fp8" else
             "W8A16: weights FLOAT8E4M3FN + blocked DequantizeLinear, activations unquantized")
+    if _fp8_tables(model):
+        meta["rewriter.onnx.fp8_embeddings"] = (
+            "tables FLOAT8E4M3FN with one fp32 scale per row; Cast -> Gather -> Mul; tied "
+            "heads Gemm on the same table")
     meta["rewriter.onnx.opset"] = str(opset)
     meta["rewriter.torch_version"] = torch.__version__
     return meta
@@ -918,7 +969,7 @@ def export_onnx(
     if not isinstance(model, nn.Module):
         raise ExportInputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     path = _check_path(path)
-    has_fp8 = bool(_fp8_modules(model))
+    has_fp8 = bool(_fp8_modules(model)) or bool(_fp8_tables(model))
     opset = _check_opset(opset, has_fp8)
     table = fp8_translation_table(activations)
     for name, value in (("dense_moe", dense_moe), ("check", check), ("dynamic", dynamic),
@@ -988,8 +1039,8 @@ def export_onnx(
         _strip_node_metadata(ir_model)
     _rename_dims(ir_model, _dim_mapping(ir_model, onnx_inputs, dyn_axes))
     dyn_axes = _symbolic_axes(ir_model)
-    n_fp8 = _fp8_guard(ir_model, len(_fp8_modules(model)) if has_fp8 and not _training_fp8(
-        model) else 0)
+    n_fp8 = _fp8_guard(ir_model, (len(_fp8_modules(model)) if has_fp8 and not _training_fp8(
+        model) else 0) + _fp8_tables(model))
     ir_model.producer_name = "rewriter"
     ir_model.metadata_props.update(meta)
     if external_data is None:
