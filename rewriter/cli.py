@@ -125,53 +125,105 @@ def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> lis
     return [{"input_ids": r} if hf_style else (r,) for r in rows]
 
 
-def _cmd_convert(args: argparse.Namespace) -> int:
+def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
+    """(recipe, MoEConfig, FP8Config) from the shared conversion flags."""
     from passes.ffn_to_moe import MoEConfig
     from passes.lower_fp8 import FP8Config
 
-    from .conversion import convert
-    from .inspection import inspect
-
-    if args.experts is None and not args.fp8:
-        raise InputError("nothing to convert: give --experts N (MoE) and/or --fp8")
-    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     moe = None
     if args.experts is not None:
         moe = MoEConfig(num_experts=args.experts, top_k=args.top_k or args.experts,
                         shared_experts=args.shared, shared_width=args.shared_width,
                         gate=args.gate)
-    fp8 = FP8Config(mode=args.fp8_mode, activations=args.fp8_activations) if args.fp8 else None
+    fp8 = None
+    if args.fp8:
+        mode = "training" if training else args.fp8_mode
+        fp8 = FP8Config(mode=mode, activations="fp8" if mode == "training"
+                        else args.fp8_activations)
+    return args.recipe, moe, fp8
+
+
+def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
+                       training: bool = False, required: bool = True):
+    """The converted model (or the model itself when no conversion flag is given and
+    ``required`` is False)."""
+    from .conversion import convert
+
+    recipe, moe, fp8 = _conversion_configs(args, training=training)
+    if recipe is None and moe is None and fp8 is None:
+        if required:
+            raise InputError("nothing to convert: give --recipe NAME, --experts N (MoE) and/or "
+                             "--fp8")
+        return resolved.model
+    needs_calibration = moe is not None or (recipe is not None and recipe != "fp8-only")
     calib = (calibration_batches(resolved, args.calib_seqs, args.calib_len)
-             if moe is not None and args.calib_seqs > 0 else None)
-    converted = convert(resolved.model, moe=moe, fp8=fp8, example_inputs=resolved.example_inputs,
-                        calibration=calib, mode="graph" if args.graph else "module")
+             if needs_calibration and args.calib_seqs > 0 else None)
+    return convert(resolved.model, recipe=recipe, moe=moe, fp8=fp8,
+                   example_inputs=resolved.example_inputs, calibration=calib,
+                   mode="graph" if getattr(args, "graph", False) else "module")
+
+
+def _check_output(path: str | None, kind: str) -> None:
+    if path:
+        from .pipeline import check_writable
+
+        check_writable(Path(path), kind)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    from .inspection import inspect
+
+    _check_output(args.report, "directory")
+    _check_output(args.onnx, "file")
+    if args.eval or args.train_steps:
+        return _run_pipeline(args)
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    converted = _convert_from_args(args, resolved)
     report = inspect(converted, resolved.example_inputs)
     print(str(report))
     if args.report:
         out = Path(args.report)
-        out.mkdir(parents=True, exist_ok=True)
         report.write_picture(out / "graph.html")
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         print(f"\nreport: {out}/graph.html, {out}/report.json")
+    if args.onnx:
+        from targets.onnx_export import export_onnx
+
+        exported = export_onnx(converted, args.onnx, example_inputs=resolved.example_inputs)
+        print(f"ONNX: {exported.path} ({exported.file_bytes:,} bytes, checker passed)")
+    return 0
+
+
+def _run_pipeline(args: argparse.Namespace) -> int:
+    """convert --eval / --train-steps: the end-to-end job with its results table."""
+    from .pipeline import run_pipeline
+
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    recipe, moe, fp8 = _conversion_configs(args, training=bool(args.train_steps))
+    if recipe is None and moe is None and fp8 is None:
+        raise InputError("nothing to convert: give --recipe NAME, --experts N and/or --fp8")
+    print(f"{args.model}: converting ({recipe or 'custom'}), evaluating on held-out "
+          "pydoc_data.topics text" + (f", training {args.train_steps} steps"
+                                      if args.train_steps else ""), flush=True)
+    result = run_pipeline(
+        resolved.model, tokenizer=resolved.tokenizer, recipe=recipe, moe=moe, fp8=fp8,
+        calibration_seqs=args.calib_seqs, eval_tokens=args.eval_tokens,
+        train_steps=args.train_steps, onnx_path=args.onnx, report_dir=args.report,
+        echo=lambda line: print("  " + line, flush=True))
+    print()
+    print(result.table())
+    if args.report:
+        print(f"\nreport: {result.files['report']} (pictures: "
+              f"{result.files['graph (dense)']}, {result.files['graph (converted)']})")
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from targets.onnx_export import export_onnx
 
-    from .conversion import convert
-
+    _check_output(args.output, "file")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
-    model = resolved.model
-    if args.experts is not None or args.fp8:
-        from passes.ffn_to_moe import MoEConfig
-        from passes.lower_fp8 import FP8Config
-
-        moe = (MoEConfig(num_experts=args.experts, top_k=args.top_k or args.experts,
-                         shared_experts=args.shared) if args.experts is not None else None)
-        model = convert(model, moe=moe, fp8=FP8Config() if args.fp8 else None,
-                        example_inputs=resolved.example_inputs)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    model = _convert_from_args(args, resolved, required=False)
     report = export_onnx(model, args.output, example_inputs=resolved.example_inputs,
                          opset=args.opset)
     print(f"wrote {report.path} (opset {report.opset}, {report.file_bytes:,} bytes; inputs "
@@ -180,16 +232,165 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from models.text import token_ids
+
+    from .training import TextData, TrainConfig, train
+
+    _check_output(args.out, "directory")
+    config = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        warmup_steps=args.warmup, grad_clip=args.grad_clip, distill=args.distill,
+        temperature=args.temperature, moe_first_steps=args.moe_first_steps,
+        bias_update_rate=args.bias_rate, eval_every=args.eval_every,
+        checkpoint_every=args.checkpoint_every,
+        checkpoint_dir=str(Path(args.out) / "checkpoints") if args.out else None,
+        seed=args.seed)
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    vocab = getattr(getattr(resolved.model, "config", None), "vocab_size", None)
+    if resolved.tokenizer is None and (vocab is None or vocab < 256):
+        raise InputError(f"{args.model} has no tokenizer and a vocabulary of {vocab} < 256 "
+                         "byte ids: it cannot read the text corpus")
+    teacher = resolved.model
+    model = _convert_from_args(args, resolved, training=True, required=False)
+    if model is teacher and args.distill:
+        raise InputError("--distill needs a converted student (--recipe/--experts/--fp8): the "
+                         "teacher is the dense model")
+    data = TextData.from_corpus(resolved.tokenizer, ids=token_ids(resolved.tokenizer),
+                                eval_tokens=args.eval_tokens,
+                                eval_len=min(args.seq_len, args.eval_tokens),
+                                hf=isinstance(resolved.example_inputs, dict))
+    history = []
+    every = max(1, args.steps // 10)
+
+    def log(record: dict) -> None:
+        history.append(record)
+        if "eval_ppl" in record or record["step"] % every == 0:
+            load = record.get("load_max_over_mean")
+            print(f"step {record['step']}/{args.steps}: loss {record['loss']:.4f}"
+                  + (f", held-out ppl {record['eval_ppl']:.3f}" if "eval_ppl" in record
+                     else "")
+                  + (f", expert load max/mean {load:.2f}" if load else "")
+                  + f", {record['tokens_per_s']:.0f} tok/s", flush=True)
+
+    result = train(model, data, config, teacher=teacher if args.distill else None,
+                   resume=args.resume, log=log)
+    if args.out:
+        out = Path(args.out)
+        (out / "history.json").write_text(json.dumps(history, indent=1))
+        print(f"history: {out / 'history.json'}"
+              + (f"; checkpoints: {', '.join(result.checkpoints)}" if result.checkpoints
+                 else ""))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    """Eager forward latency of the model and its converted form, interleaved."""
+    import statistics
+    import time
+
+    import torch
+
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    converted = _convert_from_args(args, resolved)
+    inputs = resolved.example_inputs
+    runs = {"source": resolved.model.eval(), "converted": converted.eval()}
+    times: dict[str, list[float]] = {k: [] for k in runs}
+
+    def call(m):
+        return m(**inputs) if isinstance(inputs, dict) else m(*inputs)
+
+    with torch.inference_mode():
+        for m in runs.values():
+            call(m)
+        for _ in range(args.repeats):
+            for name, m in runs.items():
+                t = time.perf_counter()
+                call(m)
+                times[name].append(time.perf_counter() - t)
+    ms = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    print(f"{args.model} at (batch {args.batch}, seq {args.seq}), median of {args.repeats}: "
+          f"source {ms['source']:.2f} ms, converted {ms['converted']:.2f} ms, ratio "
+          f"{ms['converted'] / ms['source']:.2f}x")
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line plus a hint (exit 2), like every other error."""
+
+    def error(self, message: str):  # noqa: D401
+        self.exit(2, f"rewriter: error: {message}\nhint: {self.prog} --help\n")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+MODEL_HELP = ("a built-in preset, hf:<family> (built from a config, no download), smollm2 (the "
+              "real SmolLM2-135M) or a local Hugging Face directory (default: {default}; "
+              "`rewriter models` lists them)")
+
+
+def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) -> None:
+    p.add_argument("model", nargs="?", default=default, help=MODEL_HELP.format(default=default))
+    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
+    p.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+
+
+def _add_conversion_args(p: argparse.ArgumentParser) -> None:
+    from .recipes import RECIPES
+
+    g = p.add_argument_group("conversion")
+    g.add_argument("--recipe", default=None, choices=list(RECIPES),
+                   help="a named recipe: " + "; ".join(f"{k}: {r.description}"
+                                                       for k, r in RECIPES.items()))
+    g.add_argument("--experts", type=_positive, default=None,
+                   help="routed experts per FFN (overrides the recipe's MoE part)")
+    g.add_argument("--top-k", type=_positive, default=None,
+                   help="experts per token (default: all)")
+    g.add_argument("--shared", type=_non_negative, default=0,
+                   help="shared expert units: d_ff is cut into N + S slices (default 0)")
+    g.add_argument("--shared-width", type=_non_negative, default=None,
+                   help="shared expert width in neurons (instead of --shared)")
+    g.add_argument("--gate", default="hard", choices=["hard", "softmax", "sigmoid"],
+                   help="gate mode (default hard)")
+    g.add_argument("--fp8", action="store_true",
+                   help="lower matmuls to FP8 E4M3 (1x128 / 128x128 scaling)")
+    g.add_argument("--fp8-mode", default="inference", choices=["inference", "training"],
+                   help="inference: weights stored FP8 once; training: master weights kept")
+    g.add_argument("--fp8-activations", default="fp8", choices=["fp8", "none"],
+                   help="fp8: W8A8 (default); none: weight-only W8A16")
+    g.add_argument("--calib-seqs", type=_non_negative, default=16,
+                   help="calibration sequences of real text (default 16; 0: none)")
+    g.add_argument("--calib-len", type=_positive, default=128,
+                   help="calibration sequence length (default 128)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="rewriter",
-        description="Capture a transformer as one FX graph, find its feed-forward blocks, "
-        "rewrite and inspect them.",
+        description="Capture a transformer as one FX graph, rewrite its feed-forward blocks "
+        "into routed + shared experts (DeepSeekMoE) and its matmuls into FP8, inspect every "
+        "step, train the result and export it to ONNX.",
+        epilog="Run `rewriter COMMAND --help` for the options of each command. Exit codes: 0 "
+        "done, 2 bad input or usage, 1 a failure inside the toolkit.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the models the CLI can build")
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser(
@@ -199,11 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(module, kind, activation, sizes, params, FLOPs per token) and the rejected "
         "candidates, and write a self-contained picture of the graph.",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"preset, hf:<family>, smollm2 or a local HF dir (default: "
-                   f"{DEFAULT_MODEL}; `rewriter models` lists them)")
-    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
-    p.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
+    _add_model_args(p)
     p.add_argument("--picture", default="out/graph.html",
                    help="write the graph picture here (.html or .svg; default out/graph.html; "
                    "'' to skip)")
@@ -212,59 +409,95 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the report as JSON here")
     p.add_argument("--rejections", action="store_true",
                    help="list every rejected candidate, not only near misses")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser(
         "convert",
-        help="convert a model's FFNs to routed + shared experts and/or its matmuls to FP8",
-        description="Convert MODEL with rewriter.convert and print the report. MoE: --experts "
-        "N routed experts, --top-k K active per token, --shared S shared units (d_ff is cut "
-        "into N + S equal slices) or --shared-width W neurons; calibrated on real text "
-        "(pydoc_data.topics) unless --calib-seqs 0. FP8: --fp8 (E4M3, 1x128 / 128x128 "
-        "scaling).",
+        help="convert a model (recipe, or MoE / FP8 flags), report, optionally evaluate, "
+        "train briefly and export",
+        description="Convert MODEL with rewriter.convert and print the report (params total "
+        "/ active per token, weight bytes, FLOPs per token before and after, exactness checks,"
+        " blocks, FP8 decisions). MoE: --recipe or --experts N, --top-k K, --shared S / "
+        "--shared-width W; calibrated on real text (pydoc_data.topics) unless --calib-seqs "
+        "0. FP8: --fp8. With --eval or --train-steps it runs the end-to-end job: perplexity "
+        "of the dense, MoE and MoE+FP8 models on held-out text, a short distilled training, "
+        "a before/after picture and HTML report (--report), ONNX export with onnxruntime "
+        "parity (--onnx).",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"preset, hf:<family>, smollm2 or a local HF dir (default {DEFAULT_MODEL})")
-    p.add_argument("--experts", type=int, default=None, help="routed experts per FFN")
-    p.add_argument("--top-k", type=int, default=None, help="experts per token (default: all)")
-    p.add_argument("--shared", type=int, default=0, help="shared expert units (default 0)")
-    p.add_argument("--shared-width", type=int, default=None,
-                   help="shared expert width in neurons (instead of --shared)")
-    p.add_argument("--gate", default="hard", choices=["hard", "softmax", "sigmoid"],
-                   help="gate mode (default hard)")
-    p.add_argument("--fp8", action="store_true", help="lower matmuls to FP8")
-    p.add_argument("--fp8-mode", default="inference", choices=["inference", "training"])
-    p.add_argument("--fp8-activations", default="fp8", choices=["fp8", "none"],
-                   help="fp8: W8A8 (default); none: weight-only W8A16")
-    p.add_argument("--calib-seqs", type=int, default=16,
-                   help="calibration sequences of real text (default 16; 0: none)")
-    p.add_argument("--calib-len", type=int, default=128, help="calibration sequence length")
-    p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
-    p.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
+    _add_model_args(p)
+    _add_conversion_args(p)
     p.add_argument("--graph", action="store_true", help="return/inspect the rewritten graph")
-    p.add_argument("--report", default=None, help="write graph.html and report.json here")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--report", default=None,
+                   help="directory for the graph picture(s), report.json (and report.html)")
+    p.add_argument("--onnx", default=None, help="also export the result to this .onnx file")
+    p.add_argument("--eval", action="store_true",
+                   help="measure perplexity on held-out real text at every stage")
+    p.add_argument("--eval-tokens", type=_positive, default=8192,
+                   help="held-out tokens for --eval (default 8192)")
+    p.add_argument("--train-steps", type=_non_negative, default=0,
+                   help="continue training the converted model this many steps (distilled "
+                   "from the dense model; implies --eval)")
     p.set_defaults(func=_cmd_convert)
 
     p = sub.add_parser(
         "export",
         help="export a model (optionally converted first) to ONNX and check it",
         description="Export MODEL to ONNX with torch.onnx (dynamo), dynamic batch and sequence "
-        "axes, checked with onnx.checker. --experts/--fp8 convert it first.",
+        "axes, checked with onnx.checker. The conversion flags convert it first.",
     )
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                   help=f"preset, hf:<family>, smollm2 or a local HF dir (default {DEFAULT_MODEL})")
-    p.add_argument("output", nargs="?", default="out/model.onnx", help="the .onnx file to write")
-    p.add_argument("--experts", type=int, default=None, help="convert to MoE first")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--shared", type=int, default=0)
-    p.add_argument("--fp8", action="store_true", help="lower to FP8 first")
+    _add_model_args(p)
+    p.add_argument("output", nargs="?", default="out/model.onnx",
+                   help="the .onnx file to write (default out/model.onnx)")
+    _add_conversion_args(p)
     p.add_argument("--opset", type=int, default=None, help="default 20, 21 with FP8")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--seq", type=int, default=7)
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "train",
+        help="continue training a (converted) model on real text",
+        description="Convert MODEL (conversion flags; FP8 runs in training mode: Fprop, Dgrad "
+        "and Wgrad in FP8) and train it on pydoc_data.topics (the model's tokenizer, or bytes)"
+        " with AdamW, cosine schedule, gradient clipping, DeepSeek-V3 expert-bias balancing, "
+        "optional distillation from the dense model, periodic held-out evaluation and "
+        "safetensors checkpoints that resume exactly (--resume).",
+    )
+    _add_model_args(p)
+    _add_conversion_args(p)
+    t = p.add_argument_group("training")
+    t.add_argument("--steps", type=_positive, default=100, help="optimizer steps (default 100)")
+    t.add_argument("--batch-size", type=_positive, default=8,
+                   help="sequences per step, global (default 8)")
+    t.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
+    t.add_argument("--warmup", type=_non_negative, default=10, help="warm-up steps")
+    t.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")
+    t.add_argument("--distill", type=float, default=0.0,
+                   help="weight of the KL to the dense model's logits (0..1, default 0)")
+    t.add_argument("--temperature", type=float, default=1.0, help="distillation temperature")
+    t.add_argument("--moe-first-steps", type=_non_negative, default=0,
+                   help="train only the MoE blocks (router + experts) for this many steps")
+    t.add_argument("--bias-rate", type=float, default=1e-3,
+                   help="expert-bias balancing rate (0: off)")
+    t.add_argument("--eval-every", type=_non_negative, default=0,
+                   help="held-out evaluation every N steps (0: at the end)")
+    t.add_argument("--eval-tokens", type=_positive, default=4096, help="held-out tokens")
+    t.add_argument("--checkpoint-every", type=_non_negative, default=0,
+                   help="write a checkpoint every N steps (needs --out)")
+    t.add_argument("--resume", default=None, help="a checkpoint directory to resume from")
+    t.add_argument("--out", default=None, help="directory for history.json and checkpoints")
+    t.add_argument("--seed", type=_non_negative, default=0)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "bench",
+        help="time the eager forward of a model and its converted form",
+        description="Median eager forward latency of MODEL and of its conversion (same "
+        "conversion flags as convert), measured interleaved in one run.",
+    )
+    _add_model_args(p)
+    _add_conversion_args(p)
+    p.add_argument("--repeats", type=_positive, default=10, help="timed calls per model")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

@@ -11,15 +11,18 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
 from .capture import capture
 from .errors import InputError, NoFFNError
 from .inspection import CONVERSION_ATTR, _default_inputs
+from .model_stats import model_stats
 from .pass_manager import PassManager
 from .patterns import FFNMatch, analyze_ffns
 
@@ -40,6 +43,10 @@ class ConversionInfo:
     calibration_tokens: int = 0
     fp8: Any = None
     fp8_decisions: tuple[Any, ...] = field(default=(), repr=False)
+    recipe: str | None = None
+    source_stats: Any = None  # rewriter.model_stats.ModelStats of the model before conversion
+    split_error: float | None = None  # max over blocks: all experts on vs dense, float64
+    output_error: float | None = None  # converted vs source on the example inputs (relative)
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -65,6 +72,7 @@ def _select(model: nn.Module, matches: list[FFNMatch],
 def convert(
     model: nn.Module,
     *,
+    recipe: Any = None,
     moe: Any = None,
     fp8: Any = None,
     example_inputs: Any = None,
@@ -76,8 +84,11 @@ def convert(
 ) -> nn.Module:
     """Convert ``model``: feed-forward blocks to DeepSeekMoE blocks and/or matmuls to FP8.
 
-    ``moe``: a :class:`MoEConfig`. ``fp8``: an :class:`FP8Config` (alone or with ``moe``; the
-    lowering runs after the MoE rewrite, so experts are lowered too). ``example_inputs``: inputs
+    ``recipe``: a named recipe (``"deepseek-v3"``, ``"moe-only"``, ``"fp8-only"``: see
+    :mod:`rewriter.recipes`) whose expert counts are fitted to the model's FFN widths; an
+    explicit ``moe``/``fp8`` overrides its part. ``moe``: a :class:`MoEConfig`. ``fp8``: an
+    :class:`FP8Config` (alone or with ``moe``; the lowering runs after the MoE rewrite, so
+    experts are lowered too). ``example_inputs``: inputs
     to capture with (token ids are made up for language models when omitted).
     ``calibration``: an iterable of input batches for the calibrated strategies (grouping by
     co-activation, shared neurons by activation, fitted router). ``filter_fn(module, fqn)``:
@@ -93,6 +104,7 @@ def convert(
         check_finite,
         dense_weights,
         plan_experts,
+        split_error,
     )
     from passes.module_swap import apply_module_swaps, plan_module_swap
 
@@ -102,8 +114,13 @@ def convert(
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     from passes.lower_fp8 import FP8Config
 
-    if moe is None and fp8 is None:
-        raise InputError("nothing to do: give moe=MoEConfig(...) and/or fp8=FP8Config(...)")
+    if recipe is not None:
+        from .recipes import get_recipe
+
+        recipe = get_recipe(recipe)
+    if moe is None and fp8 is None and recipe is None:
+        raise InputError("nothing to do: give recipe=..., moe=MoEConfig(...) and/or "
+                         "fp8=FP8Config(...)")
     if moe is not None and not isinstance(moe, MoEConfig):
         raise InputError(f"moe must be a MoEConfig, got {type(moe).__name__}")
     if fp8 is not None and not isinstance(fp8, FP8Config):
@@ -117,10 +134,22 @@ def convert(
 
     inputs = example_inputs if example_inputs is not None else _default_inputs(model)
     gm = capture(model, inputs)
+    source_stats = model_stats(model)
+    analysis = analyze_ffns(gm) if moe is not None or recipe is not None else None
+    if recipe is not None:
+        recipe_moe, recipe_fp8 = recipe.configs([m.d_ff for m in analysis.matches])
+        moe = moe if moe is not None else recipe_moe
+        fp8 = fp8 if fp8 is not None else recipe_fp8
+    base = ConversionInfo(moe=None, mode=mode, modules=(), blocks=(),
+                          recipe=recipe.name if recipe is not None else None,
+                          source_stats=source_stats)
+    prior = conversion_info(model)
+    if prior is not None and moe is None:  # FP8 on top of an earlier MoE conversion
+        base = replace(prior, mode=mode, recipe=base.recipe or prior.recipe,
+                       output_error=None)
     if moe is None:
-        return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace)
+        return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace, base)
     config = moe.resolved(calibrated=bool(calibration))
-    analysis = analyze_ffns(gm)
     if not analysis.matches:
         near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
         detail = "; ".join(r.describe() for r in near[:4])
@@ -152,39 +181,75 @@ def convert(
     built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
     blocks = [b for b, _ in built]
     reports = tuple(r for _, r in built)
-    info = ConversionInfo(
-        moe=config, mode=mode, modules=tuple(m.module for m in matches), blocks=reports,
+    split = max(split_error(b, dense_weights(m)) for b, m in zip(blocks, matches))
+    info = replace(
+        base, moe=config, modules=tuple(m.module for m in matches), blocks=reports,
         skipped=tuple(skipped), calibration_tokens=stats.tokens if stats else 0,
+        split_error=split,
     )
+    reference = _outputs(model, inputs)  # before any swap: inplace=True changes ``model``
     if graph_pass:
         result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
-        result.graph_module.meta[CONVERSION_ATTR] = info
-        return result.graph_module
+        out = result.graph_module
+        out.meta[CONVERSION_ATTR] = replace(info, output_error=_rel_error(reference, out, inputs))
+        return out
     target = model if inplace else _copy(model)
     apply_module_swaps(target, swaps, blocks)
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
-                           True, info)
-    setattr(target, CONVERSION_ATTR, info)
+                           True, info, reference)
+    setattr(target, CONVERSION_ATTR, replace(info, output_error=_rel_error(reference, target,
+                                                                            inputs)))
     return target
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+@torch.no_grad()
+def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
+    """The first floating tensor output (logits) of ``model`` on ``inputs``, or None."""
+    was_training = model.training
+    model.eval()
+    try:
+        out = _call(model, inputs)
+    finally:
+        model.train(was_training)
+    for leaf in pytree.tree_leaves(out):
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
+            return leaf.detach().clone()
+    return None
+
+
+def _rel_error(reference: torch.Tensor | None, model: nn.Module, inputs: Any) -> float | None:
+    """max |converted - source| / max |source| on the example inputs."""
+    got = _outputs(model, inputs)
+    if reference is None or got is None or got.shape != reference.shape:
+        return None
+    diff = (got.double() - reference.double()).abs().max()
+    return float(diff / reference.double().abs().max().clamp_min(1e-300))
 
 
 def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                 filter_fn: Callable[[nn.Module, str], bool] | None, mode: str, inplace: bool,
-                info: ConversionInfo | None = None) -> nn.Module:
-    """FP8 lowering of ``model`` (captured as ``gm``); graph mode re-captures the result."""
-    from dataclasses import replace
-
+                info: ConversionInfo, reference: torch.Tensor | None = None) -> nn.Module:
+    """FP8 lowering of ``model`` (captured as ``gm``); graph mode re-captures the result.
+    ``reference``: the source model's outputs on ``inputs`` (default: ``model``'s)."""
     from passes.lower_fp8 import apply_fp8, plan_fp8
 
     decisions = plan_fp8(model, gm, fp8, filter_fn)
     if not any(d.lowered for d in decisions):
         raise InputError("FP8 lowering found nothing to lower (no projection passed the "
                          "filters): " + "; ".join(f"{d.fqn}: {d.reason}" for d in decisions[:4]))
+    if reference is None:
+        reference = _outputs(model, inputs)
     target = model if inplace else _copy(model)
     apply_fp8(target, decisions, fp8)
-    info = info or ConversionInfo(moe=None, mode=mode, modules=(), blocks=())
-    info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions))
+    info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions),
+                   output_error=_rel_error(reference, target, inputs))
     if mode == "graph":
         out = capture(target, inputs)
         out.meta[CONVERSION_ATTR] = info

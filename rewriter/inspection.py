@@ -246,6 +246,7 @@ class Report:
     history: tuple[PassRecord, ...]
     capture: CaptureInfo | None
     conversion: Any = None  # rewriter.conversion.ConversionInfo of a converted model
+    stats: Any = None  # rewriter.model_stats.ModelStats of the inspected model
 
     @property
     def ffns(self):
@@ -309,6 +310,37 @@ class Report:
         return (f"{lowered} of {len(decisions)} modules lowered\n"
                 + format_table(["module", "", "kind", "params", "reason"], rows))
 
+    def summary_table(self) -> str:
+        """Params total / active per token, weight bytes and matmul FLOPs per token of the
+        model, before and after conversion, and the conversion's exactness checks."""
+        if self.stats is None:
+            return ""
+        source = getattr(self.conversion, "source_stats", None)
+        names = {"params": "params", "active_params": "params active per token",
+                 "weight_bytes": "weight bytes", "matmul_flops_per_token": "matmul FLOPs/token"}
+        rows = []
+        for key, label in names.items():
+            after = getattr(self.stats, key)
+            if source is None:
+                rows.append([label, after])
+            else:
+                before = getattr(source, key)
+                rows.append([label, before, after, f"{after / before:.3f}" if before else "-"])
+        headers = ["", "model"] if source is None else ["", "source", "converted", "ratio"]
+        text = format_table(headers, rows)
+        c = self.conversion
+        checks = []
+        if getattr(c, "split_error", None) is not None:
+            checks.append(f"experts partition the dense FFNs exactly: all experts on vs dense, "
+                          f"float64 rel. error {c.split_error:.1e}")
+        if getattr(c, "output_error", None) is not None:
+            checks.append(f"outputs vs the model given to convert, on the example inputs: max "
+                          f"rel. error "
+                          f"{c.output_error:.2e}")
+        if getattr(c, "recipe", None):
+            checks.insert(0, f"recipe: {c.recipe}")
+        return text + ("\n" + "\n".join(checks) if checks else "")
+
     def history_table(self) -> str:
         if not self.history:
             return "no passes have run"
@@ -370,6 +402,8 @@ class Report:
                  "diff": diff_graphs(r.before, r.after).summary()}
                 for r in self.history
             ],
+            "stats": self.stats.to_dict() if self.stats is not None else None,
+            "conversion": _conversion_dict(self.conversion),
         }
 
     def __str__(self) -> str:
@@ -379,17 +413,44 @@ class Report:
             head.append(f"captured {self.capture.model_class} with {self.capture.method}"
                         f" ({len(self.graph_module.graph.nodes)} nodes; dynamic dims: "
                         f"{dyn or 'none'})")
-        parts = ["\n".join(head), "Feed-forward blocks", self.ffn_table()]
-        near = [r for r in self.analysis.rejections if r.near_miss]
-        parts += ["Near misses" if near else "Rejected candidates",
-                  self.rejection_table(near_misses_only=bool(near))]
-        if self.conversion is not None and self.conversion.blocks:
+        converted = self.conversion is not None and self.conversion.blocks
+        parts = ["\n".join(head)]
+        if self.stats is not None:
+            parts += ["Summary", self.summary_table()]
+        if not converted or self.analysis.matches:
+            parts += ["Feed-forward blocks" + (" (still dense)" if converted else ""),
+                      self.ffn_table()]
+            near = [r for r in self.analysis.rejections if r.near_miss]
+            parts += ["Near misses" if near else "Rejected candidates",
+                      self.rejection_table(near_misses_only=bool(near))]
+        if converted:
             parts += ["Converted blocks", self.conversion_table()]
         if self.conversion is not None and getattr(self.conversion, "fp8_decisions", ()):
             parts += ["FP8 lowering", self.fp8_table()]
         if self.history:
             parts += ["Passes", self.history_table()]
         return "\n\n".join(p for p in parts if p)
+
+
+def _conversion_dict(info: Any) -> dict[str, Any] | None:
+    """A JSON-ready view of a ConversionInfo (configs as dicts, FP8 decisions as rows)."""
+    if info is None:
+        return None
+    from dataclasses import asdict, is_dataclass
+
+    def plain(x: Any) -> Any:
+        return asdict(x) if is_dataclass(x) else x
+
+    return {
+        "recipe": getattr(info, "recipe", None), "mode": info.mode,
+        "moe": plain(info.moe), "fp8": plain(info.fp8), "modules": list(info.modules),
+        "skipped": list(info.skipped), "calibration_tokens": info.calibration_tokens,
+        "blocks": [dict(b) for b in info.blocks],
+        "fp8_decisions": [plain(d) for d in info.fp8_decisions],
+        "source_stats": plain(getattr(info, "source_stats", None)),
+        "split_error": getattr(info, "split_error", None),
+        "output_error": getattr(info, "output_error", None),
+    }
 
 
 def _default_inputs(model: nn.Module) -> Any:
@@ -425,10 +486,13 @@ def inspect(obj: Any, example_inputs: Any = None, *, dynamic: bool = True) -> Re
             f"inspect() takes a model, a GraphModule or a pipeline result, got "
             f"{type(obj).__name__}"
         )
+    from .model_stats import model_stats
+
     return Report(
         graph_module=gm,
         analysis=analyze_ffns(gm),
         history=tuple(gm.meta.get(HISTORY_META_KEY, ())),
         capture=capture_info(gm),
         conversion=conversion if conversion is not None else gm.meta.get(CONVERSION_ATTR),
+        stats=model_stats(obj.graph_module if isinstance(obj, PipelineResult) else obj),
     )

@@ -1,0 +1,42 @@
+"""Freeze a trained FP8 model for deployment: training-mode FP8 modules -> inference mode.
+
+    n = freeze_fp8(model)   # in place; returns the number of modules frozen
+
+A model converted with ``FP8Config(mode="training")`` keeps fp32/bf16 master weights and
+quantizes them on every call; after training, store them FP8 once (1 byte per weight plus
+128x128 block scales) so that inference and the ONNX file carry FP8 initializers. The forward
+is unchanged up to fp32 summation order (~1e-7 relative): training mode quantizes the same
+weights with the same 128x128 blocks on the fly.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from targets.fp8_linear import FP8Linear, FP8MoEFFN
+
+__all__ = ["freeze_fp8"]
+
+
+def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
+    parent_name, _, child = fqn.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def freeze_fp8(model: nn.Module) -> int:
+    """Swap every training-mode :class:`FP8Linear` / :class:`FP8MoEFFN` of ``model`` (in
+    place) for its inference-mode form. Returns how many were swapped."""
+    todo = [(name, m) for name, m in model.named_modules()
+            if isinstance(m, (FP8Linear, FP8MoEFFN)) and m.mode == "training"]
+    if any(name == "" for name, _ in todo):
+        raise ValueError("freeze_fp8 swaps submodules: the model itself is an FP8 module")
+    for name, module in todo:
+        if isinstance(module, FP8MoEFFN):
+            new = FP8MoEFFN(module, mode="inference", activations="fp8", pow2=module.pow2)
+        else:
+            new = FP8Linear(module.weight, module.bias, mode="inference", activations="fp8",
+                            pow2=module.pow2)
+        new.train(module.training)
+        _set(model, name, new)
+    return len(todo)

@@ -1,0 +1,65 @@
+"""Converted models train under torch.distributed (gloo, 2 CPU processes) like one process.
+
+Each run is tests/rewriter/_distributed_worker.py: llama-tiny converted by a recipe, trained 4
+steps on a global batch of 4 sequences by rewriter.training.train (each rank takes its half).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("_distributed_worker.py")
+
+
+def _run(kind: str, recipe: str, tmp_path: Path, port: int) -> dict:
+    out = tmp_path / f"{kind}-{recipe}.json"
+    if kind == "single":
+        cmd = [sys.executable, str(WORKER), kind, recipe, str(out)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(port), str(WORKER), kind, recipe, str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def _rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+def _same_run(got: dict, ref: dict, tol: float) -> None:
+    assert len(got["losses"]) == len(ref["losses"]) == 4
+    for a, b in zip(got["losses"], ref["losses"]):
+        assert _rel(a, b) <= tol, (got["losses"], ref["losses"])
+    assert _rel(got["eval_ppl"], ref["eval_ppl"]) <= 10 * tol
+    assert got["expert_bias"] == ref["expert_bias"]  # loads all-reduced: same balancing
+    assert got["param_abs_sum"].keys() == ref["param_abs_sum"].keys()
+    for k, v in ref["param_abs_sum"].items():
+        assert _rel(got["param_abs_sum"][k], v) <= 10 * tol, k
+
+
+def test_ddp_and_fsdp2_match_single_process(tmp_path):
+    """MoE (fp32): DDP and FSDP2 (fully_shard) on 2 gloo processes give the single-process
+    losses, expert biases and weights to fp32 summation noise."""
+    single = _run("single", "moe-only", tmp_path, 0)
+    assert single["losses"][-1] < single["losses"][0]  # it trains
+    assert any(b != 0 for row in single["expert_bias"] for b in row)  # balancing ran
+    for i, kind in enumerate(("ddp", "fsdp2")):
+        _same_run(_run(kind, "moe-only", tmp_path, 29611 + i), single, 1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp2_fp8_training_matches_single_process(tmp_path):
+    """MoE + FP8 training (deepseek-v3 recipe) under FSDP2. The first step is identical; later
+    steps differ at the FP8 level, not fp32 noise: Wgrad quantizes the output gradient in
+    1x128 tiles along the token (reduction) dim, and each rank tiles its own half of the
+    batch, so the two runs round different tiles (measured: ~3e-4 relative on the loss)."""
+    single = _run("single", "deepseek-v3", tmp_path, 0)
+    fsdp = _run("fsdp2", "deepseek-v3", tmp_path, 29621)
+    assert _rel(fsdp["losses"][0], single["losses"][0]) <= 1e-6
+    _same_run(fsdp, single, 2e-3)
