@@ -2,6 +2,7 @@
 
     python bench/fp8_quality.py                       # ~16k held-out tokens
     python bench/fp8_quality.py --eval-tokens 40960 --json out/fp8_quality.json
+    python bench/fp8_quality.py --time-only --repeats 7   # CPU speed only, ~5-10 min
 
 Measured in one run on the same held-out pydoc tokens (the last ``--eval-tokens`` of
 ``pydoc_data.topics``):
@@ -14,12 +15,18 @@ Measured in one run on the same held-out pydoc tokens (the last ``--eval-tokens`
   model (embeddings/head kept in bf16) vs the whole bf16 model;
 * CPU time of one forward at (8, 256): fp32 vs lowered, ratio from the same run (median of
   ``--repeats`` after a warm-up).
+
+Timing is interleaved: each round runs every model once (the order rotates per round), so load
+changes on a shared machine hit all of them alike; a model's ratio is the median over rounds of
+its time / the fp32 time of the same round. ``--time-only`` skips perplexity and times fp32, W8A8
+and W8A16, each with the dequantized-weight cache on and off (``FP8Config.cache_dequantized``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -36,15 +43,56 @@ from models.text import logits_of, perplexity, split_ids, token_ids  # noqa: E40
 from passes.lower_fp8 import weight_bytes  # noqa: E402
 
 
-def _time_forward(model, ids, repeats: int) -> float:
+def _time_interleaved(models: dict, ids, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (median seconds, median per-round ratio vs the first model), interleaved: one
+    warm-up forward each, then ``repeats`` rounds of one forward per model, order rotating."""
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
-        model(input_ids=ids)
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            model(input_ids=ids)
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for n in names:
+            models[n](input_ids=ids)
+        for r in range(repeats):
+            for n in names[r % len(names):] + names[:r % len(names)]:
+                t = time.perf_counter()
+                models[n](input_ids=ids)
+                times[n].append(time.perf_counter() - t)
+            print(f"round {r + 1}/{repeats}: " + ", ".join(
+                f"{n} {ts[-1]:.2f} s" for n, ts in times.items()), flush=True)
+    base = times[names[0]]
+    return {n: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
+            for n, ts in times.items()}
+
+
+def _load() -> str:
+    return "/".join(f"{v:.2f}" for v in os.getloadavg())
+
+
+def time_only(args) -> dict:
+    """fp32 vs W8A8 / W8A16, dequantized-weight cache on and off, at (batch, seq-len)."""
+    load0 = _load()
+    dense, tok = load_smollm2()
+    _, eval_ids = split_ids(token_ids(tok), args.seq_len, 0, args.eval_tokens)
+    ids = eval_ids[:args.batch]  # the full run's timing batch
+    example = {"input_ids": ids[:2, :16]}
+    models = {"fp32": dense}
+    for act, label in (("fp8", "W8A8"), ("none", "W8A16")):
+        for cache in (True, False):
+            cfg = rewriter.FP8Config(activations=act, cache_dequantized=cache)
+            name = f"fp8 {label}, cache {'on' if cache else 'off'}"
+            models[name] = rewriter.convert(dense, fp8=cfg, example_inputs=example)
+    load1 = _load()
+    res = _time_interleaved(models, ids, args.repeats)
+    load2 = _load()
+    lines = [f"CPU forward at ({args.batch}, {args.seq_len}), torch threads "
+             f"{torch.get_num_threads()}, median of {args.repeats} interleaved rounds; load "
+             f"average (1/5/15 min) {load0} at start, {load1} before timing, {load2} after",
+             "| model | median ms | x fp32 (median of per-round ratios) |", "|---|---:|---:|"]
+    lines += [f"| {n} | {t * 1e3:.0f} | {ratio:.2f}x |" for n, (t, ratio) in res.items()]
+    table = "\n".join(lines)
+    print(table)
+    return {"times": {n: {"median_s": t, "ratio": ratio} for n, (t, ratio) in res.items()},
+            "load_average": [load0, load1, load2], "threads": torch.get_num_threads(),
+            "table": table}
 
 
 def _agreement(dense, lowered, ids) -> tuple[float, float]:
@@ -63,7 +111,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--time-only", action="store_true",
+                   help="only the interleaved CPU timing (fp32, W8A8/W8A16, cache on/off)")
     args = p.parse_args(argv)
+    if args.time_only:
+        results = time_only(args)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return results
 
     t0 = time.time()
     dense, tok = load_smollm2()
@@ -95,8 +151,8 @@ def main(argv: list[str] | None = None) -> dict:
     whole_fp8 = whole_bf16 - bf16_bytes + fp8_bytes
 
     ids = eval_ids[:8, :256]
-    t_dense = _time_forward(dense, ids, args.repeats)
-    t_fp8 = _time_forward(lowered_main, ids, args.repeats)
+    timed = _time_interleaved({"fp32": dense, "fp8": lowered_main}, ids, args.repeats)
+    (t_dense, _), (t_fp8, time_ratio) = timed["fp32"], timed["fp8"]
 
     dense_ppl = rows[0][1]
     lines = ["| model | perplexity | vs fp32 | logits cosine | top-1 agreement |",
@@ -111,13 +167,14 @@ def main(argv: list[str] | None = None) -> dict:
         f"- whole model (embeddings/head/norms in bf16): {whole_fp8 / 1e6:.1f} MB vs "
         f"{whole_bf16 / 1e6:.1f} MB = {whole_fp8 / whole_bf16:.3f}x",
         f"- CPU forward at (8, 256): fp32 {t_dense * 1e3:.0f} ms, FP8 (emulated) "
-        f"{t_fp8 * 1e3:.0f} ms = **{t_fp8 / t_dense:.2f}x** (median of {args.repeats})",
+        f"{t_fp8 * 1e3:.0f} ms = **{time_ratio:.2f}x** (median of {args.repeats} interleaved "
+        f"rounds; load average {_load()})",
         f"- eval tokens: {eval_ids.numel()}; wall time {time.time() - t0:.0f} s",
     ]
     table = "\n".join(lines)
     print(table)
     results.update(dense_perplexity=dense_ppl, layer_bytes_ratio=fp8_bytes / bf16_bytes,
-                   model_bytes_ratio=whole_fp8 / whole_bf16, cpu_time_ratio=t_fp8 / t_dense,
+                   model_bytes_ratio=whole_fp8 / whole_bf16, cpu_time_ratio=time_ratio,
                    table=table)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ from rewriter.errors import InputError
 from rewriter.graph_ops import is_reshape, module_stack, op_name
 from rewriter.patterns import find_projections
 from targets.fp8_embedding import FP8Embedding, FP8TiedHead
-from targets.fp8_linear import ACTIVATION_MODES, MODES, FP8Linear, FP8MoEFFN
+from targets.fp8_linear import ACTIVATION_MODES, MODES, ActivationMemo, FP8Linear, FP8MoEFFN
 
 from .cleanup import is_identity_op
 
@@ -49,13 +49,19 @@ class FP8Config:
     inference). ``pow2_scales``: round scales up to powers of two. ``keep_output_head``:
     leave the LM head in high precision (DeepSeek-V3). ``embeddings``: "keep" (high
     precision, DeepSeek-V3) or "fp8" (inference, for deployment: tables stored E4M3 with one
-    fp32 scale per row; a head tied to a table reads the same FP8 table, weight-only)."""
+    fp32 scale per row; a head tied to a table reads the same FP8 table, weight-only).
+    ``cache_dequantized``: inference on the CPU keeps each lowered weight's dequantized fp32
+    copy (built on first eager forward, never saved, rebuilt when the FP8 weights change; same
+    bits as dequantizing per call, 4 bytes per weight of RAM) and lets projections reading the
+    same input (q/k/v, gate/up) share its fake quantization; False recomputes both per call.
+    """
 
     mode: str = "inference"
     activations: str = "fp8"
     pow2_scales: bool = False
     keep_output_head: bool = True
     embeddings: str = "keep"
+    cache_dequantized: bool = True
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -70,6 +76,9 @@ class FP8Config:
         for name in ("pow2_scales", "keep_output_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"FP8Config.{name} must be a bool")
+        if not isinstance(self.cache_dequantized, bool):
+            raise ValueError(f"FP8Config.cache_dequantized must be a bool, got "
+                             f"{self.cache_dequantized!r}")
         if self.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"FP8Config.embeddings must be one of "
                              f"{', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
@@ -225,6 +234,8 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
 def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config) -> int:
     """Swap the planned modules (in place). Returns the number of modules lowered."""
     kwargs = dict(mode=config.mode, activations=config.activations, pow2=config.pow2_scales)
+    kwargs["cache_dequantized"] = config.cache_dequantized
+    kwargs["activation_memo"] = ActivationMemo()  # one per model: q/k/v, gate/up share x's
     count = _apply_embeddings(model, decisions, config)
     for d in decisions:
         if not d.lowered or d.kind in ("embedding", "tied_head"):
@@ -265,11 +276,6 @@ def _apply_embeddings(model: nn.Module, decisions: list[LoweringDecision],
 
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and persistent buffer (what a checkpoint stores)."""
-    seen, total = set(), 0
-    for t in list(model.parameters()) + [b for _, b in model.named_buffers()]:
-        if t is None or id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
+    stored = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # tied: once
+    return sum(t.numel() * t.element_size() for t in stored.values())
 

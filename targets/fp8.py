@@ -84,14 +84,29 @@ def quantize_rowwise(
     return (q if q.shape[1] == k else q[:, :k].contiguous()), scale
 
 
+# every E4M3 value by bit pattern (NaN at 0x7f/0xff, -0 at 0x80): a 256-entry lookup decodes fp8
+# to fp32 ~4x faster on CPU than ``.float()`` (a scalar loop there), with the same bits
+_E4M3_VALUES = torch.arange(256, dtype=torch.uint8).view(FP8_DTYPE).float()
+
+
 def fake_quantize_rowwise(x: torch.Tensor, *, block: int = BLOCK,
                           pow2: bool = False) -> torch.Tensor:
-    """dequantize_rowwise(*quantize_rowwise(x)) in fewer passes (the CPU emulation path)."""
+    """dequantize_rowwise(*quantize_rowwise(x)) bit for bit, in fewer passes (the CPU
+    emulation path). Returns (M, K) fp32; when K % block != 0, a view of an
+    (M, ceil(K/block)*block) buffer (the layout dequantize_rowwise gives)."""
     _check(x, "x", 2)
     m, k = x.shape
-    tiles = _row_tiles(x, block)
-    scale = compute_scale(torch.linalg.vector_norm(tiles, float("inf"), dim=2), pow2)[:, :, None]
-    out = (tiles / scale).to(FP8_DTYPE).float().mul_(scale).view(m, -1)
+    tiles = _row_tiles(x, block)  # (M, Kb, 128)
+    if tiles.device.type != "cpu":
+        scale = compute_scale(tiles.abs().amax(dim=2), pow2)[:, :, None]
+        out = (tiles / scale).to(FP8_DTYPE).float().mul_(scale).view(m, tiles.shape[1] * block)
+    else:  # one fp32 buffer reused: |x| for the amax, then x / s, then the decoded grid values
+        buf = tiles.abs()  # (M, Kb, 128)
+        scale = compute_scale(buf.amax(dim=2), pow2)[:, :, None]  # (M, Kb, 1)
+        q = torch.div(tiles, scale, out=buf).to(FP8_DTYPE)
+        idx = q.view(torch.uint8).view(-1).to(torch.int32)
+        torch.index_select(_E4M3_VALUES, 0, idx, out=buf.view(-1))  # == q.float()
+        out = buf.mul_(scale).view(m, tiles.shape[1] * block)
     return out if out.shape[1] == k else out[:, :k]
 
 

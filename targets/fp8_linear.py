@@ -5,20 +5,43 @@ forward/backward quantizes on the fly (all three GEMMs in FP8, ``rewriter::fp8_l
 ``mode="inference"``: the weight is quantized once and stored as FP8 + 128x128 scales (half the
 bytes of bf16); activations are quantized per 1x128 (``activations="fp8"``, W8A8) or kept in
 their precision (``"none"``, W8A16).
+
+CPU eager inference (``cache_dequantized=True``, the default) keeps the weights' dequantized
+fp32 form (``q.float() * block scale``, built on first use) instead of dequantizing on every
+call: same ops on the same values, so the same bits as the ops. The cache is a plain attribute
+(never in ``state_dict``, not counted by ``weight_bytes``; 4 bytes per weight of RAM while it
+lives), dropped by ``.to()``/``deepcopy``/pickling and rebuilt when a FP8 weight or scale
+tensor changes (reassigned, or written in place, e.g. ``load_state_dict``: keyed on the
+tensor's identity, storage, shape and version counter). Modules given one
+:class:`ActivationMemo` (the lowering pass gives one per model) also share the last
+fake-quantized activation: projections reading the same tensor (attention's q/k/v, a GLU's
+gate/up) quantize it once. The registered ops run instead (no caches) under
+``torch.export``/``torch.compile``/JIT tracing, dispatch modes and autocast, on other devices
+(CUDA: Triton), and when autograd would record the input (``torch.is_grad_enabled() and
+x.requires_grad``).
 """
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from models.moe import MoEFFN
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
-from .fp8 import quantize_blockwise
+from .fp8 import dequantize_blockwise, fake_quantize_rowwise, quantize_blockwise
+from .fp8_ops import (
+    grouped_linear_dequantized,
+    linear_dequantized,
+    weight_only_linear_dequantized,
+)
 
-__all__ = ["FP8Linear", "FP8MoEFFN", "MODES", "ACTIVATION_MODES"]
+__all__ = ["FP8Linear", "FP8MoEFFN", "ActivationMemo", "MODES", "ACTIVATION_MODES"]
 
 MODES = ("training", "inference")
 ACTIVATION_MODES = ("fp8", "none")
@@ -34,15 +57,131 @@ def _check_modes(mode: str, activations: str) -> None:
         raise ValueError("training runs all three GEMMs in FP8: activations must be 'fp8'")
 
 
+def _check_cache_flag(cache_dequantized: bool) -> None:
+    if not isinstance(cache_dequantized, bool):
+        raise ValueError(f"cache_dequantized must be a bool, got {cache_dequantized!r}")
+
+
+def _stamp(t: Tensor) -> tuple | None:
+    """What changes when ``t``'s values may have: storage, layout, version counter (None for
+    inference-mode tensors, which have no version counter: never cached)."""
+    try:
+        version = t._version
+    except RuntimeError:
+        return None
+    return (t.data_ptr(), version, tuple(t.shape), t.stride(), t.dtype, t.device)
+
+
+class _DequantCache:
+    """Dequantized fp32 weights by name, each keyed on the FP8 tensors it was built from.
+
+    Not a buffer: ``state_dict``, ``weight_bytes`` and checkpoints never see it; a deep copy
+    or a pickle starts empty (no fp32 copy travels)."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple] = {}
+
+    def get(self, name: str, sources: tuple[Tensor, ...], build: Callable[[], object]):
+        stamps = tuple(_stamp(t) for t in sources)
+        if any(st is None for st in stamps):
+            return build()
+        hit = self._entries.get(name)
+        if hit is not None and hit[0] == stamps and all(r() is t for r, t in zip(hit[1],
+                                                                                sources)):
+            return hit[2]
+        self._entries.pop(name, None)  # free the stale copy before building the new one
+        with torch.no_grad():
+            value = build()
+        self._entries[name] = (stamps, tuple(weakref.ref(t) for t in sources), value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __deepcopy__(self, memo) -> _DequantCache:
+        return _DequantCache()
+
+    def __reduce__(self):
+        return (_DequantCache, ())
+
+
+class ActivationMemo:
+    """The last activation fake-quantized by the FP8 modules that share this object (one
+    entry: the eager CPU path only). Keyed on the input tensor's identity (weak), storage,
+    layout and version counter, and ``pow2``; a deep copy or a pickle starts empty."""
+
+    def __init__(self) -> None:
+        self._entry: tuple | None = None
+
+    def fake_quantized(self, x: Tensor, pow2: bool) -> Tensor:
+        """``fake_quantize_rowwise`` of x flattened to (M, K), computed once per input."""
+        stamp = _stamp(x)
+        entry = self._entry
+        if stamp is not None and entry is not None and entry[0]() is x \
+                and entry[1] == (stamp, pow2):
+            return entry[2]
+        self._entry = None
+        xd = fake_quantize_rowwise(x.reshape(-1, x.shape[-1]), pow2=pow2)  # (M, K)
+        if stamp is not None:
+            self._entry = (weakref.ref(x), (stamp, pow2), xd)
+        return xd
+
+    def clear(self) -> None:
+        self._entry = None
+
+    def __deepcopy__(self, memo) -> ActivationMemo:
+        return ActivationMemo()
+
+    def __reduce__(self):
+        return (ActivationMemo, ())
+
+
+def _check_memo(activation_memo: ActivationMemo | None) -> None:
+    if activation_memo is not None and not isinstance(activation_memo, ActivationMemo):
+        raise ValueError(f"activation_memo must be an ActivationMemo or None, got "
+                         f"{type(activation_memo).__name__}")
+
+
+def _eager_cpu(x: object, *weights: Tensor) -> bool:
+    """True when an inference forward may run the eager CPU body on cached weights: a plain
+    CPU tensor that autograd won't record, outside export/compile/tracing/dispatch modes and
+    autocast, weights on the CPU."""
+    return (type(x) in (Tensor, nn.Parameter) and x.device.type == "cpu"
+            and not (x.requires_grad and torch.is_grad_enabled())
+            and all(w.device.type == "cpu" for w in weights)
+            and not torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+            and not torch.jit.is_tracing() and _get_current_dispatch_mode() is None
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _clear(module: nn.Module) -> None:
+    for cache in (module._dequant_cache, module._activation_memo):
+        if cache is not None:
+            cache.clear()
+
+
 class FP8Linear(nn.Module):
     """``y = x @ W^T + b`` with FP8 GEMMs (DeepSeek-V3 1x128 / 128x128 scaling)."""
 
+    cache_dequantized = True  # class defaults: modules pickled before the cache existed
+    _dequant_cache: _DequantCache | None = None
+    _activation_memo: ActivationMemo | None = None
+
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, mode: str = "training",
-                 activations: str = "fp8", pow2: bool = False):
+                 activations: str = "fp8", pow2: bool = False, cache_dequantized: bool = True,
+                 activation_memo: ActivationMemo | None = None):
         super().__init__()
         _check_modes(mode, activations)
+        _check_cache_flag(cache_dequantized)
+        _check_memo(activation_memo)
         self.out_features, self.in_features = weight.shape
         self.mode, self.activations, self.pow2 = mode, activations, pow2
+        self.cache_dequantized = cache_dequantized  # inference mode, CPU eager only
+        self._dequant_cache = _DequantCache()
+        self._activation_memo = activation_memo  # shared with sibling modules, or None
         self.compute_dtype = weight.dtype
         if mode == "training":
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
@@ -66,9 +205,31 @@ class FP8Linear(nn.Module):
             weight = nn.Parameter(weight.detach().t().contiguous())
         return cls(weight, linear.bias, **kwargs)
 
+    def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): new tensors, drop copies
+        _clear(self)
+        return super()._apply(fn, recurse)
+
+    def dequantized_weight(self, x: Tensor | None = None) -> Tensor | None:
+        """The cached fp32 weight (N, K) for an eager CPU forward on ``x``, built on first use;
+        None when the cache is off or does not apply (see the module docstring)."""
+        if self.mode != "inference" or not self.cache_dequantized or not _eager_cpu(
+                self.weight_q if x is None else x, self.weight_q, self.weight_scale):
+            return None
+        if self._dequant_cache is None:
+            self._dequant_cache = _DequantCache()
+        q, s = self.weight_q, self.weight_scale
+        return self._dequant_cache.get("weight", (q, s), lambda: dequantize_blockwise(q, s))
+
     def forward(self, x: Tensor) -> Tensor:  # (..., K) -> (..., N)
         if self.mode == "training":
             return _ops.fp8_linear_hp(x, self.weight, self.bias, self.pow2)
+        w = self.dequantized_weight(x)
+        if w is not None:  # the ops' CPU bodies on the cached weight: the same bits
+            if self.activations == "fp8":
+                memo = self._activation_memo
+                return linear_dequantized(x, w, self.bias, self.pow2, x_fq=None if memo is None
+                                          else memo.fake_quantized(x, self.pow2))
+            return weight_only_linear_dequantized(x, w, self.bias)
         if self.activations == "fp8":
             return _ops.fp8_linear(x, self.weight_q, self.weight_scale, self.bias, self.pow2)
         return _ops.fp8_weight_only_linear(x, self.weight_q, self.weight_scale, self.bias)
@@ -88,16 +249,26 @@ class FP8MoEFFN(MoEFFN):
     (DeepGEMM's contiguous layout): three launches per block, whatever E.
     """
 
+    cache_dequantized = True
+    _dequant_cache: _DequantCache | None = None
+    _activation_memo: ActivationMemo | None = None
+
     def __init__(self, block: MoEFFN, *, mode: str = "training", activations: str = "fp8",
-                 pow2: bool = False):
+                 pow2: bool = False, cache_dequantized: bool = True,
+                 activation_memo: ActivationMemo | None = None):
         nn.Module.__init__(self)
         _check_modes(mode, activations)
+        _check_cache_flag(cache_dequantized)
+        _check_memo(activation_memo)
         self.__dict__.update({k: v for k, v in block.__dict__.items()
                               if k not in ("_parameters", "_buffers", "_modules")})
         self._parameters = dict(block._parameters)
         self._buffers = dict(block._buffers)
         self._modules = dict(block._modules)
         self.mode, self.activations, self.pow2 = mode, activations, pow2
+        self.cache_dequantized = cache_dequantized  # inference mode, CPU eager only
+        self._dequant_cache = _DequantCache()
+        self._activation_memo = activation_memo  # grouped up/gate read the same rows
         self._compute_dtype = block.w_up.dtype
         if mode == "inference":
             for name in ("w_up", "w_gate", "w_down"):
@@ -117,16 +288,34 @@ class FP8MoEFFN(MoEFFN):
     def compute_dtype(self) -> torch.dtype:
         return self._compute_dtype
 
+    def _apply(self, fn, recurse=True):
+        _clear(self)
+        return super()._apply(fn, recurse)
+
+    def dequantized_experts(self, name: str, x: Tensor | None = None) -> list[Tensor] | None:
+        """Cached fp32 weights of every expert of projection ``name`` ("w_up", "w_gate",
+        "w_down") for an eager CPU forward on ``x``: E tensors, built on first use; None when
+        the cache is off, does not apply, or the projection does not exist."""
+        q, s = getattr(self, f"{name}_q", None), getattr(self, f"{name}_scale", None)
+        if self.mode != "inference" or not self.cache_dequantized or q is None or not \
+                _eager_cpu(q if x is None else x, q, s):
+            return None
+        if self._dequant_cache is None:
+            self._dequant_cache = _DequantCache()
+        return self._dequant_cache.get(name, (q, s), lambda: [
+            dequantize_blockwise(qe, se) for qe, se in zip(q.unbind(0), s.unbind(0))])
+
     # per-expert params: (gate, up, down, b_gate, b_up) as the base class expects
     def _experts(self):
         if self.mode == "training":
             return super()._experts()
         E = self.config.num_experts
 
-        def split(name):
+        def split(name):  # per expert (name, e, q, s): _linear finds the cached weight by name
             q = getattr(self, f"{name}_q")
             s = getattr(self, f"{name}_scale")
-            return [None] * E if q is None else list(zip(q.unbind(0), s.unbind(0)))
+            return [None] * E if q is None else [(name, e, qe, se) for e, (qe, se) in
+                                                 enumerate(zip(q.unbind(0), s.unbind(0)))]
 
         b_gate = self.b_gate.unbind(0) if self.b_gate is not None else [None] * E
         b_up = self.b_up.unbind(0) if self.b_up is not None else [None] * E
@@ -135,7 +324,12 @@ class FP8MoEFFN(MoEFFN):
     def _linear(self, x: Tensor, w, b: Tensor | None) -> Tensor:
         if self.mode == "training":
             return _ops.fp8_linear_hp(x, w, b, self.pow2)
-        q, s = w
+        name, e, q, s = w
+        cached = self.dequantized_experts(name, x)
+        if cached is not None:  # the ops' CPU bodies on the cached weight: the same bits
+            if self.activations == "fp8":
+                return linear_dequantized(x, cached[e], b, self.pow2)
+            return weight_only_linear_dequantized(x, cached[e], b)
         if self.activations == "fp8":
             return _ops.fp8_linear(x, q, s, b, self.pow2)
         return _ops.fp8_weight_only_linear(x, q, s, b)
@@ -159,18 +353,28 @@ class FP8MoEFFN(MoEFFN):
         ws = weights.reshape(-1).index_select(0, order)  # (T*K,)
         expert_of_row = flat.index_select(0, order)  # (T*K,)
         xs = x.index_select(0, token)  # (T*K, d) contiguous per expert
-        up = _ops.fp8_grouped_linear(xs, self.w_up_q, self.w_up_scale, offsets, self.pow2)
+        up = self._grouped(xs, "w_up", offsets)
         if self.b_up is not None:
             up = up + self.b_up.index_select(0, expert_of_row)
         if self.w_gate_q is not None:
-            gate = _ops.fp8_grouped_linear(xs, self.w_gate_q, self.w_gate_scale, offsets,
-                                           self.pow2)
+            gate = self._grouped(xs, "w_gate", offsets)
             if self.b_gate is not None:
                 gate = gate + self.b_gate.index_select(0, expert_of_row)
             h = self.act(gate) * up  # (T*K, F)
         else:
             h = self.act(up)
         h = h * ws.unsqueeze(-1).to(h.dtype)
-        y = _ops.fp8_grouped_linear(h, self.w_down_q, self.w_down_scale, offsets, self.pow2)
+        y = self._grouped(h, "w_down", offsets)
         out = x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype))  # (T, d)
         return out, counts
+
+    def _grouped(self, x: Tensor, name: str, offsets: Tensor) -> Tensor:
+        """One grouped GEMM of projection ``name`` over expert-sorted rows x (T, K)."""
+        q, s = getattr(self, f"{name}_q"), getattr(self, f"{name}_scale")
+        cached = self.dequantized_experts(name, x)
+        if cached is not None:  # the op's CPU body on the cached weights: the same bits
+            memo = self._activation_memo
+            return grouped_linear_dequantized(
+                x, cached.__getitem__, offsets, q.shape[1], self.pow2,
+                x_fq=None if memo is None else memo.fake_quantized(x, self.pow2))
+        return _ops.fp8_grouped_linear(x, q, s, offsets, self.pow2)

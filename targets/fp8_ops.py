@@ -12,6 +12,11 @@ Every op has a fake (meta) implementation, a CPU implementation that is the torc
     rewriter::fp8_grouped_linear(x, w_q, w_s, offsets, pow2) -> y    MoE experts, sorted rows
     rewriter::fp8_linear_hp(x, weight, bias, pow2)     -> y          training: all 3 GEMMs FP8
 
+The CPU bodies of the three inference linears are also exposed as plain functions that take the
+weight already dequantized (``linear_dequantized``, ``weight_only_linear_dequantized``,
+``grouped_linear_dequantized``): the eager modules call them with a cached fp32 weight, the ops
+with a freshly dequantized one, so both give the same bits.
+
 ``fp8_linear_hp`` has an autograd formula (DeepSeek-V3): Fprop ``x @ W^T`` with x per 1x128 and
 W per 128x128; Dgrad ``dy @ W`` with dy per 1x128 along N and W's blocks transposed; Wgrad
 ``dy^T @ x`` with both operands per 1x128 along the token dim. Gradients come out in the
@@ -21,8 +26,10 @@ inputs' precision; master weights stay in their own dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from . import fp8 as ref
@@ -35,6 +42,9 @@ __all__ = [
     "fp8_weight_only_linear",
     "fp8_grouped_linear",
     "fp8_linear_hp",
+    "linear_dequantized",
+    "weight_only_linear_dequantized",
+    "grouped_linear_dequantized",
 ]
 
 _LIB = "rewriter"
@@ -113,16 +123,48 @@ def _flatten(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
 
 
+# ----------------------------------------------------------------------------- CPU bodies
+
+
+def linear_dequantized(x: Tensor, w: Tensor, bias: Tensor | None, pow2: bool, *,
+                       x_fq: Tensor | None = None) -> Tensor:
+    """fp8_linear's CPU emulation given W dequantized (N, K) fp32: fake-quantized activations
+    (fp32 values on the E4M3 grid, same as dequantize(quantize(x))) times W, i.e.
+    fp8_gemm_reference in fewer passes. ``x_fq``: ``fake_quantize_rowwise`` of x flattened to
+    (M, K), when the caller has it already (projections sharing an input)."""
+    xd = ref.fake_quantize_rowwise(_flatten(x), pow2=pow2) if x_fq is None else x_fq  # (M, K)
+    y = F.linear(xd, w, None if bias is None else bias.float())  # (M, N)
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
+def weight_only_linear_dequantized(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """fp8_weight_only_linear given W dequantized (N, K) fp32: x @ W^T in x's precision."""
+    return F.linear(x, w.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+
+def grouped_linear_dequantized(x: Tensor, weight_of: Callable[[int], Tensor], offsets: Tensor,
+                               out_features: int, pow2: bool, *,
+                               x_fq: Tensor | None = None) -> Tensor:
+    """fp8_grouped_linear's CPU emulation: rows offsets[e]:offsets[e+1] of x (T, K) times
+    ``weight_of(e)``, expert e's dequantized (N, K) fp32 weight (asked only for non-empty
+    experts; E = len(offsets) - 1). Activations are fake-quantized once for all rows (1x128
+    tiles never straddle rows: each slice holds what dequantize_rowwise would give it).
+    ``x_fq``: x fake-quantized already (as in linear_dequantized). -> (T, N) in x's dtype."""
+    xd = ref.fake_quantize_rowwise(x, pow2=pow2) if x_fq is None else x_fq  # (T, K)
+    out = x.new_empty((x.shape[0], out_features), dtype=torch.float32)  # (T, N)
+    bounds = offsets.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if hi > lo:
+            out[lo:hi] = xd[lo:hi] @ weight_of(e).T
+    return out.to(x.dtype)
+
+
 @torch.library.custom_op(f"{_LIB}::fp8_linear", mutates_args=())
 def fp8_linear(x: Tensor, w_q: Tensor, w_s: Tensor, bias: Tensor | None, pow2: bool) -> Tensor:
     """y (..., N) = x (..., K) @ W^T (+ bias): activations quantized per 1x128 on the fly,
     W stored FP8 (N, K) with 128x128 scales. Output in x's dtype."""
-    # CPU emulation: fake-quantized activations (fp32 values on the E4M3 grid, same as
-    # dequantize(quantize(x))) times the dequantized weight: fp8_gemm_reference, fewer passes
-    xd = ref.fake_quantize_rowwise(_flatten(x), pow2=pow2)
-    wd = ref.dequantize_blockwise(w_q, w_s)
-    y = torch.nn.functional.linear(xd, wd, None if bias is None else bias.float())
-    return y.to(x.dtype).reshape(*x.shape[:-1], w_q.shape[0])
+    return linear_dequantized(x, ref.dequantize_blockwise(w_q, w_s), bias, pow2)
 
 
 @fp8_linear.register_fake
@@ -142,8 +184,7 @@ def _(x, w_q, w_s, bias, pow2):
 @torch.library.custom_op(f"{_LIB}::fp8_weight_only_linear", mutates_args=())
 def fp8_weight_only_linear(x: Tensor, w_q: Tensor, w_s: Tensor, bias: Tensor | None) -> Tensor:
     """W8A16: y = x @ dequant(W)^T (+ bias) in x's precision."""
-    w = ref.dequantize_blockwise(w_q, w_s).to(x.dtype)
-    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+    return weight_only_linear_dequantized(x, ref.dequantize_blockwise(w_q, w_s), bias)
 
 
 @fp8_weight_only_linear.register_fake
@@ -156,14 +197,8 @@ def fp8_grouped_linear(x: Tensor, w_q: Tensor, w_s: Tensor, offsets: Tensor,
                        pow2: bool) -> Tensor:
     """MoE experts in contiguous layout: rows offsets[e]:offsets[e+1] of x (T, K) use expert
     e's FP8 weight w_q[e] (N, K) with scales w_s[e]. -> (T, N) in x's dtype."""
-    xq, xs = ref.quantize_rowwise(x, pow2=pow2)
-    out = x.new_empty((x.shape[0], w_q.shape[1]), dtype=torch.float32)
-    bounds = offsets.tolist()
-    for e in range(w_q.shape[0]):
-        lo, hi = bounds[e], bounds[e + 1]
-        if hi > lo:
-            out[lo:hi] = ref.fp8_gemm_reference(xq[lo:hi], xs[lo:hi], w_q[e], w_s[e])
-    return out.to(x.dtype)
+    return grouped_linear_dequantized(x, lambda e: ref.dequantize_blockwise(w_q[e], w_s[e]),
+                                      offsets[:w_q.shape[0] + 1], w_q.shape[1], pow2)
 
 
 @fp8_grouped_linear.register_fake

@@ -99,3 +99,22 @@ def test_filters_and_bad_models():
         FP8Config(mode="training", activations="none")
     gm = capture(model, case.inputs(model, 2, 5))
     assert find_output_heads(gm) == {"lm_head"}
+
+
+def test_cache_dequantized_is_validated_threaded_and_not_stored():
+    with pytest.raises(ValueError, match="FP8Config.cache_dequantized must be a bool"):
+        FP8Config(cache_dequantized=1)
+    case = BY_NAME["llama-small-test"]
+    model = case.build()
+    x = case.inputs(model, 2, 7)
+    on = rewriter.convert(model, fp8=FP8Config(), example_inputs=x)
+    off = rewriter.convert(model, fp8=FP8Config(cache_dequantized=False), example_inputs=x)
+    flags = [[m.cache_dequantized for m in c.modules() if isinstance(m, FP8Linear)]
+             for c in (on, off)]
+    assert flags[0] and all(flags[0]) and not any(flags[1])
+    memos = {id(m._activation_memo) for m in on.modules() if isinstance(m, FP8Linear)}
+    assert len(memos) == 1  # one per model: q/k/v and gate/up quantize their input once
+    nbytes, keys = weight_bytes(on), set(on.state_dict())
+    assert torch.equal(_run(on, x), _run(off, x))  # cached fp32 copies, same bits
+    assert any(len(m._dequant_cache) for m in on.modules() if isinstance(m, FP8Linear))
+    assert weight_bytes(on) == nbytes == weight_bytes(off) and set(on.state_dict()) == keys

@@ -8,6 +8,7 @@ from targets.fp8 import (
     FP8_DTYPE,
     dequantize_blockwise,
     dequantize_rowwise,
+    fake_quantize_rowwise,
     fp8_gemm_reference,
     quantize_blockwise,
     quantize_rowwise,
@@ -133,3 +134,21 @@ def test_bad_inputs():
         quantize_blockwise(torch.ones(4, 4, dtype=torch.int32))
     q, s = quantize_rowwise(torch.randn(8, 300).t())  # non-contiguous input is fine
     assert q.shape == (300, 8) and q.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", ["normal", "log_uniform", "outliers", "subnormal"])
+@pytest.mark.parametrize("shape", [(1, 200), (7, 1000), (130, 129), (5, 256)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_fake_quantize_is_dequantize_of_quantize_bit_for_bit(kind, shape, pow2):
+    x = _inputs(kind, shape)
+    x[0, 0] = float("nan")  # a NaN tile, an inf tile, a zero row and a -0
+    x[-1, -1] = float("inf")
+    x[min(1, shape[0] - 1), :] = 0.0
+    x[0, -1] = -0.0
+    for xt in (x, x.bfloat16(), x.double()):
+        ref = dequantize_rowwise(*quantize_rowwise(xt, pow2=pow2))
+        out = fake_quantize_rowwise(xt, pow2=pow2)
+        assert out.shape == ref.shape and out.stride() == ref.stride()  # same layout for matmuls
+        assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # NaN bits included
+    empty = fake_quantize_rowwise(torch.zeros(0, shape[1]))
+    assert empty.shape == (0, shape[1])
