@@ -460,4 +460,4 @@ class MoEFFN(nn.Module):
             s += f", renormalize={c.renormalize}, route_scale={c.route_scale}"
         if c.aux_loss_coef > 0:
             s += f", aux_loss_coef={c.aux_loss_coef}"
-        return s + f", dtype={self.w_up.dtype}"
+        return s + f", dtype={self.compute_dtype}"

@@ -233,20 +233,22 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import models
     from models.text import token_ids
 
     from .training import TextData, TrainConfig, train
 
     _check_output(args.out, "directory")
+    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
+    seq_len = args.seq_len or min(128, models.max_seq_len(resolved.model) or 128)
     config = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+        steps=args.steps, batch_size=args.batch_size, seq_len=seq_len, lr=args.lr,
         warmup_steps=args.warmup, grad_clip=args.grad_clip, distill=args.distill,
         temperature=args.temperature, moe_first_steps=args.moe_first_steps,
         bias_update_rate=args.bias_rate, eval_every=args.eval_every,
         checkpoint_every=args.checkpoint_every,
         checkpoint_dir=str(Path(args.out) / "checkpoints") if args.out else None,
         seed=args.seed)
-    resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     vocab = getattr(getattr(resolved.model, "config", None), "vocab_size", None)
     if resolved.tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{args.model} has no tokenizer and a vocabulary of {vocab} < 256 "
@@ -258,7 +260,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
                          "teacher is the dense model")
     data = TextData.from_corpus(resolved.tokenizer, ids=token_ids(resolved.tokenizer),
                                 eval_tokens=args.eval_tokens,
-                                eval_len=min(args.seq_len, args.eval_tokens),
+                                eval_len=min(seq_len, args.eval_tokens),
                                 hf=isinstance(resolved.example_inputs, dict))
     history = []
     every = max(1, args.steps // 10)
@@ -467,7 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--steps", type=_positive, default=100, help="optimizer steps (default 100)")
     t.add_argument("--batch-size", type=_positive, default=8,
                    help="sequences per step, global (default 8)")
-    t.add_argument("--seq-len", type=_positive, default=128, help="tokens per sequence")
+    t.add_argument("--seq-len", type=_positive, default=None,
+                   help="tokens per sequence (default: 128, or the model's maximum if shorter)")
     t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
     t.add_argument("--warmup", type=_non_negative, default=10, help="warm-up steps")
     t.add_argument("--grad-clip", type=float, default=1.0, help="max grad norm (0: off)")

@@ -135,10 +135,13 @@ def run_pipeline(
     if tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{type(model).__name__} has no tokenizer and vocab_size={vocab}: the "
                          "pipeline needs real text in the model's tokens (give tokenizer=)")
+    import models
+
+    longest = models.max_seq_len(model) or 256
+    seq = min(128, longest)
     ids = token_ids(tokenizer)
     data = TextData.from_corpus(tokenizer, ids=ids, eval_tokens=eval_tokens,
-                                eval_len=min(256, eval_tokens), hf=hf)
-    seq = 128
+                                eval_len=min(256, longest, eval_tokens), hf=hf)
     calib = [data.train_ids[i * 4 * seq:(i + 1) * 4 * seq].reshape(4, seq)
              for i in range(max(1, calibration_seqs // 4))] if calibration_seqs else None
     if calib is not None:

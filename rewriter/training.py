@@ -446,6 +446,12 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
     if (config.train_part == "moe" or config.moe_first_steps) and not moe_blocks(model):
         raise InputError("TrainConfig.train_part='moe' / moe_first_steps need a model with MoE "
                          "blocks (convert it with moe=... first)")
+    import models
+
+    longest = models.max_seq_len(_unwrap(model))
+    if longest is not None and config.seq_len > longest:
+        raise InputError(f"TrainConfig.seq_len={config.seq_len} is longer than the model's "
+                         f"maximum sequence length {longest}")
     vocab = getattr(getattr(_unwrap(model), "config", None), "vocab_size", None)
     if vocab is not None and int(data.train_ids.max()) >= int(vocab):
         raise InputError(f"TextData.train_ids has id {int(data.train_ids.max())} >= the model's "

@@ -5,6 +5,7 @@ import torch
 
 import models
 import rewriter
+from passes.ffn_to_moe import MoEConfig
 from rewriter.errors import InputError
 from rewriter.training import (
     TextData,
@@ -19,13 +20,16 @@ from rewriter.training import (
 
 @pytest.fixture(scope="module")
 def data():
-    return TextData.from_corpus(None, eval_tokens=1024, eval_len=64)  # UTF-8 bytes
+    return TextData.from_corpus(None, eval_tokens=512, eval_len=64)  # UTF-8 bytes
 
 
 @pytest.fixture(scope="module")
 def student():
-    """llama-tiny converted by the deepseek-v3 recipe: MoE (sigmoid gates) + FP8 training."""
-    return rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3")
+    """llama-tiny converted the deepseek-v3 way (sigmoid gates, shared expert, FP8 training),
+    with 4 routed experts to keep the emulated FP8 steps cheap."""
+    moe = MoEConfig(num_experts=4, top_k=2, shared_width=44, gate="sigmoid", route_scale=2.0)
+    return rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3",
+                            moe=moe)
 
 
 def _small(**kw) -> TrainConfig:

@@ -1,0 +1,29 @@
+import copy
+
+import torch
+
+import models
+import rewriter
+from passes.freeze_fp8 import freeze_fp8
+from passes.lower_fp8 import weight_bytes
+from targets.fp8_linear import FP8Linear, FP8MoEFFN
+
+
+def test_freeze_stores_fp8_weights_and_keeps_the_forward():
+    model = rewriter.convert(models.build_model("llama-tiny", seed=3), recipe="deepseek-v3")
+    x = torch.randint(0, 256, (3, 33), generator=torch.Generator().manual_seed(5))
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+    frozen = copy.deepcopy(model)
+    assert freeze_fp8(frozen) == 2 * (4 + 1 + 3)  # per layer: attention, experts, shared
+    assert all(m.mode == "inference" for m in frozen.modules()
+               if isinstance(m, (FP8Linear, FP8MoEFFN)))
+    assert freeze_fp8(frozen) == 0  # idempotent
+    with torch.no_grad():
+        got = frozen(x)
+    # same quantized operands; only the grouped GEMM's fp32 summation order differs
+    assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-6
+    assert weight_bytes(frozen) < 0.55 * weight_bytes(model)
+    dtypes = {t.dtype for t in frozen.state_dict().values()}
+    assert torch.float8_e4m3fn in dtypes
