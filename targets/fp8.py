@@ -80,7 +80,7 @@ def quantize_rowwise(
     m, k = x.shape
     tiles = _row_tiles(x, block)  # (M, Kb, 128)
     scale = compute_scale(torch.linalg.vector_norm(tiles, float("inf"), dim=2), pow2)  # (M, Kb)
-    q = (tiles / scale[:, :, None]).to(FP8_DTYPE).view(m, -1)
+    q = (tiles / scale[:, :, None]).to(FP8_DTYPE).view(m, tiles.shape[1] * block)
     return (q if q.shape[1] == k else q[:, :k].contiguous()), scale
 
 
@@ -133,8 +133,8 @@ def quantize_tensorwise(x: torch.Tensor, *, pow2: bool = False) -> tuple[torch.T
 def dequantize_rowwise(q: torch.Tensor, scale: torch.Tensor, *, block: int = BLOCK) -> torch.Tensor:
     """fp32 (M, K) from rowwise-quantized q and s (M, ceil(K/block))."""
     m, k = q.shape
-    tiles = _row_tiles(q, block) if k % block else q.float().view(m, -1, block)
-    out = tiles.mul_(scale[:, :, None]).view(m, -1)
+    tiles = _row_tiles(q, block) if k % block else q.float().view(m, k // block, block)
+    out = tiles.mul_(scale[:, :, None]).view(m, tiles.shape[1] * block)  # m may be 0
     return out if out.shape[1] == k else out[:, :k]
 
 

@@ -152,3 +152,23 @@ def test_fake_quantize_is_dequantize_of_quantize_bit_for_bit(kind, shape, pow2):
         assert torch.equal(out.view(torch.int32), ref.view(torch.int32))  # NaN bits included
     empty = fake_quantize_rowwise(torch.zeros(0, shape[1]))
     assert empty.shape == (0, shape[1])
+
+
+def test_zero_rows_quantize_and_multiply_to_empty_results():
+    """An expert that receives no tokens gives (0, K) activations: every step handles them."""
+    from targets.fp8 import (
+        dequantize_rowwise,
+        fake_quantize_rowwise,
+        fp8_gemm_reference,
+        quantize_blockwise,
+        quantize_rowwise,
+    )
+
+    for k in (200, 256):
+        x = torch.empty(0, k)
+        q, s = quantize_rowwise(x)
+        assert q.shape == (0, k) and s.shape == (0, -(-k // 128))
+        assert dequantize_rowwise(q, s).shape == (0, k)
+        assert fake_quantize_rowwise(x).shape == (0, k)
+        wq, ws = quantize_blockwise(torch.randn(96, k, generator=torch.Generator().manual_seed(k)))
+        assert fp8_gemm_reference(q, s, wq, ws).shape == (0, 96)
