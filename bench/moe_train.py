@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.probe:
         return out
 
-    # step time from 3 throw-away steps on a copy
+    # step time from 2 throw-away steps on a copy
     probe = copy.deepcopy(student)
     t = time.perf_counter()
-    train(probe, data, TrainConfig(steps=3, batch_size=args.batch_size, seq_len=args.seq_len,
+    train(probe, data, TrainConfig(steps=2, batch_size=args.batch_size, seq_len=args.seq_len,
                                    distill=args.distill), teacher=dense, progress=False)
-    step_s = (time.perf_counter() - t) / 3
+    step_s = (time.perf_counter() - t) / 2
     del probe
     steps = max(10, int(args.minutes * 60 / step_s))
     every = max(1, steps // args.evals)

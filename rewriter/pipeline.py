@@ -222,7 +222,8 @@ def run_pipeline(
             {**report.to_dict(), "conversion": after.to_dict()}, indent=1, default=str))
         report.files["json"] = str(out / "report.json")
         report.files["report"] = str(out / "report.html")
-        (out / "report.html").write_text(_report_html(report, str(after),
+        converted_text = str(after)
+        (out / "report.html").write_text(_report_html(report, converted_text,
                                                       f"{type(model).__name__} conversion"))
         report.seconds["report"] = clock() - t
         say(f"report: {out / 'report.html'}")
@@ -242,8 +243,7 @@ def run_pipeline(
         report.seconds["onnx"] = clock() - t
         say(f"ONNX: {exported.path} ({exported.file_bytes / 1e6:.1f} MB), onnxruntime parity "
             f"{diff['argmax_agreement']:.2%} next-token agreement")
-        if report_dir is not None:
+        if report_dir is not None:  # again, with the ONNX line in the table
             (Path(report_dir) / "report.html").write_text(
-                _report_html(report, str(inspect(deploy, example_inputs)),
-                             f"{type(model).__name__} conversion"))
+                _report_html(report, converted_text, f"{type(model).__name__} conversion"))
     return report
