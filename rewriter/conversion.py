@@ -213,11 +213,14 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
     """The first floating tensor output (logits) of ``model`` on ``inputs``, or None."""
     was_training = model.training
-    model.eval()
-    try:
+    if isinstance(model, GraphModule):  # an exported graph has no train/eval switch
         out = _call(model, inputs)
-    finally:
-        model.train(was_training)
+    else:
+        model.eval()
+        try:
+            out = _call(model, inputs)
+        finally:
+            model.train(was_training)
     for leaf in pytree.tree_leaves(out):
         if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
             return leaf.detach().clone()
