@@ -98,3 +98,20 @@ def test_explicit_configs_override_the_recipe_and_bad_names_fail():
         rewriter.convert(model, recipe="deepseek")
     with pytest.raises(InputError, match="no expert count"):
         fit_experts([3], 16, 0.25)  # 3 neurons cannot make 4 experts
+
+
+def test_hf_generate_keeps_working_after_conversion():
+    """Module mode swaps blocks into a copy of the HF model: generate() still runs, and with
+    every expert active (hard gates) it generates exactly what the dense model generates."""
+    from passes.ffn_to_moe import MoEConfig
+
+    case = next(c for c in CASES if c.name == "hf:llama")
+    model = case.build().eval()
+    ids = case.inputs(model, 2, 5, seed=4)["input_ids"]
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
+    dense = model.generate(ids, **kw)
+    exact = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=4))
+    assert torch.equal(exact.generate(ids, **kw), dense)
+    fp8 = rewriter.convert(model, recipe="deepseek-v3").eval()
+    out = fp8.generate(ids, **kw)
+    assert out.shape == (2, 9) and torch.equal(out[:, :5], ids)
