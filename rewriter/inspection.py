@@ -134,13 +134,16 @@ def to_networkx(
     baseline: GraphSnapshot | None = None,
     collapse: bool = False,
     title: str | None = None,
+    expand_to: Sequence[str] = (),
 ) -> nx.DiGraph:
     """The graph as a networkx DiGraph (node attrs: label, op, target, module, group, status,
     shape, dtype, count; graph attrs: title, groups).
 
     ``baseline``: a snapshot of an earlier graph; nodes added/changed since are marked and
     removed ones appear as ghosts with status "removed". ``collapse``: merge each module that
-    holds no FFN (attention, norms, embeddings) into one node and drop parameter reads.
+    holds no FFN (attention, norms, embeddings) into one node and drop parameter reads;
+    ``expand_to``: module FQNs drawn as boxes of their own even though they hold no FFN (the
+    MoE blocks of a converted model).
     """
     analysis = analysis if analysis is not None else analyze_ffns(gm)
     groups: dict[str, dict[str, str]] = {}
@@ -164,6 +167,8 @@ def to_networkx(
     keep: set[str] = set()
     for m in analysis.matches:
         keep |= _ancestors(m.module)
+    for fqn in expand_to:  # the module's parents open up; the module is one box
+        keep |= _ancestors(fqn.rpartition(".")[0]) if "." in fqn else set()
     for node in gm.graph.nodes:
         if node.name in node_group:
             keep |= _ancestors(owning_module(node))
@@ -369,8 +374,9 @@ class Report:
 
     def to_networkx(self, *, collapse: bool = False) -> nx.DiGraph:
         baseline = self.history[0].before if self.history else None
+        expand = tuple(getattr(self.conversion, "modules", ()) or ())
         return to_networkx(self.graph_module, analysis=self.analysis, baseline=baseline,
-                           collapse=collapse, title=self._title())
+                           collapse=collapse, title=self._title(), expand_to=expand)
 
     def write_picture(self, path: str | Path, *, collapse: bool = True) -> Path:
         """Write the graph as a self-contained .html or .svg picture."""

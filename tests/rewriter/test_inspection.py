@@ -102,3 +102,16 @@ def test_format_table_aligns_numbers():
     text = format_table(["a", "n"], [["x", 5], ["yy", 12345]])
     lines = text.splitlines()
     assert lines[2].endswith("    5") and lines[3].endswith("12,345")
+
+
+def test_picture_of_a_converted_fp8_model_boxes_each_moe_block():
+    """FP8 MoE blocks hold no FFN pattern: the collapsed picture still opens the layers down
+    to one box per converted block instead of one box for the whole model."""
+    import models
+    import rewriter
+
+    conv = rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3")
+    g = inspect(conv).to_networkx(collapse=True)
+    boxes = sorted(d["module"] for _, d in g.nodes(data=True) if d.get("op") == "collapsed")
+    assert "layers.0.feed_forward" in boxes and "layers.1.feed_forward" in boxes
+    assert "layers.0.attention" in boxes
