@@ -15,13 +15,9 @@ from torch import nn
 
 from targets.fp8_linear import FP8Linear, FP8MoEFFN
 
+from .lower_fp8 import _set
+
 __all__ = ["freeze_fp8"]
-
-
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 def freeze_fp8(model: nn.Module) -> int:

@@ -263,22 +263,17 @@ def _balance(model: nn.Module, rate: float) -> None:
         block.update_bias(rate)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: TextData, batch: int = 8) -> float:
-    """Perplexity of ``model`` on ``data.eval_ids`` (every position but the first)."""
+    """Perplexity of ``model`` on ``data.eval_ids`` (every position but the first), in eval
+    mode (restored afterwards)."""
+    from models.text import perplexity
+
     was_training = model.training
     model.eval()
     try:
-        nll, count = 0.0, 0
-        for i in range(0, data.eval_ids.shape[0], batch):
-            ids = data.eval_ids[i:i + batch]
-            logits = _logits(model, ids, data.hf)
-            nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                         ids[:, 1:].flatten(), reduction="sum"))
-            count += ids[:, 1:].numel()
+        return perplexity(model, data.eval_ids, batch=batch, hf=data.hf)
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -457,10 +452,6 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
         raise InputError(f"TextData.train_ids has id {int(data.train_ids.max())} >= the model's "
                          f"vocab_size {vocab}: tokenize with the model's tokenizer")
 
-    if resume is not None:
-        for name in ("model.safetensors", "trainer.json"):
-            if not (Path(resume) / name).exists():
-                raise InputError(f"checkpoint {resume} has no {name}")
     if optimizer is None:
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=config.lr, weight_decay=config.weight_decay)
