@@ -15,8 +15,6 @@ from torch import nn
 
 from targets.fp8_linear import FP8Linear, FP8MoEFFN
 
-from .lower_fp8 import _set
-
 __all__ = ["freeze_fp8"]
 
 
@@ -34,5 +32,5 @@ def freeze_fp8(model: nn.Module) -> int:
             new = FP8Linear(module.weight, module.bias, mode="inference", activations="fp8",
                             pow2=module.pow2)
         new.train(module.training)
-        _set(model, name, new)
+        model.set_submodule(name, new)
     return len(todo)

@@ -225,12 +225,6 @@ def _tie_heads(model: nn.Module, decisions: list[LoweringDecision]) -> list[Lowe
     return out
 
 
-def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config) -> int:
     """Swap the planned modules (in place). Returns the number of modules lowered."""
     kwargs = dict(mode=config.mode, activations=config.activations, pow2=config.pow2_scales)
@@ -246,7 +240,7 @@ def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Co
         else:
             new = FP8Linear.from_linear(module, transposed=d.kind == "conv1d", **kwargs)
         if d.fqn:
-            _set(model, d.fqn, new)
+            model.set_submodule(d.fqn, new)
         else:
             raise InputError("the model itself is a single projection: nothing to swap it into")
         count += 1
@@ -264,12 +258,12 @@ def _apply_embeddings(model: nn.Module, decisions: list[LoweringDecision],
             module = model.get_submodule(d.fqn)
             new = FP8Embedding.from_embedding(module, pow2=config.pow2_scales)
             tables[id(module.weight)] = new
-            _set(model, d.fqn, new)
+            model.set_submodule(d.fqn, new)
             count += 1
     for d in decisions:
         if d.lowered and d.kind == "tied_head":
             module = model.get_submodule(d.fqn)
-            _set(model, d.fqn, FP8TiedHead(tables[id(module.weight)], module.bias))
+            model.set_submodule(d.fqn, FP8TiedHead(tables[id(module.weight)], module.bias))
             count += 1
     return count
 

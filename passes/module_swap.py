@@ -80,11 +80,10 @@ def plan_module_swap(gm: GraphModule, match: FFNMatch) -> ModuleSwap:
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
-    parent_name, _, child = fqn.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    if not hasattr(parent, child):
-        raise InputError(f"module {fqn!r} does not exist in the model")
-    setattr(parent, child, module)
+    try:
+        model.set_submodule(fqn, module, strict=True)
+    except AttributeError as e:
+        raise InputError(f"module {fqn!r} does not exist in the model") from e
 
 
 def apply_module_swaps(
