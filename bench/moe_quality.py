@@ -21,7 +21,7 @@ neurons active per token::
     75%   768 shared + 16 x 48 routed, top-8
     77%   384 shared + 16 x 72 routed, top-11
     (not by default: 75a = 1024 shared + 32 x 16 top-8, 75b = 512 shared + 16 x 64 top-10,
-     75c = 1024 shared + 16 x 32 top-4)
+     75c = 1024 shared + 16 x 32 top-4, 75d = 1024 shared + 64 x 8 top-16)
 
 Routers: ``centroid`` (MoEfication similarity router), ``calibrated`` (the fitted linear router
 of passes/router_init.py) and ``oracle``: an upper bound that exists only here, which computes
@@ -101,6 +101,7 @@ FRACTIONS = {
     "75a": Fraction("75a", 32, 8, 1024),
     "75b": Fraction("75b", 16, 10, 512),
     "75c": Fraction("75c", 16, 4, 1024),
+    "75d": Fraction("75d", 64, 16, 1024),
 }
 
 
@@ -164,20 +165,9 @@ def moe_blocks(model) -> list[MoEFFN]:
     return [m for m in model.modules() if isinstance(m, MoEFFN)]
 
 
-def _hidden(block: MoEFFN, x: torch.Tensor) -> torch.Tensor:
-    """Every expert's hidden activation for every token: x (T, d) -> (T, E, F)."""
-    b_up = block.b_up[None] if block.b_up is not None else 0
-    up = torch.einsum("td,efd->tef", x, block.w_up) + b_up
-    if block.w_gate is None:
-        return block.act(up)
-    b_gate = block.b_gate[None] if block.b_gate is not None else 0
-    return block.act(torch.einsum("td,efd->tef", x, block.w_gate) + b_gate) * up
-
-
 def expert_norms(block: MoEFFN, x: torch.Tensor) -> torch.Tensor:
     """(T, E) norm of each routed expert's output contribution for tokens x (T, d)."""
-    x = x.to(block.w_up.dtype)
-    y = torch.einsum("tef,edf->ted", _hidden(block, x), block.w_down)  # (T, E, d)
+    y = torch.einsum("tef,edf->ted", block.expert_hidden(x), block.w_down)  # (T, E, d)
     return y.norm(dim=-1).float()
 
 
@@ -316,7 +306,8 @@ def router_fit(kind: str, top_k: int):
 def convert(model, frac: Fraction, grouping: str, shared: str, calib_ids, example, args):
     cfg = MoEConfig(num_experts=frac.num_experts, top_k=frac.top_k,
                     shared_width=frac.shared_width, grouping=grouping,
-                    shared_selection=shared, router_init="calibrated", gate="hard")
+                    shared_selection=shared, router_init="calibrated", gate="hard",
+                    allocation=args.allocation)
     batches = [{"input_ids": calib_ids[i:i + args.calib_batch]}
                for i in range(0, calib_ids.shape[0], args.calib_batch)]
     with calibration_tokens(args.calib_max_tokens), router_fit(args.fit, frac.top_k):
@@ -369,6 +360,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fit", default="library", choices=("library", "topk", "legacy"),
                     help="calibrated router fit: as convert() does it (library), with the "
                          "top-k indicator in the target (topk), or the first version (legacy)")
+    ap.add_argument("--allocation", default="auto", choices=("auto", "uniform", "calibrated"),
+                    help="MoEConfig.allocation: per-block top_k under the same budget "
+                         "(auto = calibrated, as convert() does with calibration)")
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=8, help="sequences per evaluation batch")
     ap.add_argument("--fractions", nargs="+", default=["25", "31", "44", "58", "75", "77"],
@@ -420,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{torch.get_num_threads()}; text {ids.numel()} tokens; eval {eval_ids.numel()} "
           f"tokens ({eval_ids.shape[0]} x {args.seq_len}), calibration {calib_ids.numel()} "
           f"tokens ({calib_ids.shape[0]} x {args.seq_len}), reservoir "
-          f"{args.calib_max_tokens or 'default'}, router fit {args.fit}", flush=True)
+          f"{args.calib_max_tokens or 'default'}, router fit {args.fit}, allocation "
+          f"{args.allocation}", flush=True)
 
     t0 = time.perf_counter()
     dense_file = cache / "dense_ppl.json" if cache else None
@@ -516,7 +511,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({
             "dense_ppl": dense, "eval_tokens": eval_ids.numel(),
             "calibration_tokens": calib_ids.numel(), "calib_max_tokens": args.calib_max_tokens,
-            "fit": args.fit,
+            "fit": args.fit, "allocation": args.allocation,
             "best": {"grouping": grouping, "shared_selection": shared},
             "rows": [r.__dict__ for r in rows], "times_s": times,
             "argv": sys.argv[1:] if argv is None else argv,

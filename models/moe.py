@@ -262,19 +262,44 @@ class MoEFFN(nn.Module):
 
     # ------------------------------------------------------------------ routing
 
+    def _scores(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (T, d) -> (gate scores (T, E), the biased scores selection ranks (T, E))."""
+        rdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        w, b = _as(self.router.weight, rdtype), _as(self.router.bias, rdtype)
+        logits = F.linear(_as(x, rdtype), w, b)  # (T, E)
+        if self.config.gate == "sigmoid":
+            scores = torch.sigmoid(logits)  # (T, E)
+        else:
+            scores = torch.softmax(logits, dim=-1)  # (T, E)
+        return scores, scores + _as(self.expert_bias, rdtype)  # bias: selection only
+
+    @torch.no_grad()
+    def selection_order(self, x: torch.Tensor) -> torch.Tensor:
+        """x (T, d) -> (T, E) expert ids in the order routing prefers them: the first top_k
+        are the selected experts, for any top_k."""
+        return self._scores(x.reshape(-1, self.config.d_model))[1].argsort(
+            dim=-1, descending=True, stable=True)
+
+    def expert_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """Every routed expert's hidden activation for every token (dense, for analysis):
+        x (T, d) -> (T, E, F). Expert e's output is ``h[:, e] @ w_down[e].T``."""
+        x = _as(x, self.compute_dtype)
+        up = torch.einsum("td,efd->tef", x, self.w_up)  # (T, E, F)
+        if self.b_up is not None:
+            up = up + self.b_up
+        if self.w_gate is None:
+            return self.act(up)
+        gate = torch.einsum("td,efd->tef", x, self.w_gate)  # (T, E, F)
+        if self.b_gate is not None:
+            gate = gate + self.b_gate
+        return self.act(gate) * up
+
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (T, d) -> topk_idx (T, K) int64, weights (T, K), scores (T, E) normalised.
 
         Routing runs in float32 (float64 when x is float64), whatever the experts' dtype."""
         cfg = self.config
-        rdtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        w, b = _as(self.router.weight, rdtype), _as(self.router.bias, rdtype)
-        logits = F.linear(_as(x, rdtype), w, b)  # (T, E)
-        if cfg.gate == "sigmoid":
-            scores = torch.sigmoid(logits)  # (T, E)
-        else:
-            scores = torch.softmax(logits, dim=-1)  # (T, E)
-        biased = scores + _as(self.expert_bias, rdtype)  # (T, E) selection only
+        scores, biased = self._scores(x)  # (T, E), (T, E)
         topk_idx = torch.topk(biased, cfg.top_k, dim=-1, sorted=False).indices  # (T, K)
         picked = scores.gather(1, topk_idx)  # (T, K)
         if cfg.gate == "hard":

@@ -5,6 +5,13 @@ and hidden activation ``h`` (B, T, d_ff) (the down projection's input), so it wo
 model the matcher understands, whatever its module structure. Memory is bounded whatever the
 number of batches: running sums, one (d_ff, d_ff) co-activation matrix per FFN, and a uniform
 reservoir of at most ``max_tokens`` (4096) token samples per FFN (for router fitting and oracles).
+
+With ``sensitivity=True`` each batch also runs backward: a probe adds a zero tensor to every
+FFN's output, and ``torch.autograd.grad`` of a Fisher loss (the cross-entropy of the model's
+output read as logits against labels sampled from its own softmax, :func:`fisher_loss`) gives
+``g = dL/d(FFN output)`` per token, kept beside x and h in the reservoir (``sample_g``). No
+parameter's ``.grad`` is touched. ``(g . r)^2`` then estimates how much a change ``r`` of that
+FFN's output moves the model's output distribution (passes/allocation.py).
 """
 
 from __future__ import annotations
@@ -18,12 +25,20 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
+from torch.utils import _pytree as pytree
 
 from rewriter.capture import normalize_inputs
 from rewriter.errors import InputError
 from rewriter.patterns import FFNMatch, find_ffns
 
-__all__ = ["NeuronStats", "CalibrationStats", "calibrate", "stats_for", "COACTIVE_FRACTION"]
+__all__ = [
+    "NeuronStats",
+    "CalibrationStats",
+    "calibrate",
+    "fisher_loss",
+    "stats_for",
+    "COACTIVE_FRACTION",
+]
 
 # A neuron counts as "active" for a token when its |h| is in the token's top 25%.
 COACTIVE_FRACTION = 0.25
@@ -40,6 +55,7 @@ class NeuronStats:
     coact: torch.Tensor = field(default=None, repr=False)  # (d_ff, d_ff) float32
     sample_x: torch.Tensor = field(default=None, repr=False)  # (N, d) float32
     sample_h: torch.Tensor = field(default=None, repr=False)  # (N, d_ff) float32
+    sample_g: torch.Tensor | None = field(default=None, repr=False)  # (N, d) dL/d(output)
     _priority: torch.Tensor = field(default=None, repr=False)  # (N,) reservoir keys
 
     @property
@@ -80,12 +96,45 @@ class _Recorder(nn.Module):
         return t
 
 
+class _GradProbe(nn.Module):
+    """Adds a fresh zero leaf to what flows through it (when grad is enabled); the leaf's
+    gradient is then dL/d(value), per token."""
+
+    def __init__(self):
+        super().__init__()
+        self.leaf: torch.Tensor | None = None
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return t
+        self.leaf = torch.zeros_like(t, requires_grad=True)
+        return t + self.leaf
+
+
+def fisher_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
+    """Summed cross-entropy of the first floating tensor of ``output`` (read as logits over its
+    last dim) against labels sampled from its own softmax: its gradients are samples of the
+    Fisher information, so ``E[(g . r)^2]`` ~ the KL a small output change ``r`` causes."""
+    logits = next((leaf for leaf in pytree.tree_leaves(output)
+                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)
+    if logits is None or logits.dim() < 1 or logits.shape[-1] < 2:
+        raise InputError("sensitivity calibration needs a model output of logits (a floating "
+                         f"tensor (..., classes)); got {type(output).__name__}")
+    flat = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
+    with torch.no_grad():
+        labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
+    return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
+
+
 class _Accumulator:
-    def __init__(self, stats: NeuronStats, max_tokens: int, generator: torch.Generator):
+    def __init__(self, stats: NeuronStats, max_tokens: int, generator: torch.Generator,
+                 with_grad: bool = False):
         self.stats = stats
         self.max_tokens = max_tokens
         self.generator = generator
+        self.with_grad = with_grad
         self.pending_x: torch.Tensor | None = None
+        self.pending_h: torch.Tensor | None = None
 
     def on_x(self, x: torch.Tensor) -> None:
         self.pending_x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -100,21 +149,33 @@ class _Accumulator:
         thresh = a.topk(k, dim=-1).values[:, -1:]  # (T, 1)
         active = (a >= thresh).float()  # (T, d_ff)
         s.coact += active.T @ active
-        x = self.pending_x
-        if x is None or x.shape[0] != h.shape[0]:
+        self.pending_h = h
+        if not self.with_grad:
+            self.commit(None)
+
+    def commit(self, g: torch.Tensor | None) -> None:
+        """Offer this batch's tokens (x, h and, with sensitivity, g (T, d)) to the reservoir."""
+        s, x, h = self.stats, self.pending_x, self.pending_h
+        self.pending_x = self.pending_h = None
+        if x is None or h is None or x.shape[0] != h.shape[0]:
             return
         keys = torch.rand(h.shape[0], generator=self.generator)
-        xs = torch.cat([s.sample_x, x]) if s.sample_x is not None else x
-        hs = torch.cat([s.sample_h, h]) if s.sample_h is not None else h
-        pri = torch.cat([s._priority, keys]) if s._priority is not None else keys
-        if pri.numel() > self.max_tokens:
-            keep = pri.topk(self.max_tokens).indices
-            xs, hs, pri = xs[keep], hs[keep], pri[keep]
-        s.sample_x, s.sample_h, s._priority = xs, hs, pri
+        new = {"sample_x": x, "sample_h": h, "_priority": keys}
+        if g is not None:
+            new["sample_g"] = g.detach().reshape(-1, g.shape[-1]).float()
+        merged = {k: torch.cat([getattr(s, k), v]) if getattr(s, k) is not None else v
+                  for k, v in new.items()}
+        if merged["_priority"].numel() > self.max_tokens:
+            keep = merged["_priority"].topk(self.max_tokens).indices
+            merged = {k: v[keep] for k, v in merged.items()}
+        for k, v in merged.items():
+            setattr(s, k, v)
 
 
-def _instrumented(gm: GraphModule, ffns: list[FFNMatch], accs: list[_Accumulator]) -> GraphModule:
-    """A copy of ``gm`` (parameters shared) with recorders after each FFN's x and h."""
+def _instrumented(gm: GraphModule, ffns: list[FFNMatch], accs: list[_Accumulator],
+                  probes: list[_GradProbe] | None = None) -> GraphModule:
+    """A copy of ``gm`` (parameters shared) with recorders after each FFN's x and h, and with
+    ``probes`` on each FFN's output."""
     graph = Graph()
     env: dict = {}
     graph.output(graph.graph_copy(gm.graph, env))
@@ -129,6 +190,12 @@ def _instrumented(gm: GraphModule, ffns: list[FFNMatch], accs: list[_Accumulator
             recorders.add_module(name, _Recorder(callback))
             with graph.inserting_after(env[node]):  # observes; users still read the value
                 graph.call_module(f"_rewriter_recorders.{name}", (env[node],))
+        if probes is not None:
+            out = env[m.output]
+            recorders.add_module(f"ffn{i}_probe", probes[i])
+            with graph.inserting_after(out):
+                probed = graph.call_module(f"_rewriter_recorders.ffn{i}_probe", (out,))
+            out.replace_all_uses_with(probed, delete_user_cb=lambda user, p=probed: user is not p)
     runner.recompile()
     return runner
 
@@ -150,9 +217,12 @@ def calibrate(
     ffns: list[FFNMatch] | None = None,
     max_tokens: int = 4096,
     seed: int = 0,
+    sensitivity: bool = False,
     progress: bool | None = None,
 ) -> CalibrationStats:
     """Collect per-neuron statistics of every FFN of a captured graph on ``batches``.
+    ``sensitivity``: also keep each reservoir token's Fisher gradient at the FFN's output
+    (``NeuronStats.sample_g``; one backward per batch, see the module doc).
 
     ``batches``: an iterable of model inputs (a tensor, a tuple or a dict, like the example
     inputs given to :func:`rewriter.capture`). Raises :class:`InputError` naming the batch when
@@ -171,24 +241,32 @@ def calibrate(
             coact=torch.zeros(m.d_ff, m.d_ff),
         )
         per_ffn[_key(m)] = stats
-        accs.append(_Accumulator(stats, max_tokens, generator))
-    runner = _instrumented(gm, ffns, accs)
+        accs.append(_Accumulator(stats, max_tokens, generator, with_grad=sensitivity))
+    probes = [_GradProbe() for _ in ffns] if sensitivity else None
+    runner = _instrumented(gm, ffns, accs, probes)
+    label_generator = torch.Generator().manual_seed(seed + 1)
     total = len(batches) if hasattr(batches, "__len__") else None
     n = 0
-    with torch.no_grad():
-        for i, batch in enumerate(_progress(batches, total, "calibrating", progress)):
-            try:
-                args, kwargs = normalize_inputs(batch)
-            except InputError as exc:
-                raise InputError(f"calibration batch {i}: {exc}") from exc
-            try:
-                runner(*args, **kwargs)
-            except Exception as exc:
-                raise InputError(
-                    f"calibration batch {i} cannot run through the model: "
-                    f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                ) from exc
-            n += 1
+    for i, batch in enumerate(_progress(batches, total, "calibrating", progress)):
+        try:
+            args, kwargs = normalize_inputs(batch)
+        except InputError as exc:
+            raise InputError(f"calibration batch {i}: {exc}") from exc
+        try:
+            with torch.set_grad_enabled(sensitivity):
+                output = runner(*args, **kwargs)
+        except Exception as exc:
+            raise InputError(
+                f"calibration batch {i} cannot run through the model: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        if probes is not None:
+            leaves = [p.leaf for p in probes]
+            grads = torch.autograd.grad(fisher_loss(output, label_generator), leaves,
+                                        allow_unused=True)
+            for acc, leaf, g in zip(accs, leaves, grads):
+                acc.commit(torch.zeros_like(leaf) if g is None else g)
+        n += 1
     if n == 0:
         raise InputError("calibration is empty: give at least one batch")
     tokens = next(iter(per_ffn.values())).tokens if per_ffn else 0

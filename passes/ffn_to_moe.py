@@ -26,6 +26,7 @@ from rewriter.inspection import GROUP_META_KEY
 from rewriter.pass_manager import PassResult
 from rewriter.patterns import FFNMatch
 
+from .allocation import ALLOCATIONS
 from .calibration import NeuronStats
 from .grouping import GROUPINGS, SHARED_SELECTIONS, group_neurons, select_shared
 from .router_init import (
@@ -56,9 +57,12 @@ class MoEConfig:
     ``num_experts`` routed experts and ``shared_experts`` shared units: d_ff is cut into
     num_experts + shared_experts equal slices and the shared slices form one always-on MLP. Or
     give ``shared_width`` in neurons (Qwen-MoE style) and the rest is split evenly.
-    ``grouping``/``shared_selection``/``router_init`` default to ``"auto"``: the calibrated
-    choices (coactivation / activation / calibrated) when calibration data is given, else
-    kmeans / contiguous / centroid.
+    ``allocation``: ``"uniform"`` (every block routes to top_k) or ``"calibrated"`` (the
+    blocks share the same budget of active neurons, each with its own top_k, chosen by a
+    Fisher estimate of the loss; see :mod:`passes.allocation`).
+    ``grouping``/``shared_selection``/``router_init``/``allocation`` default to ``"auto"``: the
+    calibrated choices (coactivation / activation / calibrated / calibrated) when calibration
+    data is given, else kmeans / contiguous / centroid / uniform.
     """
 
     num_experts: int
@@ -71,6 +75,7 @@ class MoEConfig:
     grouping: str = "auto"
     shared_selection: str = "auto"
     router_init: str = "auto"
+    allocation: str = "auto"
     aux_loss_coef: float = 0.0
     seed: int = 0
     kmeans_iters: int = 15
@@ -104,6 +109,7 @@ class MoEConfig:
             "grouping": ("auto", *GROUPINGS),
             "shared_selection": ("auto", *SHARED_SELECTIONS),
             "router_init": ("auto", *ROUTER_INITS),
+            "allocation": ("auto", *ALLOCATIONS),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -124,6 +130,7 @@ class MoEConfig:
             "grouping": "coactivation" if calibrated else "kmeans",
             "shared_selection": "activation" if calibrated else "contiguous",
             "router_init": "calibrated" if calibrated else "centroid",
+            "allocation": "calibrated" if calibrated else "uniform",
         }
         changes = {k: v for k, v in auto.items() if getattr(self, k) == "auto"}
         return MoEConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})

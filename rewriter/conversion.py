@@ -166,21 +166,27 @@ def convert(
     for m in matches:
         check_finite(dense_weights(m), m.module)
     needs_stats = (config.grouping == "coactivation" or config.router_init == "calibrated"
+                   or config.allocation == "calibrated"
                    or (config.shared_selection == "activation"
                        and any(p.shared_dim for p in plans)))
     if needs_stats and not calibration:
         raise InputError(
             "MoEConfig asks for calibrated strategies (grouping="
             f"{config.grouping!r}, shared_selection={config.shared_selection!r}, router_init="
-            f"{config.router_init!r}) but calibration is empty: give calibration=batches"
+            f"{config.router_init!r}, allocation={config.allocation!r}) but calibration is "
+            "empty: give calibration=batches"
         )
     graph_pass = mode == "graph" and fp8 is None
     swaps = [] if graph_pass else [plan_module_swap(gm, m) for m in matches]
 
-    stats = calibrate(gm, calibration, ffns=matches, progress=progress) if calibration else None
+    sensitivity = config.allocation == "calibrated" and config.top_k < config.num_experts
+    stats = (calibrate(gm, calibration, ffns=matches, sensitivity=sensitivity,
+                       progress=progress) if calibration else None)
     built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
     blocks = [b for b, _ in built]
     reports = tuple(r for _, r in built)
+    if sensitivity:
+        _allocate(blocks, [stats_for(stats, m) for m in matches], reports, config.top_k)
     split = max(split_error(b, dense_weights(m)) for b, m in zip(blocks, matches))
     info = replace(
         base, moe=config, modules=tuple(m.module for m in matches), blocks=reports,
@@ -201,6 +207,17 @@ def convert(
     setattr(target, CONVERSION_ATTR, replace(info, output_error=_rel_error(reference, target,
                                                                             inputs)))
     return target
+
+
+def _allocate(blocks: list, stats: list, reports: tuple[dict, ...], top_k: int) -> None:
+    """MoEConfig.allocation="calibrated": give each block its own top_k (passes/allocation)."""
+    from passes.allocation import allocate_top_k, apply_top_k, dropped_loss_curve
+
+    curves = [dropped_loss_curve(b, s.sample_x, s.sample_g) for b, s in zip(blocks, stats)]
+    ks = allocate_top_k(curves, [b.expert_dim for b in blocks], top_k)
+    for block, report, k in zip(blocks, reports, ks):
+        apply_top_k(block, k, top_k)
+        report["top_k"] = k
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:

@@ -625,6 +625,9 @@ def _metadata(model: nn.Module, config: Mapping[str, Any] | None, *, activations
         meta.setdefault("rewriter.moe.num_experts", str(cfg.num_experts))
         meta.setdefault("rewriter.moe.top_k", str(cfg.top_k))
         meta["rewriter.moe.blocks"] = str(len(blocks))
+        ks = [b.config.top_k for b in blocks]
+        if len(set(ks)) > 1:  # MoEConfig(allocation="calibrated")
+            meta["rewriter.moe.top_k_per_block"] = ",".join(map(str, ks))
         meta["rewriter.moe.expert_dim"] = str(cfg.expert_dim)
         meta["rewriter.moe.shared_dim"] = str(cfg.shared_dim)
         meta["rewriter.onnx.moe_dispatch"] = "dense" if dense_moe else "sparse"

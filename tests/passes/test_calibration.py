@@ -69,3 +69,45 @@ def test_bad_batches_are_named(llama):
         calibrate(gm, ["text"], ffns=ffns)
     with pytest.raises(ValueError, match="max_tokens"):
         calibrate(gm, [models.example_inputs(model, 2, 5)], max_tokens=0)
+
+
+def test_sensitivity_gradients_equal_module_hook_reference(llama):
+    """sample_g = dL/d(FFN output) for the Fisher loss, checked against autograd on the user's
+    model with a zero leaf added to each FeedForward's output; no parameter gets a .grad."""
+    from passes.calibration import fisher_loss
+
+    model, gm, ffns = llama
+    batches = [models.example_inputs(model, 3, 11, seed=s) for s in range(2)]
+    stats = calibrate(gm, batches, ffns=ffns, max_tokens=1000, sensitivity=True, seed=5)
+    assert all(p.grad is None for p in model.parameters())
+
+    labels = torch.Generator().manual_seed(5 + 1)  # calibrate's label generator: seed + 1
+    xs, gs = {i: [] for i in range(2)}, {i: [] for i in range(2)}
+    for (b,) in batches:
+        leaves, handles = {}, []
+        for i, layer in enumerate(model.layers):
+            def add_leaf(mod, args, out, i=i, leaves=leaves):
+                xs[i].append(args[0].detach().reshape(-1, args[0].shape[-1]))
+                leaves[i] = torch.zeros_like(out, requires_grad=True)
+                return out + leaves[i]
+            handles.append(layer.feed_forward.register_forward_hook(add_leaf))
+        loss = fisher_loss(model(b), labels)
+        grads = torch.autograd.grad(loss, [leaves[0], leaves[1]])
+        for h in handles:
+            h.remove()
+        for i, g in enumerate(grads):
+            gs[i].append(g.reshape(-1, g.shape[-1]))
+    for i, m in enumerate(ffns):
+        s = stats_for(stats, m)
+        x_ref, g_ref = torch.cat(xs[i]), torch.cat(gs[i])
+        assert s.sample_g.shape == (66, m.d_model) and g_ref.abs().max() > 0
+        idx = [(x_ref == row).all(1).nonzero()[0, 0].item() for row in s.sample_x]
+        assert sorted(idx) == list(range(66))
+        torch.testing.assert_close(s.sample_g, g_ref[idx], rtol=1e-4, atol=1e-6)
+
+
+def test_sensitivity_needs_logits(llama):
+    from passes.calibration import fisher_loss
+
+    with pytest.raises(InputError, match="logits"):
+        fisher_loss({"ids": torch.ones(3, dtype=torch.long)}, torch.Generator())

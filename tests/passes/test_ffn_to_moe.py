@@ -1,4 +1,5 @@
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,6 +112,37 @@ def test_topk_below_e_routes_and_differs_from_dense():
     assert all(int(lo.sum()) == 18 for lo in loads)  # every token went to exactly one expert
 
 
+@pytest.mark.parametrize("name", ["llama-small-test", "gpt-small-test"])
+def test_calibrated_allocation_spends_the_uniform_budget_better(name):
+    """Per-block top_k within the uniform budget of active neurons; by the allocator's own
+    Fisher estimate (recomputed here from a second calibration) no worse than uniform."""
+    from passes.allocation import dropped_loss_curve
+
+    case = BY_NAME[name]
+    model = case.build()
+    cal = [case.inputs(model, 2, 24, seed=s) for s in range(3)]
+    cfg = MoEConfig(num_experts=4, top_k=2, allocation="calibrated")
+    conv = rewriter.convert(model, moe=cfg, calibration=cal)
+    info = rewriter.conversion_info(conv)
+    blocks = [m for m in conv.modules() if isinstance(m, MoEFFN)]
+    ks = [b.top_k for b in blocks]
+    assert ks == [r["top_k"] for r in info.blocks] and all(1 <= k <= 4 for k in ks)
+    budget = 2 * sum(b.expert_dim for b in blocks)
+    assert budget - max(b.expert_dim for b in blocks) < sum(
+        k * b.expert_dim for k, b in zip(ks, blocks)) <= budget
+    assert info.moe.allocation == "calibrated" and info.moe.top_k == 2
+    gm = capture(model, cal[0])
+    ffns = find_ffns(gm)
+    stats = calibrate(gm, cal, ffns=ffns, sensitivity=True)
+    curves = [dropped_loss_curve(b, stats_for(stats, m).sample_x, stats_for(stats, m).sample_g)
+              for b, m in zip(blocks, ffns)]
+    allocated = sum(float(c[k]) for c, k in zip(curves, ks))
+    assert allocated <= sum(float(c[2]) for c in curves) * (1 + 1e-9)
+    # allocation="uniform" keeps top_k in every block
+    uni = rewriter.convert(model, moe=replace(cfg, allocation="uniform"), calibration=cal)
+    assert [b.top_k for b in uni.modules() if isinstance(b, MoEFFN)] == [2] * len(blocks)
+
+
 def test_conversion_is_deterministic_and_save_load_round_trips(tmp_path):
     case = BY_NAME["gpt-tiny"]
     model = case.build()
@@ -144,6 +176,7 @@ def test_conversion_is_deterministic_and_save_load_round_trips(tmp_path):
         (dict(num_experts=4, top_k=1, shared_width=8, shared_experts=1), "shared_width"),
         (dict(num_experts=4, top_k=1, gate="argmax"), "gate"),
         (dict(num_experts=4, top_k=1, grouping="spectral"), "grouping"),
+        (dict(num_experts=4, top_k=1, allocation="greedy"), "allocation"),
         (dict(num_experts=4, top_k=1, route_scale=float("nan")), "route_scale"),
     ],
 )
@@ -171,6 +204,8 @@ def test_bad_inputs_fail_before_anything_changes():
         rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=1, grouping="coactivation"))
     with pytest.raises(InputError, match="calibration is empty"):
         rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=1), calibration=[])
+    with pytest.raises(InputError, match="allocation='calibrated'.* calibration is empty"):
+        rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=1, allocation="calibrated"))
     with pytest.raises(InputError, match="calibration batch 1"):
         rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=1),
                          calibration=[case.inputs(model, 2, 5), (torch.rand(2, 5),)])
