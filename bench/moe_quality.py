@@ -21,7 +21,8 @@ neurons active per token::
     75%   768 shared + 16 x 48 routed, top-8
     77%   384 shared + 16 x 72 routed, top-11
     (not by default: 75a = 1024 shared + 32 x 16 top-8, 75b = 512 shared + 16 x 64 top-10,
-     75c = 1024 shared + 16 x 32 top-4, 75d = 1024 shared + 64 x 8 top-16)
+     75c = 1024 shared + 16 x 32 top-4, 75d = 1024 shared + 64 x 8 top-16,
+     75e = 1024 shared + 128 x 4 top-32)
 
 Routers: ``centroid`` (MoEfication similarity router), ``calibrated`` (the fitted linear router
 of passes/router_init.py) and ``oracle``: an upper bound that exists only here, which computes
@@ -102,6 +103,7 @@ FRACTIONS = {
     "75b": Fraction("75b", 16, 10, 512),
     "75c": Fraction("75c", 16, 4, 1024),
     "75d": Fraction("75d", 64, 16, 1024),
+    "75e": Fraction("75e", 128, 32, 1024),
 }
 
 
@@ -451,7 +453,7 @@ def main(argv: list[str] | None = None) -> None:
             ppl, rec = evaluate(conv, eval_ids, args.batch, router, args.recall_tokens)
             et = time.perf_counter() - t
             eval_times.append(et)
-            extra = {}
+            extra = {"top_k_per_block": [b.top_k for b in moe_blocks(conv)]}
             if router == "calibrated" and None not in fit_recall:
                 extra["fit_recall_calibration"] = sum(fit_recall) / len(fit_recall)
             row = Row(frac_name, frac.active, frac.describe(), grouping,

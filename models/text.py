@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pydoc_text", "token_ids", "split_ids", "perplexity", "logits_of"]
+__all__ = ["pydoc_text", "token_ids", "split_ids", "model_batches", "perplexity", "logits_of"]
 
 
 def pydoc_text() -> str:
@@ -44,6 +44,13 @@ def split_ids(ids: torch.Tensor, seq_len: int, head_seqs: int,
     head = ids[: head_seqs * seq_len].view(head_seqs, seq_len)
     tail = ids[ids.numel() - n_eval * seq_len:].view(n_eval, seq_len)
     return head, tail
+
+
+def model_batches(ids: torch.Tensor, batch: int = 4, *, hf: bool) -> list[Any]:
+    """Rows of ``ids`` (n, L) in batches of ``batch`` sequences, as model inputs:
+    ``{"input_ids": (b, L)}`` for HF models (``hf``), else ``((b, L),)``."""
+    rows = [ids[i:i + batch] for i in range(0, ids.shape[0], batch)]
+    return [{"input_ids": r} if hf else (r,) for r in rows]
 
 
 def logits_of(output: Any) -> torch.Tensor:

@@ -110,7 +110,7 @@ def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> lis
     import torch
 
     import models
-    from models.text import split_ids, token_ids
+    from models.text import model_batches, split_ids, token_ids
 
     model = resolved.model
     seq_len = min(seq_len, models.max_seq_len(model) or seq_len)
@@ -121,8 +121,7 @@ def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> lis
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1, int(vocab), (seqs, seq_len), generator=g)
-    rows = [ids[i:i + 4] for i in range(0, seqs, 4)]
-    return [{"input_ids": r} if hf_style else (r,) for r in rows]
+    return model_batches(ids, hf=hf_style)
 
 
 def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
@@ -134,7 +133,7 @@ def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
     if args.experts is not None:
         moe = MoEConfig(num_experts=args.experts, top_k=args.top_k or args.experts,
                         shared_experts=args.shared, shared_width=args.shared_width,
-                        gate=args.gate)
+                        gate=args.gate, allocation=args.allocation)
     fp8 = None
     if args.fp8:
         mode = "training" if training else args.fp8_mode
@@ -367,6 +366,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="shared expert width in neurons (instead of --shared)")
     g.add_argument("--gate", default="hard", choices=["hard", "softmax", "sigmoid"],
                    help="gate mode (default hard)")
+    g.add_argument("--allocation", default="auto", choices=["auto", "uniform", "calibrated"],
+                   help="per-block top_k under the same active budget (calibrated) or top_k "
+                        "everywhere (uniform), with --experts; auto: calibrated when calibrating")
     g.add_argument("--fp8", action="store_true",
                    help="lower matmuls to FP8 E4M3 (1x128 / 128x128 scaling)")
     g.add_argument("--fp8-mode", default="inference", choices=["inference", "training"],

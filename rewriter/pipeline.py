@@ -117,7 +117,7 @@ def run_pipeline(
     returning logits). ``tokenizer``: the model's (else UTF-8 bytes, vocab >= 256). The MoE
     and FP8 parts come from ``recipe`` unless ``moe``/``fp8`` are given. ``echo``: called with
     a line per finished stage (progress for the CLI). Output paths are checked first."""
-    from models.text import token_ids
+    from models.text import model_batches, token_ids
     from passes.freeze_fp8 import freeze_fp8
 
     from .conversion import convert
@@ -142,10 +142,9 @@ def run_pipeline(
     ids = token_ids(tokenizer)
     data = TextData.from_corpus(tokenizer, ids=ids, eval_tokens=eval_tokens,
                                 eval_len=min(256, longest, eval_tokens), hf=hf)
-    calib = [data.train_ids[i * 4 * seq:(i + 1) * 4 * seq].reshape(4, seq)
-             for i in range(max(1, calibration_seqs // 4))] if calibration_seqs else None
-    if calib is not None:
-        calib = [{"input_ids": c} if hf else (c,) for c in calib]
+    n_calib = 4 * max(1, calibration_seqs // 4)
+    calib = (model_batches(data.train_ids[:n_calib * seq].reshape(n_calib, seq), hf=hf)
+             if calibration_seqs else None)
     if example_inputs is None:
         ex = data.train_ids[:32].reshape(2, 16)
         example_inputs = {"input_ids": ex} if hf else (ex,)

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -55,6 +56,16 @@ def test_convert_moe_and_fp8_with_report(tmp_path, capsys):
     assert "Converted blocks" in text and "coactivation" in text and "calibrated" in text
     assert "FP8 lowering" in text and "output head" in text
     assert (out / "graph.html").exists() and (out / "report.json").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert report["conversion"]["moe"]["allocation"] == "calibrated"
+
+
+def test_convert_allocation_flag(tmp_path):
+    from rewriter.cli import _conversion_configs, build_parser
+
+    args = build_parser().parse_args(["convert", "llama-tiny", "--experts", "4", "--top-k",
+                                      "2", "--allocation", "uniform"])
+    assert _conversion_configs(args)[1].allocation == "uniform"
 
 
 def test_convert_errors_are_one_line(capsys):

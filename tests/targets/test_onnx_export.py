@@ -304,6 +304,18 @@ def test_metadata_from_an_explicit_config(tmp_path):
     assert json.loads(meta["rewriter.conversion"])["note"] == "x"
 
 
+def test_metadata_lists_per_block_top_k(tmp_path):
+    from models.moe import MoEFFN
+    from passes.allocation import apply_top_k
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(MoEFFN(8, 4, 4, 2), MoEFFN(8, 4, 4, 2)).eval()
+    apply_top_k(model[1], 3, 2)  # as MoEConfig(allocation="calibrated") leaves it
+    report = export_onnx(model, tmp_path / "m.onnx", example_inputs=(torch.randn(2, 3, 8),))
+    meta = {p.key: p.value for p in onnx.load(str(report.path)).metadata_props}
+    assert meta["rewriter.moe.top_k_per_block"] == "2,3"
+
+
 # ------------------------------------------------------------------------------ FP8 ops one by one
 
 
