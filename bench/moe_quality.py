@@ -257,22 +257,6 @@ def evaluate(model, eval_ids, batch, router: str, recall_tokens: int):
 # ----------------------------------------------------------------------------- conversion
 
 
-@contextlib.contextmanager
-def calibration_tokens(max_tokens: int | None):
-    """Patch the calibration reservoir size (passes.calibration.calibrate's max_tokens)."""
-    if max_tokens is None:
-        yield
-        return
-    import passes.calibration as cal
-
-    original = cal.calibrate
-    cal.calibrate = functools.partial(original, max_tokens=max_tokens)
-    try:
-        yield
-    finally:
-        cal.calibrate = original
-
-
 def _legacy_fit(x, contributions, *, ridge=1e-2, top_k=None):
     """The first fit_router: ridge 1e-2 to the log contributions centred over experts."""
     n, d = x.shape
@@ -288,16 +272,19 @@ def _legacy_fit(x, contributions, *, ridge=1e-2, top_k=None):
 
 
 @contextlib.contextmanager
-def router_fit(kind: str, top_k: int):
+def router_fit(kind: str, top_k: int, ridge: float | None = None):
     """Patch the fit convert() uses: "library" (as is), "topk" (fit_router(..., top_k=k)),
-    "legacy" (the first version: ridge 1e-2, centred log target)."""
-    if kind == "library":
+    "legacy" (the first version: ridge 1e-2, centred log target); ``ridge`` overrides the
+    library's ridge."""
+    if kind == "library" and ridge is None:
         yield
         return
     import passes.ffn_to_moe as ftm
 
     original = ftm.fit_router
-    ftm.fit_router = (functools.partial(original, top_k=top_k) if kind == "topk"
+    extra = {} if ridge is None else {"ridge": ridge}
+    ftm.fit_router = (functools.partial(original, top_k=top_k, **extra) if kind == "topk"
+                      else functools.partial(original, **extra) if kind == "library"
                       else _legacy_fit)
     try:
         yield
@@ -309,10 +296,12 @@ def convert(model, frac: Fraction, grouping: str, shared: str, calib_ids, exampl
     cfg = MoEConfig(num_experts=frac.num_experts, top_k=frac.top_k,
                     shared_width=frac.shared_width, grouping=grouping,
                     shared_selection=shared, router_init="calibrated", gate="hard",
-                    allocation=args.allocation)
+                    allocation=args.allocation,
+                    **({"calibration_samples": args.calib_max_tokens}
+                       if args.calib_max_tokens else {}))
     batches = [{"input_ids": calib_ids[i:i + args.calib_batch]}
                for i in range(0, calib_ids.shape[0], args.calib_batch)]
-    with calibration_tokens(args.calib_max_tokens), router_fit(args.fit, frac.top_k):
+    with router_fit(args.fit, frac.top_k, args.ridge):
         conv = rewriter.convert(model, moe=cfg, example_inputs={"input_ids": example},
                                 calibration=batches, progress=False)
     return conv.eval()
@@ -358,10 +347,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-batch", type=int, default=4, help="sequences per calibration batch")
     ap.add_argument("--calib-max-tokens", type=int, default=None,
-                    help="calibration reservoir per FFN (default: the library's)")
+                    help="MoEConfig.calibration_samples: calibration tokens kept per FFN "
+                         "(default: the library's, 4096)")
     ap.add_argument("--fit", default="library", choices=("library", "topk", "legacy"),
                     help="calibrated router fit: as convert() does it (library), with the "
                          "top-k indicator in the target (topk), or the first version (legacy)")
+    ap.add_argument("--ridge", type=float, default=None,
+                    help="ridge of the calibrated router fit (default: the library's, 0.3)")
     ap.add_argument("--allocation", default="auto", choices=("auto", "uniform", "calibrated"),
                     help="MoEConfig.allocation: per-block top_k under the same budget "
                          "(auto = calibrated, as convert() does with calibration)")
@@ -513,7 +505,7 @@ def main(argv: list[str] | None = None) -> None:
         args.json.write_text(json.dumps({
             "dense_ppl": dense, "eval_tokens": eval_ids.numel(),
             "calibration_tokens": calib_ids.numel(), "calib_max_tokens": args.calib_max_tokens,
-            "fit": args.fit, "allocation": args.allocation,
+            "fit": args.fit, "ridge": args.ridge, "allocation": args.allocation,
             "best": {"grouping": grouping, "shared_selection": shared},
             "rows": [r.__dict__ for r in rows], "times_s": times,
             "argv": sys.argv[1:] if argv is None else argv,

@@ -181,7 +181,8 @@ def convert(
 
     sensitivity = config.allocation == "calibrated" and config.top_k < config.num_experts
     stats = (calibrate(gm, calibration, ffns=matches, sensitivity=sensitivity,
-                       progress=progress) if calibration else None)
+                       max_tokens=config.calibration_samples, progress=progress)
+             if calibration else None)
     built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
     blocks = [b for b, _ in built]
     reports = tuple(r for _, r in built)

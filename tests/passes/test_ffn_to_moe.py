@@ -177,6 +177,7 @@ def test_conversion_is_deterministic_and_save_load_round_trips(tmp_path):
         (dict(num_experts=4, top_k=1, gate="argmax"), "gate"),
         (dict(num_experts=4, top_k=1, grouping="spectral"), "grouping"),
         (dict(num_experts=4, top_k=1, allocation="greedy"), "allocation"),
+        (dict(num_experts=4, top_k=1, calibration_samples=1), "calibration_samples"),
         (dict(num_experts=4, top_k=1, route_scale=float("nan")), "route_scale"),
     ],
 )
