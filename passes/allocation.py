@@ -30,6 +30,7 @@ from models.moe import MoEFFN
 __all__ = ["ALLOCATIONS", "dropped_loss_curve", "allocate_top_k", "apply_top_k"]
 
 ALLOCATIONS = ("uniform", "calibrated")
+_CHUNK = 1024  # tokens per step of dropped_loss_curve
 
 
 @torch.no_grad()
@@ -40,9 +41,11 @@ def dropped_loss_curve(block: MoEFFN, x: torch.Tensor, g: torch.Tensor) -> torch
     if x.dim() != 2 or g.shape != x.shape:
         raise ValueError(f"dropped_loss_curve needs x and g of one shape (T, d), got "
                          f"{tuple(x.shape)} and {tuple(g.shape)}")
-    h = block.expert_hidden(x).double()  # (T, E, F)
-    g_down = torch.einsum("td,edf->tef", g.double(), block.w_down.double())  # (T, E, F)
-    s = (h * g_down).sum(-1)  # (T, E): g . (output of expert e)
+    w_down = block.w_down.double()
+    s = torch.cat([  # (T, E): g . (output of expert e), in chunks of tokens to bound memory
+        (block.expert_hidden(xc).double()  # (t, E, F)
+         * torch.einsum("td,edf->tef", gc.double(), w_down)).sum(-1)
+        for xc, gc in zip(x.split(_CHUNK), g.split(_CHUNK))])
     ranked = s.gather(1, block.selection_order(x))  # (T, E) in routing preference
     kept = torch.cat([torch.zeros_like(ranked[:, :1]), ranked.cumsum(1)], 1)  # (T, E + 1)
     dropped = ranked.sum(1, keepdim=True) - kept  # (T, E + 1): g . r(k)

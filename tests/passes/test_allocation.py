@@ -91,3 +91,14 @@ def test_apply_top_k_keeps_each_experts_weight():
     assert soft.top_k == 4 and soft.config.route_scale == 4.0
     with pytest.raises(ValueError, match="top_k"):
         apply_top_k(hard, 7, 2)
+
+
+def test_dropped_loss_curve_in_chunks_is_the_same(monkeypatch):
+    import passes.allocation as allocation
+
+    block = _block(seed=2)
+    x = torch.randn(23, 24, dtype=torch.float64)
+    g = torch.randn(23, 24, dtype=torch.float64)
+    whole = dropped_loss_curve(block, x, g)
+    monkeypatch.setattr(allocation, "_CHUNK", 5)
+    torch.testing.assert_close(dropped_loss_curve(block, x, g), whole, rtol=1e-12, atol=0)
