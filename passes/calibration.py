@@ -118,8 +118,9 @@ def fisher_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
     logits = next((leaf for leaf in pytree.tree_leaves(output)
                    if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)
     if logits is None or logits.dim() < 1 or logits.shape[-1] < 2:
-        raise InputError("sensitivity calibration needs a model output of logits (a floating "
-                         f"tensor (..., classes)); got {type(output).__name__}")
+        raise InputError("sensitivity calibration (MoEConfig.allocation='calibrated') needs a "
+                         "model output of logits (a floating tensor (..., classes >= 2)); got "
+                         f"{type(output).__name__}: use MoEConfig(allocation='uniform')")
     flat = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
     with torch.no_grad():
         labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
