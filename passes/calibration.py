@@ -25,9 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
-from torch.utils import _pytree as pytree
 
-from rewriter.capture import normalize_inputs
+from rewriter.capture import first_float_output, normalize_inputs
 from rewriter.errors import InputError
 from rewriter.patterns import FFNMatch, find_ffns
 
@@ -115,8 +114,7 @@ def fisher_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
     """Summed cross-entropy of the first floating tensor of ``output`` (read as logits over its
     last dim) against labels sampled from its own softmax: its gradients are samples of the
     Fisher information, so ``E[(g . r)^2]`` ~ the KL a small output change ``r`` causes."""
-    logits = next((leaf for leaf in pytree.tree_leaves(output)
-                   if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)
+    logits = first_float_output(output)
     if logits is None or logits.dim() < 1 or logits.shape[-1] < 2:
         raise InputError("sensitivity calibration (MoEConfig.allocation='calibrated') needs a "
                          "model output of logits (a floating tensor (..., classes >= 2)); got "

@@ -20,7 +20,14 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, InputError
 
-__all__ = ["CaptureInfo", "capture", "capture_info", "normalize_inputs", "outputs_close"]
+__all__ = [
+    "CaptureInfo",
+    "capture",
+    "capture_info",
+    "first_float_output",
+    "normalize_inputs",
+    "outputs_close",
+]
 
 CAPTURE_META_KEY = "rewriter.capture"
 
@@ -130,6 +137,13 @@ def _first_lines(exc: BaseException, n: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- comparison
+
+
+def first_float_output(output: Any) -> torch.Tensor | None:
+    """The first floating tensor leaf of a model output (the logits of an LM or HF output),
+    or None."""
+    return next((leaf for leaf in pytree.tree_leaves(output)
+                 if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)
 
 
 def outputs_close(reference: Any, actual: Any) -> float:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx import GraphModule
 
-from .capture import capture
+from .capture import capture, first_float_output
 from .errors import InputError, NoFFNError
 from .inspection import CONVERSION_ATTR, _default_inputs
 from .model_stats import model_stats
@@ -239,10 +238,8 @@ def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
             out = _call(model, inputs)
         finally:
             model.train(was_training)
-    for leaf in pytree.tree_leaves(out):
-        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point():
-            return leaf.detach().clone()
-    return None
+    leaf = first_float_output(out)
+    return None if leaf is None else leaf.detach().clone()
 
 
 def _rel_error(reference: torch.Tensor | None, model: nn.Module, inputs: Any) -> float | None:

@@ -157,3 +157,12 @@ def test_symbolic_trace_fallback_when_export_fails(monkeypatch):
     assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
         (f"mlps.{i}", "mlp", "gelu", 70) for i in range(3)
     ]
+
+
+def test_first_float_output_skips_integer_leaves():
+    from rewriter.capture import first_float_output
+
+    ids, logits = torch.arange(6).reshape(2, 3), torch.randn(2, 3, 5)
+    assert first_float_output({"ids": ids, "logits": logits, "h": torch.randn(2)}) is logits
+    assert first_float_output((ids, [logits])) is logits
+    assert first_float_output({"ids": ids}) is None
