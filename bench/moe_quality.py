@@ -57,12 +57,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import rewriter  # noqa: E402
 from models.moe import MoEFFN  # noqa: E402
+from models.text import perplexity, split_ids, token_ids  # noqa: E402
 from passes.router_init import centroid_router  # noqa: E402
 from rewriter import MoEConfig  # noqa: E402
 
@@ -122,45 +122,7 @@ class Row:
     extra: dict = field(default_factory=dict)
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def load_token_ids(tokenizer) -> torch.Tensor:
-    """(n,) token ids of pydoc_data.topics, values concatenated in sorted-key order."""
-    from pydoc_data.topics import topics
-
-    text = "\n\n".join(topics[k] for k in sorted(topics))
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def split_ids(
-    ids: torch.Tensor, seq_len: int, calib_seqs: int, eval_tokens: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(calib (calib_seqs, L) from the start, eval (n, L) from the end); disjoint."""
-    n_eval = eval_tokens // seq_len
-    need = (calib_seqs + n_eval) * seq_len
-    if need > ids.numel():
-        raise SystemExit(f"need {need} tokens, the text has {ids.numel()}")
-    calib = ids[: calib_seqs * seq_len].view(calib_seqs, seq_len)
-    ev = ids[ids.numel() - n_eval * seq_len:].view(n_eval, seq_len)
-    return calib, ev
-
-
 # ----------------------------------------------------------------------------- evaluation
-
-
-@torch.no_grad()
-def perplexity(model, eval_ids: torch.Tensor, batch: int) -> float:
-    """exp(mean next-token NLL) over every position but the first of each sequence."""
-    nll, count = 0.0, 0
-    for i in range(0, eval_ids.shape[0], batch):
-        ids = eval_ids[i:i + batch]
-        logits = model(input_ids=ids).logits  # (B, T, V)
-        nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                     ids[:, 1:].flatten(), reduction="sum"))
-        count += ids[:, 1:].numel()
-    return math.exp(nll / count)
 
 
 def moe_blocks(model) -> list[MoEFFN]:
@@ -397,11 +359,14 @@ def main(argv: list[str] | None = None) -> None:
     if ids_file is not None and ids_file.is_file():
         ids = torch.load(ids_file)
     else:
-        ids = load_token_ids(tok)
+        ids = token_ids(tok)
         if ids_file is not None:
             ids_file.parent.mkdir(parents=True, exist_ok=True)
             torch.save(ids, ids_file)
-    calib_ids, eval_ids = split_ids(ids, args.seq_len, args.calib_seqs, args.eval_tokens)
+    try:
+        calib_ids, eval_ids = split_ids(ids, args.seq_len, args.calib_seqs, args.eval_tokens)
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from exc
     times["tokenize"] = time.perf_counter() - t0
     example = calib_ids[:1, :32]
     print(f"torch {torch.__version__}, {platform.machine()}, threads "
