@@ -35,12 +35,10 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be on before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import triton  # noqa: E402
-
-from targets import fp8 as ref  # noqa: E402
-from targets import triton_fp8 as tf  # noqa: E402
+from rewriter.targets import fp8 as ref  # noqa: E402
+from rewriter.targets import triton_fp8 as tf  # noqa: E402
 
 DENSE = [(4096, 4096, 4096), (8192, 7168, 2048), (16384, 4096, 7168), (128, 7168, 4096)]
 GROUPED = [  # (name, tokens per expert, N, K)

@@ -28,19 +28,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rewriter.models.hf import load_smollm2  # noqa: E402
+from rewriter.models.text import logits_of, perplexity, split_ids, token_ids  # noqa: E402
+from rewriter.passes.lower_fp8 import weight_bytes  # noqa: E402
 
 import rewriter  # noqa: E402
-from models.hf import load_smollm2  # noqa: E402
-from models.text import logits_of, perplexity, split_ids, token_ids  # noqa: E402
-from passes.lower_fp8 import weight_bytes  # noqa: E402
 
 
 def _time_interleaved(models: dict, ids, repeats: int) -> dict[str, tuple[float, float]]:

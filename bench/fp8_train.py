@@ -16,18 +16,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rewriter.models.text import split_ids, token_ids  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import models  # noqa: E402
 import rewriter  # noqa: E402
-from models.text import split_ids, token_ids  # noqa: E402
+from rewriter import models  # noqa: E402
 
 
 def _batches(train: torch.Tensor, steps: int, batch: int, seq: int, seed: int):

@@ -15,17 +15,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from rewriter.models.moe import MoEFFN  # noqa: E402
 from torch import nn
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.moe import MoEFFN  # noqa: E402
 
 
 class DenseSwiGLU(nn.Module):

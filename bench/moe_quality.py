@@ -57,13 +57,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rewriter.models.moe import MoEFFN  # noqa: E402
+from rewriter.models.text import perplexity, split_ids, token_ids  # noqa: E402
+from rewriter.passes.router_init import centroid_router  # noqa: E402
 
 import rewriter  # noqa: E402
-from models.moe import MoEFFN  # noqa: E402
-from models.text import perplexity, split_ids, token_ids  # noqa: E402
-from passes.router_init import centroid_router  # noqa: E402
 from rewriter import MoEConfig  # noqa: E402
 
 GROUPINGS = ("contiguous", "random", "kmeans", "coactivation")
@@ -241,7 +239,7 @@ def router_fit(kind: str, top_k: int, ridge: float | None = None):
     if kind == "library" and ridge is None:
         yield
         return
-    import passes.ffn_to_moe as ftm
+    import rewriter.passes.ffn_to_moe as ftm
 
     original = ftm.fit_router
     extra = {} if ridge is None else {"ridge": ridge}
@@ -347,7 +345,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from models.hf import load_smollm2
+    from rewriter.models.hf import load_smollm2
 
     times: dict[str, float] = {}
     t0 = time.perf_counter()

@@ -21,19 +21,16 @@ import argparse
 import copy
 import json
 import math
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from rewriter.models.hf import load_smollm2  # noqa: E402
+from rewriter.models.text import token_ids  # noqa: E402
+from rewriter.passes.ffn_to_moe import MoEConfig  # noqa: E402
+from rewriter.passes.lower_fp8 import FP8Config  # noqa: E402
 
 import rewriter  # noqa: E402
-from models.hf import load_smollm2  # noqa: E402
-from models.text import token_ids  # noqa: E402
-from passes.ffn_to_moe import MoEConfig  # noqa: E402
-from passes.lower_fp8 import FP8Config  # noqa: E402
 from rewriter.training import TextData, TrainConfig, evaluate, train  # noqa: E402
 
 

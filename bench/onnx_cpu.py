@@ -5,8 +5,8 @@
 
 For each variant the model is converted (MoE: 16 routed experts of 72 neurons, top 4, 384
 shared neurons, ~44% of the FFN active; FP8: DeepSeek-V3 recipe, inference), exported with
-``targets.onnx_export.export_onnx`` (checker included) into ``--out``, and checked on real text
-(Python's language reference, ``pydoc_data.topics``): onnxruntime vs PyTorch of the same model,
+``rewriter.targets.onnx_export.export_onnx`` (checker included) into ``--out``, and checked on real
+text (Python's language reference, ``pydoc_data.topics``): onnxruntime vs PyTorch of the same model,
 max error and next-token agreement at every position; the FP8 layers teacher-forced
 (``check_fp8_linears``). Then both run the same token batches, one call of each per round
 (interleaved), and the median latencies and their ratio come from that one run. Threads:
@@ -28,16 +28,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from targets.onnx_export import export_onnx  # noqa: E402
-from targets.onnx_runtime import (  # noqa: E402
+from rewriter.targets.onnx_export import export_onnx  # noqa: E402
+from rewriter.targets.onnx_runtime import (  # noqa: E402
     check_fp8_linears,
     compare_with_torch,
     make_session,
@@ -137,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from models.hf import load_smollm2
+    from rewriter.models.hf import load_smollm2
 
     t0 = time.perf_counter()
     base, tokenizer = load_smollm2()

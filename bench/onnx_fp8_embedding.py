@@ -36,26 +36,23 @@ import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and onnxruntime share the cores
 import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import rewriter  # noqa: E402
-from models.hf import load_smollm2  # noqa: E402
-from models.text import perplexity, pydoc_text, split_ids, token_ids  # noqa: E402
-from passes.lower_fp8 import weight_bytes  # noqa: E402
-from rewriter import FP8Config, MoEConfig  # noqa: E402
-from targets.fp8_embedding import FP8Embedding, FP8TiedHead  # noqa: E402
-from targets.onnx_export import export_onnx  # noqa: E402
-from targets.onnx_runtime import (  # noqa: E402
+from rewriter.models.hf import load_smollm2  # noqa: E402
+from rewriter.models.text import perplexity, pydoc_text, split_ids, token_ids  # noqa: E402
+from rewriter.passes.lower_fp8 import weight_bytes  # noqa: E402
+from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead  # noqa: E402
+from rewriter.targets.onnx_export import export_onnx  # noqa: E402
+from rewriter.targets.onnx_runtime import (  # noqa: E402
     check_fp8_linears,
     compare_with_torch,
     make_session,
 )
+
+import rewriter  # noqa: E402
+from rewriter import FP8Config, MoEConfig  # noqa: E402
 
 MOE = MoEConfig(num_experts=16, top_k=4, shared_width=384)
 

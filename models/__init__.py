@@ -5,13 +5,15 @@
 
 Families: GPT (GELU/ReLU MLP, ``blocks[i].mlp.fc_in/fc_out``), LLaMA (SwiGLU,
 ``layers[i].feed_forward.w1/w3/w2``), BERT (GELU MLP, ``layers[i].ffn.fc_in/fc_out``).
-Hugging Face models built without downloads live in ``models.hf`` (optional dependencies).
+Hugging Face models built without downloads live in ``rewriter.models.hf`` (optional dependencies).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from rewriter.errors import UnknownModelError
 
 from .bert import Bert, BertConfig
 from .gpt import GPT, GPTConfig
@@ -37,13 +39,6 @@ _FAMILIES: tuple[tuple[type, type[nn.Module]], ...] = (
     (LlamaConfig, Llama),
     (BertConfig, Bert),
 )
-
-
-class UnknownModelError(KeyError, ValueError):
-    """An unknown model name; ``except KeyError`` and ``except ValueError`` both catch it."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0]) if self.args else ""
 
 
 def list_models() -> list[str]:

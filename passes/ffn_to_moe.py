@@ -3,10 +3,10 @@
 Matches: every :class:`~rewriter.patterns.FFNMatch` (MLP and GLU, bias or not, fused gate_up,
 GPT-2 Conv1D). Checks (all FFNs, before anything changes): the hidden width splits into the
 configured experts, the weights are finite, calibration data exists where a strategy needs it.
-Emits: one :class:`models.moe.MoEFFN` per FFN, its weights sliced from the dense ones so that
-with ``top_k == num_experts`` and hard gates it computes exactly the dense FFN; in graph mode a
+Emits: one :class:`rewriter.models.moe.MoEFFN` per FFN, its weights sliced from the dense ones so
+that with ``top_k == num_experts`` and hard gates it computes exactly the dense FFN; in graph mode a
 ``call_module`` node replaces the block's nodes, in module mode the block is swapped into a
-copy of the user's model (see :mod:`passes.module_swap`).
+copy of the user's model (see :mod:`rewriter.passes.module_swap`).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from rewriter.models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN
 from torch.fx import GraphModule, Node
 
-from models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN
 from rewriter.errors import InputError
-from rewriter.inspection import GROUP_META_KEY
+from rewriter.graph_ops import GROUP_META_KEY
 from rewriter.pass_manager import PassResult
 from rewriter.patterns import FFNMatch
 
@@ -59,7 +59,7 @@ class MoEConfig:
     give ``shared_width`` in neurons (Qwen-MoE style) and the rest is split evenly.
     ``allocation``: ``"uniform"`` (every block routes to top_k) or ``"calibrated"`` (the
     blocks share the same budget of active neurons, each with its own top_k, chosen by a
-    Fisher estimate of the loss; see :mod:`passes.allocation`).
+    Fisher estimate of the loss; see :mod:`rewriter.passes.allocation`).
     ``calibration_samples``: calibration tokens kept per FFN (a uniform sample) to fit the
     router and the allocation; memory ~ samples x (2 d + d_ff) x 4 bytes per FFN. More fit
     better (bench/moe_quality.py: 4096 -> 16384 moved SmolLM2 at 75% active from +13.3% to

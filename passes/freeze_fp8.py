@@ -11,9 +11,8 @@ weights with the same 128x128 blocks on the fly.
 
 from __future__ import annotations
 
+from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from torch import nn
-
-from targets.fp8_linear import FP8Linear, FP8MoEFFN
 
 __all__ = ["freeze_fp8"]
 

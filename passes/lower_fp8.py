@@ -5,10 +5,10 @@ owning module computes exactly that projection, and every MoE block's routed exp
 Checks: DeepSeek-V3's high-precision list is kept by default: the output head (a projection with
 no projection downstream whose result reaches the output through single-input ops only), the
 MoE router, embeddings, norms and attention's softmax path (not projections, never touched);
-plus the user's ``filter_fn(module, fqn)``. Emits: :class:`targets.fp8_linear.FP8Linear` /
+plus the user's ``filter_fn(module, fqn)``. Emits: :class:`rewriter.targets.fp8_linear.FP8Linear` /
 :class:`~targets.fp8_linear.FP8MoEFFN` swapped into the model, and a report of what was lowered
 and what was skipped, with the reason. Opt-in (``embeddings="fp8"``, deployment): embedding
-tables -> :class:`targets.fp8_embedding.FP8Embedding`, a head tied to one ->
+tables -> :class:`rewriter.targets.fp8_embedding.FP8Embedding`, a head tied to one ->
 :class:`~targets.fp8_embedding.FP8TiedHead` on the same FP8 table.
 """
 
@@ -17,15 +17,21 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from rewriter.models.moe import MoEFFN
+from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead
+from rewriter.targets.fp8_linear import (
+    ACTIVATION_MODES,
+    MODES,
+    ActivationMemo,
+    FP8Linear,
+    FP8MoEFFN,
+)
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from models.moe import MoEFFN
 from rewriter.errors import InputError
 from rewriter.graph_ops import is_reshape, module_stack, op_name
 from rewriter.patterns import find_projections
-from targets.fp8_embedding import FP8Embedding, FP8TiedHead
-from targets.fp8_linear import ACTIVATION_MODES, MODES, ActivationMemo, FP8Linear, FP8MoEFFN
 
 from .cleanup import is_identity_op
 

@@ -1,14 +1,30 @@
 """rewriter: compiler-style graph rewriting for PyTorch transformers.
 
 Capture a model as one FX graph, find its feed-forward blocks by declared patterns, run passes
-over the graph with checks, and inspect every step.
+over the graph with checks, and inspect every step. The packages form one-way layers (checked
+by import-linter, see ``[tool.importlinter]`` in pyproject.toml):
+
+- core: ``errors``, ``graph_ops``, ``capture``, ``patterns``, ``snapshot``, ``pass_manager``
+- ``rewriter.models`` (reference models, the MoE block), ``rewriter.targets`` (FP8, Triton,
+  ONNX), ``rewriter.passes`` (graph transformations), each importing only layers below it
+- front end: ``inspection``, ``conversion``, ``recipes``, ``training``, ``pipeline``, ``cli``
 """
 
-from .capture import CaptureInfo, capture, capture_info
-from .errors import CaptureError, InputError, NoFFNError, PassError, RewriterError
-from .inspection import Report, inspect, to_networkx
-from .pass_manager import PassManager, PassRecord, PassResult, PipelineResult, run_passes
-from .patterns import (
+from rewriter.capture import CaptureInfo, capture, capture_info
+from rewriter.errors import (
+    CaptureError,
+    ExportInputError,
+    InputError,
+    MissingDependencyError,
+    NoFFNError,
+    OnnxExportError,
+    OnnxRuntimeError,
+    PassError,
+    RewriterError,
+    UnknownModelError,
+)
+from rewriter.pass_manager import PassManager, PassRecord, PassResult, PipelineResult, run_passes
+from rewriter.patterns import (
     ACTIVATIONS,
     FFN_RULES,
     FFNAnalysis,
@@ -18,33 +34,17 @@ from .patterns import (
     find_ffns,
     require_ffns,
 )
-from .snapshot import GraphDiff, diff_graphs, snapshot
+from rewriter.snapshot import GraphDiff, diff_graphs, snapshot
+
+# isort: split
+from rewriter.conversion import ConversionInfo, conversion_info, convert
+from rewriter.inspection import Report, inspect, to_networkx
+from rewriter.passes.calibration import calibrate
+from rewriter.passes.ffn_to_moe import MoEConfig
+from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.targets.onnx_export import export_onnx
 
 __version__ = "0.1.0"
-
-# The facade (convert and the configs of the passes it drives) imports ``passes``, which
-# imports this package's core: load it on first use to keep the import order one-way.
-_LAZY = {
-    "convert": ("rewriter.conversion", "convert"),
-    "conversion_info": ("rewriter.conversion", "conversion_info"),
-    "ConversionInfo": ("rewriter.conversion", "ConversionInfo"),
-    "MoEConfig": ("passes.ffn_to_moe", "MoEConfig"),
-    "FP8Config": ("passes.lower_fp8", "FP8Config"),
-    "calibrate": ("passes.calibration", "calibrate"),
-    "export_onnx": ("targets.onnx_export", "export_onnx"),
-}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        module, attr = _LAZY[name]
-        value = getattr(importlib.import_module(module), attr)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'rewriter' has no attribute {name!r}")
-
 
 __all__ = [
     "ACTIVATIONS",
@@ -60,6 +60,11 @@ __all__ = [
     "InputError",
     "NoFFNError",
     "PassError",
+    "ExportInputError",
+    "MissingDependencyError",
+    "OnnxExportError",
+    "OnnxRuntimeError",
+    "UnknownModelError",
     "PassManager",
     "PassRecord",
     "PassResult",

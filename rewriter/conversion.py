@@ -18,12 +18,27 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from rewriter.passes.allocation import allocate_top_k, apply_top_k, dropped_loss_curve
+from rewriter.passes.calibration import calibrate, stats_for
+from rewriter.passes.ffn_to_moe import (
+    FFNToMoE,
+    MoEConfig,
+    build_moe_block,
+    check_finite,
+    dense_weights,
+    plan_experts,
+    split_error,
+)
+from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, plan_fp8
+from rewriter.passes.module_swap import apply_module_swaps, plan_module_swap
+
 from .capture import capture, first_float_output
 from .errors import InputError, NoFFNError
 from .inspection import CONVERSION_ATTR, _default_inputs
 from .model_stats import model_stats
 from .pass_manager import PassManager
 from .patterns import FFNMatch, analyze_ffns
+from .recipes import get_recipe
 
 __all__ = ["convert", "conversion_info", "ConversionInfo", "CONVERSION_ATTR"]
 
@@ -95,26 +110,13 @@ def convert(
     the model with the new blocks swapped in (HF APIs keep working); "graph" returns the
     rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode).
     """
-    from passes.calibration import calibrate, stats_for
-    from passes.ffn_to_moe import (
-        FFNToMoE,
-        MoEConfig,
-        build_moe_block,
-        check_finite,
-        dense_weights,
-        plan_experts,
-        split_error,
-    )
-    from passes.module_swap import apply_module_swaps, plan_module_swap
 
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    from passes.lower_fp8 import FP8Config
 
     if recipe is not None:
-        from .recipes import get_recipe
 
         recipe = get_recipe(recipe)
     if moe is None and fp8 is None and recipe is None:
@@ -211,7 +213,6 @@ def convert(
 
 def _allocate(blocks: list, stats: list, reports: tuple[dict, ...], top_k: int) -> None:
     """MoEConfig.allocation="calibrated": give each block its own top_k (passes/allocation)."""
-    from passes.allocation import allocate_top_k, apply_top_k, dropped_loss_curve
 
     curves = [dropped_loss_curve(b, s.sample_x, s.sample_g) for b, s in zip(blocks, stats)]
     ks = allocate_top_k(curves, [b.expert_dim for b in blocks], top_k)
@@ -256,7 +257,6 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                 info: ConversionInfo, reference: torch.Tensor | None = None) -> nn.Module:
     """FP8 lowering of ``model`` (captured as ``gm``); graph mode re-captures the result.
     ``reference``: the source model's outputs on ``inputs`` (default: ``model``'s)."""
-    from passes.lower_fp8 import apply_fp8, plan_fp8
 
     decisions = plan_fp8(model, gm, fp8, filter_fn)
     if not any(d.lowered for d in decisions):

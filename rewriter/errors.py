@@ -1,4 +1,10 @@
-"""Exception types of the toolkit: one per kind of failure, each naming what went wrong."""
+"""Exception types of the toolkit: one per kind of failure, each naming what went wrong.
+
+Every error the toolkit raises on purpose derives from :class:`RewriterError` and from the
+standard base class a caller would expect (``ValueError`` for bad input, ``ImportError`` for
+a missing dependency, ...). ``exit_code`` is what the CLI exits with: 2 for the user's input or
+environment (fix the command), 1 for a failure inside the toolkit.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +14,24 @@ __all__ = [
     "CaptureError",
     "NoFFNError",
     "PassError",
+    "UnknownModelError",
+    "MissingDependencyError",
+    "ExportInputError",
+    "OnnxExportError",
+    "OnnxRuntimeError",
 ]
 
 
 class RewriterError(Exception):
     """Base class of every error the toolkit raises on purpose."""
 
+    exit_code = 1
+
 
 class InputError(RewriterError, ValueError):
     """The model or the example inputs given to us are unusable (wrong type, shape or dtype)."""
+
+    exit_code = 2
 
 
 class CaptureError(RewriterError, RuntimeError):
@@ -37,3 +52,38 @@ class PassError(RewriterError, RuntimeError):
         super().__init__(f"pass {pass_name!r} failed ({stage}): {message}")
         self.pass_name = pass_name
         self.stage = stage
+
+
+class UnknownModelError(InputError, KeyError):
+    """An unknown model name; ``except KeyError`` and ``except ValueError`` both catch it."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class MissingDependencyError(RewriterError, ImportError):
+    """An optional dependency is not installed; the message says what to install."""
+
+    exit_code = 2
+
+
+class ExportInputError(InputError):
+    """An argument of ``export_onnx`` is unusable (raised before anything is written)."""
+
+
+class OnnxExportError(RewriterError, RuntimeError):
+    """The model could not be exported. ``stage`` is one of "run", "capture", "translate",
+    "optimize", "check", "save"; ``node`` and ``op`` name the graph node that failed, when
+    known."""
+
+    def __init__(self, stage: str, message: str, *, node: str | None = None,
+                 op: str | None = None):
+        where = f" at node {node!r} (op {op})" if node else (f" (op {op})" if op else "")
+        super().__init__(f"ONNX export failed during {stage}{where}: {message}")
+        self.stage, self.node, self.op = stage, node, op
+
+
+class OnnxRuntimeError(RewriterError, RuntimeError):
+    """onnxruntime is missing, installed twice, or cannot run the model."""
+
+    exit_code = 2

@@ -14,6 +14,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 __all__ = [
+    "GROUP_META_KEY",
     "op_name",
     "target_str",
     "is_elementwise",
@@ -48,6 +49,10 @@ _ELEMENTWISE = frozenset(
 )
 _SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "getitem", "slice", "narrow"})
 _RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten"})
+
+# Passes tag the nodes they emit with node.meta[GROUP_META_KEY] = (group_id, label, kind) so
+# that the picture draws them as one block (e.g. an MoE block that replaced an FFN).
+GROUP_META_KEY = "rewriter.group"
 
 
 def op_name(node: Node) -> str | None:

@@ -7,7 +7,7 @@ pass-manager result and returns a :class:`Report`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,15 @@ from torch.fx import GraphModule, Node
 
 from .capture import CaptureInfo, capture, capture_info
 from .errors import InputError
-from .graph_ops import op_name, owning_module, target_str, tensor_meta
+from .graph_ops import GROUP_META_KEY, op_name, owning_module, target_str, tensor_meta
+from .model_stats import model_stats
 from .pass_manager import HISTORY_META_KEY, PassRecord, PipelineResult
 from .patterns import FFNAnalysis, analyze_ffns
+from .picture import write_picture
 from .snapshot import GraphDiff, GraphSnapshot, diff_graphs
 
 __all__ = ["Report", "inspect", "to_networkx", "format_table", "GROUP_META_KEY"]
 
-# Passes tag the nodes they emit with node.meta[GROUP_META_KEY] = (group_id, label, kind) so
-# that the picture draws them as one block (e.g. an MoE block that replaced an FFN).
-GROUP_META_KEY = "rewriter.group"
 CONVERSION_ATTR = "rewriter_conversion"  # set by rewriter.convert on what it returns
 
 
@@ -380,7 +379,6 @@ class Report:
 
     def write_picture(self, path: str | Path, *, collapse: bool = True) -> Path:
         """Write the graph as a self-contained .html or .svg picture."""
-        from .picture import write_picture
 
         return write_picture(self.to_networkx(collapse=collapse), Path(path),
                              title=self._title())
@@ -442,7 +440,6 @@ def _conversion_dict(info: Any) -> dict[str, Any] | None:
     """A JSON-ready view of a ConversionInfo (configs as dicts, FP8 decisions as rows)."""
     if info is None:
         return None
-    from dataclasses import asdict, is_dataclass
 
     def plain(x: Any) -> Any:
         return asdict(x) if is_dataclass(x) else x
@@ -492,7 +489,6 @@ def inspect(obj: Any, example_inputs: Any = None, *, dynamic: bool = True) -> Re
             f"inspect() takes a model, a GraphModule or a pipeline result, got "
             f"{type(obj).__name__}"
         )
-    from .model_stats import model_stats
 
     return Report(
         graph_module=gm,

@@ -17,6 +17,10 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.lower_fp8 import weight_bytes
+from rewriter.targets.fp8_linear import FP8Linear
+
 __all__ = ["ModelStats", "model_stats"]
 
 
@@ -32,7 +36,6 @@ class ModelStats:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    from targets.fp8_linear import FP8Linear
 
     if isinstance(module, (nn.Linear, FP8Linear)):
         return True
@@ -46,8 +49,6 @@ def _linear_weights(module: nn.Module) -> int:
 
 
 def model_stats(model: nn.Module) -> ModelStats:
-    from models.moe import MoEFFN
-    from passes.lower_fp8 import weight_bytes
 
     seen, params = set(), 0
     named = [("", p) for p in model.parameters()] + list(model.named_buffers())

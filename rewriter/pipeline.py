@@ -13,6 +13,7 @@ weights frozen (``freeze_fp8``) and onnxruntime parity on held-out text.
 
 from __future__ import annotations
 
+import copy
 import html
 import json
 import time
@@ -23,7 +24,18 @@ from typing import Any
 
 from torch import nn
 
+from rewriter import models
+from rewriter.models.text import model_batches, token_ids
+from rewriter.passes.freeze_fp8 import freeze_fp8
+from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx_runtime import compare_with_torch
+
+from .conversion import convert
 from .errors import InputError
+from .inspection import format_table, inspect
+from .model_stats import model_stats
+from .recipes import get_recipe
+from .training import TextData, TrainConfig, evaluate, train
 
 __all__ = ["PipelineRow", "PipelineReport", "run_pipeline", "check_writable"]
 
@@ -46,7 +58,6 @@ class PipelineReport:
     train_history: list[dict[str, Any]] = field(default_factory=list)
 
     def table(self) -> str:
-        from .inspection import format_table
 
         rows = [[r.name, "-" if r.perplexity is None else f"{r.perplexity:.2f}", r.params,
                  r.active_params, f"{r.weight_bytes / 1e6:.1f} MB"] for r in self.rows]
@@ -77,7 +88,6 @@ def check_writable(path: Path, what: str) -> None:
 
 
 def _row(name: str, model: nn.Module, ppl: float | None) -> PipelineRow:
-    from .model_stats import model_stats
 
     s = model_stats(model)
     return PipelineRow(name, ppl, s.params, s.active_params, s.weight_bytes)
@@ -117,13 +127,7 @@ def run_pipeline(
     returning logits). ``tokenizer``: the model's (else UTF-8 bytes, vocab >= 256). The MoE
     and FP8 parts come from ``recipe`` unless ``moe``/``fp8`` are given. ``echo``: called with
     a line per finished stage (progress for the CLI). Output paths are checked first."""
-    from models.text import model_batches, token_ids
-    from passes.freeze_fp8 import freeze_fp8
 
-    from .conversion import convert
-    from .inspection import inspect
-    from .recipes import get_recipe
-    from .training import TextData, TrainConfig, evaluate, train
 
     say = echo or (lambda line: None)
     if onnx_path is not None:
@@ -135,7 +139,6 @@ def run_pipeline(
     if tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{type(model).__name__} has no tokenizer and vocab_size={vocab}: the "
                          "pipeline needs real text in the model's tokens (give tokenizer=)")
-    import models
 
     longest = models.max_seq_len(model) or 256
     seq = min(128, longest)
@@ -202,7 +205,6 @@ def run_pipeline(
 
     deploy = final
     if any(getattr(m, "mode", None) == "training" for m in final.modules()):
-        import copy
 
         deploy = copy.deepcopy(final)
         freeze_fp8(deploy)  # FP8 weights stored once: the file holds FP8 initializers
@@ -228,8 +230,6 @@ def run_pipeline(
         say(f"report: {out / 'report.html'}")
 
     if onnx_path is not None:
-        from targets.onnx_export import export_onnx
-        from targets.onnx_runtime import compare_with_torch
 
         t = clock()
         exported = export_onnx(deploy, onnx_path, example_inputs=example_inputs)

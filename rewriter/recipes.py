@@ -21,6 +21,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from rewriter.passes.ffn_to_moe import MoEConfig
+from rewriter.passes.lower_fp8 import FP8Config
+
 from .errors import InputError
 
 __all__ = ["Recipe", "RECIPES", "get_recipe", "fit_experts"]
@@ -44,7 +47,6 @@ class Recipe:
     def configs(self, d_ffs: Sequence[int]) -> tuple[object | None, object | None]:
         """(MoEConfig or None, FP8Config or None) for a model whose FFNs have widths
         ``d_ffs``. Raises InputError when the recipe needs FFNs and there are none."""
-        from passes.ffn_to_moe import MoEConfig
 
         moe = None
         if self.num_experts is not None:
@@ -63,7 +65,6 @@ class Recipe:
 
     def fp8_config(self) -> object | None:
         """The recipe's FP8Config, or None when it does not lower to FP8."""
-        from passes.lower_fp8 import FP8Config
 
         if self.fp8_mode is None:
             return None

@@ -36,8 +36,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.distributed.tensor import distribute_tensor
+from tqdm.auto import tqdm
+
+from rewriter import models
+from rewriter.models.moe import MoEFFN
+from rewriter.models.text import logits_of, perplexity, token_ids
 
 from .errors import InputError
 
@@ -148,7 +157,6 @@ class TextData:
                     vocab_size: int | None = None) -> TextData:
         """Split a corpus (default: ``pydoc_data.topics`` in ``tokenizer``'s ids, or UTF-8
         bytes without one): evaluation sequences from the end, training tokens before them."""
-        from models.text import token_ids
 
         ids = token_ids(tokenizer) if ids is None else ids
         if vocab_size is not None and int(ids.max()) >= vocab_size:
@@ -192,8 +200,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(fqn, block) of every routed MoE block (:class:`models.moe.MoEFFN`) in ``model``."""
-    from models.moe import MoEFFN
+    """(fqn, block) of every routed MoE block (:class:`rewriter.models.moe.MoEFFN`) in ``model``."""
 
     return [(n, m) for n, m in _unwrap(model).named_modules() if isinstance(m, MoEFFN)]
 
@@ -208,7 +215,6 @@ def expert_load(model: nn.Module) -> dict[str, float]:
 
 
 def _dist() -> tuple[int, int]:
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -216,7 +222,6 @@ def _dist() -> tuple[int, int]:
 
 
 def _logits(model: nn.Module, ids: torch.Tensor, hf: bool) -> torch.Tensor:
-    from models.text import logits_of
 
     return logits_of(model(input_ids=ids) if hf else model(ids))
 
@@ -252,7 +257,6 @@ def _set_trainable(model: nn.Module, moe_only: bool) -> None:
 @torch.no_grad()
 def _balance(model: nn.Module, rate: float) -> None:
     """DeepSeek-V3's bias update on every block, with loads summed over ranks."""
-    import torch.distributed as dist
 
     _, world = _dist()
     for _, block in moe_blocks(model):
@@ -266,7 +270,6 @@ def _balance(model: nn.Module, rate: float) -> None:
 def evaluate(model: nn.Module, data: TextData, batch: int = 8) -> float:
     """Perplexity of ``model`` on ``data.eval_ids`` (every position but the first), in eval
     mode (restored afterwards)."""
-    from models.text import perplexity
 
     was_training = model.training
     model.eval()
@@ -309,7 +312,6 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
                     step: int, config: TrainConfig) -> Path:
     """Write ``path/`` = model.safetensors, optimizer.safetensors, trainer.json. ``step`` is
     the number of steps done. Tied weights are stored once (safetensors' shared-tensor rule)."""
-    from safetensors.torch import save_file
 
     path = Path(path)
     rank, _ = _dist()
@@ -341,8 +343,6 @@ def load_checkpoint(path: str | Path, model: nn.Module,
                     optimizer: torch.optim.Optimizer | None = None) -> int:
     """Load a :func:`save_checkpoint` directory into ``model`` (and ``optimizer``); returns
     the number of steps it had done. Raises InputError naming the missing file or key."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     for name in ("model.safetensors", "trainer.json"):
@@ -363,7 +363,6 @@ def load_checkpoint(path: str | Path, model: nn.Module,
         for k, v in own.items():
             src = tensors[k]
             if hasattr(v, "distribute_tensor") or hasattr(v, "full_tensor"):
-                from torch.distributed.tensor import distribute_tensor
 
                 src = distribute_tensor(src.to(v.dtype), v.device_mesh, v.placements)
                 v.copy_(src)
@@ -394,7 +393,6 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, state: dict, groups: list)
         for name, value in list(entry.items()):
             if isinstance(value, torch.Tensor) and hasattr(p, "device_mesh") and \
                     value.shape == p.shape:
-                from torch.distributed.tensor import distribute_tensor
 
                 entry[name] = distribute_tensor(value, p.device_mesh, p.placements)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -408,7 +406,6 @@ def _progress(enabled: bool | None, total: int, initial: int):
         enabled = sys.stderr.isatty()
     if not enabled or _dist()[0] != 0:
         return None
-    from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
 
@@ -441,7 +438,6 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
     if (config.train_part == "moe" or config.moe_first_steps) and not moe_blocks(model):
         raise InputError("TrainConfig.train_part='moe' / moe_first_steps need a model with MoE "
                          "blocks (convert it with moe=... first)")
-    import models
 
     longest = models.max_seq_len(_unwrap(model))
     if longest is not None and config.seq_len > longest:
@@ -528,7 +524,6 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
 
 
 def _mean_over_ranks(value: torch.Tensor) -> float:
-    import torch.distributed as dist
 
     value = value.detach().float().clone()
     _, world = _dist()

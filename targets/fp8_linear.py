@@ -28,10 +28,9 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from rewriter.models.moe import MoEFFN
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
-
-from models.moe import MoEFFN
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
 from .fp8 import dequantize_blockwise, fake_quantize_rowwise, quantize_blockwise

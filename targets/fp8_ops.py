@@ -1,8 +1,8 @@
 """FP8 ops registered with torch.library: capturable by torch.export, compilable, exportable.
 
 Every op has a fake (meta) implementation, a CPU implementation that is the torch reference of
-:mod:`targets.fp8`, and a CUDA implementation that runs the Triton kernels of
-:mod:`targets.triton_fp8` (imported on first use).
+:mod:`rewriter.targets.fp8`, and a CUDA implementation that runs the Triton kernels of
+:mod:`rewriter.targets.triton_fp8` (imported on first use).
 
     rewriter::fp8_quantize_rowwise(x, pow2)            -> (q, s)     1x128 tiles
     rewriter::fp8_quantize_blockwise(w, pow2)          -> (q, s)     128x128 blocks

@@ -10,12 +10,12 @@ What it emits:
   batch and sequence axes of every input are dynamic and named ``batch`` / ``sequence``;
   inputs and outputs are named (forward's parameter names or the dict keys; ``logits``,
   HF output fields, ...); ``onnx.checker`` full check of the saved file.
-- MoE blocks (:class:`models.moe.MoEFFN`): sparse routing. TopK picks the experts, then per
+- MoE blocks (:class:`rewriter.models.moe.MoEFFN`): sparse routing. TopK picks the experts, then per
   expert ``Equal -> NonZero -> Gather`` collects its tokens, the expert runs on those rows
   only and ``ScatterND(reduction=add)`` adds them back, so an expert no token chose costs
   nothing (it runs on zero rows). ``dense_moe=True`` runs every expert on every token and
   weights them by a (T, E) matrix that is zero off the top-k (static shapes, more FLOPs).
-- FP8 (:mod:`targets.fp8_ops`): the weights stay FLOAT8E4M3FN initializers dequantized by a
+- FP8 (:mod:`rewriter.targets.fp8_ops`): the weights stay FLOAT8E4M3FN initializers dequantized by a
   blocked ``DequantizeLinear`` (opset 21+, ``block_size=128`` along K; the 128x128 block
   scales are expanded to one row per weight row). Each weight is stored transposed, W^T
   (K, N) with [K/128, N] scales (the [N, K/128] layout, transposed), so ``MatMul`` takes
@@ -27,10 +27,10 @@ What it emits:
   (W8A16): the activations stay in their precision. onnxruntime's QuantizeLinear divides by
   the scale and rounds to nearest even, saturating at 448, exactly like
   ``(x / s).to(torch.float8_e4m3fn)``: the quantized values are bit-identical to
-  :mod:`targets.fp8`; only the matmul's summation order differs (~1e-7 relative).
+  :mod:`rewriter.targets.fp8`; only the matmul's summation order differs (~1e-7 relative).
   DequantizeLinear is never constant-folded by the exporter's optimizer, so no fp32 copy of
   an FP8 weight reaches the file (checked before saving).
-- FP8 embedding tables (:mod:`targets.fp8_embedding`, ``FP8Config(embeddings="fp8")``): one
+- FP8 embedding tables (:mod:`rewriter.targets.fp8_embedding`, ``FP8Config(embeddings="fp8")``): one
   FLOAT8E4M3FN (V, d) initializer and (V,) fp32 row scales. ONNX defines Gather on no FLOAT8
   type, so the lookup is ``Cast(table, FLOAT)`` (exact) -> ``Gather`` rows -> ``Mul`` by the
   ``Gather``-ed row scales: only the looked-up rows are scaled, and the Cast is a constant
@@ -68,9 +68,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rewriter.models.moe import MoEFFN
 from torch import Tensor, nn
 
-from models.moe import MoEFFN
+from rewriter.errors import ExportInputError, OnnxExportError
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
 from .fp8 import BLOCK, E4M3_MAX
@@ -98,22 +99,6 @@ ACTIVATION_MODES = ("fp8", "none")
 EXTERNAL_DATA_THRESHOLD = 1 << 30  # bytes of weights above which they go to a .data file
 DIM_NAMES = ("batch", "sequence")
 _ops = torch.ops.rewriter
-
-
-class ExportInputError(ValueError):
-    """An argument of :func:`export_onnx` is unusable (raised before anything is written)."""
-
-
-class OnnxExportError(RuntimeError):
-    """The model could not be exported. ``stage`` is one of "run", "capture", "translate",
-    "optimize", "check", "save"; ``node`` and ``op`` name the graph node that failed, when
-    known."""
-
-    def __init__(self, stage: str, message: str, *, node: str | None = None,
-                 op: str | None = None):
-        where = f" at node {node!r} (op {op})" if node else (f" (op {op})" if op else "")
-        super().__init__(f"ONNX export failed during {stage}{where}: {message}")
-        self.stage, self.node, self.op = stage, node, op
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from rewriter.errors import OnnxRuntimeError
+
 __all__ = [
     "OnnxRuntimeError",
     "check_fp8_linears",
@@ -33,10 +35,6 @@ __all__ = [
 ]
 
 _DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu")
-
-
-class OnnxRuntimeError(RuntimeError):
-    """onnxruntime is missing, installed twice, or cannot run the model."""
 
 
 def check_onnxruntime_install() -> str:
@@ -242,8 +240,8 @@ def _model_fp8_weights(model: nn.Module) -> dict[bytes, torch.Tensor]:
 def check_fp8_linears(path: str | os.PathLike, inputs: Any,
                       model: nn.Module | None = None) -> dict[str, Any]:
     """Teacher-forced check of every FP8 linear of an exported model against
-    :mod:`targets.fp8`: each linear's own input, taken from the onnxruntime run, is quantized
-    by the torch reference and multiplied in fp32; the ONNX result must match.
+    :mod:`rewriter.targets.fp8`: each linear's own input, taken from the onnxruntime run, is
+    quantized by the torch reference and multiplied in fp32; the ONNX result must match.
 
     W8A8 quantization is a discontinuous function: a one-ulp difference of an upstream fp32
     value (onnxruntime and PyTorch sum matmuls in different orders) that sits on a rounding

@@ -28,8 +28,7 @@ must be set before the first ``import triton`` of the process.
 import math
 
 import torch
-
-from targets.fp8 import BLOCK, FP8_DTYPE, fp8_gemm_reference
+from rewriter.targets.fp8 import BLOCK, FP8_DTYPE, fp8_gemm_reference
 
 try:  # the module imports without triton; the wrappers then raise
     import triton
@@ -84,7 +83,7 @@ if triton is not None:
 
     @triton.jit
     def _tile_scale(amax, has_nan, POW2: tl.constexpr):
-        """fp32 scale from a tile's amax, as ``targets.fp8.compute_scale``: zero tile -> 1,
+        """fp32 scale from a tile's amax, as ``rewriter.targets.fp8.compute_scale``: zero tile -> 1,
         a NaN in the tile -> NaN (``has_nan``: GPU max reductions may drop NaN)."""
         amax = tl.where(has_nan != 0, float("nan"), amax)
         s = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))

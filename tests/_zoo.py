@@ -8,8 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import models
-from models import hf
+from rewriter.models import hf
+
+from rewriter import models
 
 __all__ = ["Case", "CASES", "case_ids"]
 

@@ -1,10 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from rewriter.models import build_model, example_inputs
+from rewriter.models.bert import BertConfig
 from torch.export import Dim
-
-from models import build_model, example_inputs
-from models.bert import BertConfig
 
 PRESETS = BertConfig.presets()
 

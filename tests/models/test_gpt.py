@@ -3,10 +3,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rewriter.models import build_model, example_inputs
+from rewriter.models.gpt import GPT, GPTConfig
 from torch.export import Dim
-
-from models import build_model, example_inputs
-from models.gpt import GPT, GPTConfig
 
 PRESETS = GPTConfig.presets()
 

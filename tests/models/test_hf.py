@@ -3,9 +3,7 @@ import sys
 
 import pytest
 import torch
-from torch.export import Dim
-
-from models.hf import (
+from rewriter.models.hf import (
     HF_FAMILIES,
     MissingDependencyError,
     build_hf,
@@ -13,6 +11,7 @@ from models.hf import (
     load_smollm2,
     smollm2_gguf_path,
 )
+from torch.export import Dim
 
 needs_hf = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="transformers not installed"

@@ -1,10 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from rewriter.models import build_model, example_inputs
+from rewriter.models.llama import Llama, LlamaConfig
 from torch.export import Dim
-
-from models import build_model, example_inputs
-from models.llama import Llama, LlamaConfig
 
 PRESETS = LlamaConfig.presets()
 
@@ -95,7 +94,7 @@ def test_rope_buffers_not_persistent_and_rotation_preserves_norm():
     model = build_model("llama-tiny")
     assert not any("rope" in k for k in model.state_dict())
     assert model.rope_cos.shape == (model.config.max_seq_len, model.config.head_dim)
-    from models.llama import apply_rope
+    from rewriter.models.llama import apply_rope
 
     q = torch.randn(1, 1, 8, 16)
     r = apply_rope(q, model.rope_cos[:8], model.rope_sin[:8])

@@ -5,10 +5,9 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from rewriter.models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN, MoEFFNConfig, SharedExpert
 from torch import nn
 from torch.export import Dim
-
-from models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN, MoEFFNConfig, SharedExpert
 
 D, FF, E = 20, 7, 5  # odd shapes on purpose
 

@@ -1,8 +1,6 @@
 import pytest
 import torch
-
-import models
-from models import (
+from rewriter.models import (
     GPT,
     Bert,
     Llama,
@@ -13,6 +11,8 @@ from models import (
     max_seq_len,
     num_layers,
 )
+
+from rewriter import models
 
 
 def test_list_models_covers_all_families():

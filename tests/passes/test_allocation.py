@@ -2,9 +2,8 @@ import itertools
 
 import pytest
 import torch
-
-from models.moe import MoEFFN
-from passes.allocation import allocate_top_k, apply_top_k, dropped_loss_curve
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.allocation import allocate_top_k, apply_top_k, dropped_loss_curve
 
 
 def _block(gate="hard", seed=0, E=6, top_k=2):
@@ -94,7 +93,7 @@ def test_apply_top_k_keeps_each_experts_weight():
 
 
 def test_dropped_loss_curve_in_chunks_is_the_same(monkeypatch):
-    import passes.allocation as allocation
+    import rewriter.passes.allocation as allocation
 
     block = _block(seed=2)
     x = torch.randn(23, 24, dtype=torch.float64)

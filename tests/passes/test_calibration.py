@@ -1,9 +1,8 @@
 import pytest
 import torch
+from rewriter.passes.calibration import COACTIVE_FRACTION, calibrate, stats_for
 
-import models
-from passes.calibration import COACTIVE_FRACTION, calibrate, stats_for
-from rewriter import InputError, capture, find_ffns
+from rewriter import InputError, capture, find_ffns, models
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_bad_batches_are_named(llama):
 def test_sensitivity_gradients_equal_module_hook_reference(llama):
     """sample_g = dL/d(FFN output) for the Fisher loss, checked against autograd on the user's
     model with a zero leaf added to each FeedForward's output; no parameter gets a .grad."""
-    from passes.calibration import fisher_loss
+    from rewriter.passes.calibration import fisher_loss
 
     model, gm, ffns = llama
     batches = [models.example_inputs(model, 3, 11, seed=s) for s in range(2)]
@@ -107,7 +106,7 @@ def test_sensitivity_gradients_equal_module_hook_reference(llama):
 
 
 def test_sensitivity_needs_logits(llama):
-    from passes.calibration import fisher_loss
+    from rewriter.passes.calibration import fisher_loss
 
     with pytest.raises(InputError, match="logits"):
         fisher_loss({"ids": torch.ones(3, dtype=torch.long)}, torch.Generator())

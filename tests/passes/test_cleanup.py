@@ -1,7 +1,7 @@
 import torch
+from rewriter.passes import eliminate_dead_code, remove_identity_ops
 from torch import nn
 
-from passes import eliminate_dead_code, remove_identity_ops
 from rewriter import capture
 from rewriter.graph_ops import op_name
 

@@ -6,13 +6,13 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.calibration import calibrate, stats_for
+from rewriter.passes.ffn_to_moe import MoEConfig, build_moe_block, dense_weights, plan_experts
+from rewriter.passes.module_swap import apply_module_swaps, plan_module_swap
 from torch import nn
 
 import rewriter
-from models.moe import MoEFFN
-from passes.calibration import calibrate, stats_for
-from passes.ffn_to_moe import MoEConfig, build_moe_block, dense_weights, plan_experts
-from passes.module_swap import apply_module_swaps, plan_module_swap
 from rewriter import InputError, capture, find_ffns
 from tests._zoo import CASES, case_ids
 
@@ -116,7 +116,7 @@ def test_topk_below_e_routes_and_differs_from_dense():
 def test_calibrated_allocation_spends_the_uniform_budget_better(name):
     """Per-block top_k within the uniform budget of active neurons; by the allocator's own
     Fisher estimate (recomputed here from a second calibration) no worse than uniform."""
-    from passes.allocation import dropped_loss_curve
+    from rewriter.passes.allocation import dropped_loss_curve
 
     case = BY_NAME[name]
     model = case.build()
@@ -247,7 +247,7 @@ def test_filter_fn_converts_only_what_it_accepts():
 def test_gradients_reach_used_experts_and_router_and_training_lowers_loss():
     from pydoc_data.topics import topics
 
-    import models
+    from rewriter import models
 
     text = "".join(topics[k] for k in sorted(topics))[:40_000].encode("utf-8", "replace")
     data = torch.tensor(list(text), dtype=torch.long)  # bytes: llama-tiny's vocab is 256

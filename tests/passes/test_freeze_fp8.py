@@ -1,12 +1,12 @@
 import copy
 
 import torch
+from rewriter.passes.freeze_fp8 import freeze_fp8
+from rewriter.passes.lower_fp8 import weight_bytes
+from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 
-import models
 import rewriter
-from passes.freeze_fp8 import freeze_fp8
-from passes.lower_fp8 import weight_bytes
-from targets.fp8_linear import FP8Linear, FP8MoEFFN
+from rewriter import models
 
 
 def test_freeze_stores_fp8_weights_and_keeps_the_forward():

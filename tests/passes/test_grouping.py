@@ -1,7 +1,6 @@
 import pytest
 import torch
-
-from passes.grouping import balanced_kmeans, group_neurons, select_shared
+from rewriter.passes.grouping import balanced_kmeans, group_neurons, select_shared
 
 
 def _is_partition(parts, universe):

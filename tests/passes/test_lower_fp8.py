@@ -1,12 +1,12 @@
 import pytest
 import torch
+from rewriter.passes.lower_fp8 import FP8Config, find_output_heads, weight_bytes
+from rewriter.targets.fp8 import sqnr_db
+from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from torch import nn
 
 import rewriter
-from passes.lower_fp8 import FP8Config, find_output_heads, weight_bytes
 from rewriter import InputError, MoEConfig, capture
-from targets.fp8 import sqnr_db
-from targets.fp8_linear import FP8Linear, FP8MoEFFN
 from tests._zoo import CASES
 
 BY_NAME = {c.name: c for c in CASES}

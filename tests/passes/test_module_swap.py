@@ -1,9 +1,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from rewriter.passes.module_swap import plan_module_swap
 from torch import nn
 
-from passes.module_swap import plan_module_swap
 from rewriter import InputError, capture, find_ffns
 from tests._zoo import CASES
 

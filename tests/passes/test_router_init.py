@@ -6,8 +6,7 @@ for a token, odd sizes, float64 references.
 
 import pytest
 import torch
-
-from passes.router_init import (
+from rewriter.passes.router_init import (
     centroid_router,
     expert_contributions,
     fit_router,

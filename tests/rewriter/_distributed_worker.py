@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import models  # noqa: E402
 import rewriter  # noqa: E402
+from rewriter import models  # noqa: E402
 from rewriter.training import TextData, TrainConfig, moe_blocks, train  # noqa: E402
 
 STEPS, BATCH, SEQ = 4, 4, 32

@@ -55,7 +55,7 @@ def test_hf_kv_cache_is_restored_and_model_untouched(captured):
 
 
 def test_unit_batch_example_still_gives_dynamic_batch():
-    import models
+    from rewriter import models
 
     model = models.build_model("gpt-tiny")
     gm = capture(model, models.example_inputs(model, 1, 1))
@@ -65,7 +65,7 @@ def test_unit_batch_example_still_gives_dynamic_batch():
 
 
 def test_static_capture_rejects_other_shapes():
-    import models
+    from rewriter import models
 
     model = models.build_model("gpt-tiny")
     gm = capture(model, models.example_inputs(model, 2, 7), dynamic=False)
@@ -83,7 +83,7 @@ def test_static_capture_rejects_other_shapes():
     ],
 )
 def test_wrong_input_shape_or_dtype_is_named(bad, pattern):
-    import models
+    from rewriter import models
 
     model = models.build_model("gpt-tiny")
     with pytest.raises(InputError, match=pattern):
@@ -91,7 +91,7 @@ def test_wrong_input_shape_or_dtype_is_named(bad, pattern):
 
 
 def test_non_tensor_input_and_non_module_are_rejected():
-    import models
+    from rewriter import models
 
     with pytest.raises(InputError, match=r"args\[0\] must be a tensor, got str"):
         capture(models.build_model("gpt-tiny"), ("hello",))

@@ -4,8 +4,8 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 import torch
+from rewriter.passes import eliminate_dead_code
 
-from passes import eliminate_dead_code
 from rewriter import InputError, PassManager, capture, inspect, to_networkx
 from rewriter.inspection import format_table
 from tests.rewriter.test_pass_manager import _gelu_written_out
@@ -28,7 +28,7 @@ def test_report_tables_list_every_ffn_with_numbers(captured):
 
 
 def test_inspect_a_plain_model_makes_its_own_inputs():
-    import models
+    from rewriter import models
 
     report = inspect(models.build_model("bert-tiny"))
     assert len(report.ffns) == 2 and report.capture.method == "torch.export"
@@ -65,7 +65,7 @@ def test_collapsed_graph_keeps_ffns_and_boxes_the_rest(captured):
 
 
 def test_diff_and_picture_after_a_rewrite(tmp_path):
-    import models
+    from rewriter import models
 
     model = models.build_model("gpt-tiny")
     gm = capture(model, models.example_inputs(model, 2, 5))
@@ -107,8 +107,8 @@ def test_format_table_aligns_numbers():
 def test_picture_of_a_converted_fp8_model_boxes_each_moe_block():
     """FP8 MoE blocks hold no FFN pattern: the collapsed picture still opens the layers down
     to one box per converted block instead of one box for the whole model."""
-    import models
     import rewriter
+    from rewriter import models
 
     conv = rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3")
     g = inspect(conv).to_networkx(collapse=True)

@@ -1,9 +1,9 @@
 import torch
+from rewriter.passes.lower_fp8 import FP8Config
 from torch import nn
 
-import models
 import rewriter
-from passes.lower_fp8 import FP8Config
+from rewriter import models
 from rewriter.model_stats import model_stats
 
 

@@ -2,9 +2,9 @@ import math
 
 import pytest
 import torch
+from rewriter.passes import eliminate_dead_code, remove_identity_ops
 from torch.fx import GraphModule
 
-from passes import eliminate_dead_code, remove_identity_ops
 from rewriter import PassError, PassManager, PassResult, capture, inspect
 from rewriter.graph_ops import op_name
 
@@ -56,7 +56,7 @@ def _returns_nothing(gm):
 
 @pytest.fixture
 def gpt():
-    import models
+    from rewriter import models
 
     model = models.build_model("gpt-tiny", seed=3)
     return model, capture(model, models.example_inputs(model, 2, 9))

@@ -5,7 +5,7 @@ import onnx
 import pytest
 from torch import nn
 
-import models
+from rewriter import models
 from rewriter.cli import main
 from rewriter.errors import InputError
 from rewriter.pipeline import run_pipeline

@@ -87,7 +87,7 @@ def test_report_summarises_the_conversion():
 
 
 def test_explicit_configs_override_the_recipe_and_bad_names_fail():
-    from passes.ffn_to_moe import MoEConfig
+    from rewriter.passes.ffn_to_moe import MoEConfig
 
     model = CASES[4].build()  # llama-tiny
     conv = rewriter.convert(model, recipe="deepseek-v3",
@@ -103,7 +103,7 @@ def test_explicit_configs_override_the_recipe_and_bad_names_fail():
 def test_hf_generate_keeps_working_after_conversion():
     """Module mode swaps blocks into a copy of the HF model: generate() still runs, and with
     every expert active (hard gates) it generates exactly what the dense model generates."""
-    from passes.ffn_to_moe import MoEConfig
+    from rewriter.passes.ffn_to_moe import MoEConfig
 
     case = next(c for c in CASES if c.name == "hf:llama")
     model = case.build().eval()

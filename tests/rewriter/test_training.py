@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
+from rewriter.passes.ffn_to_moe import MoEConfig
 
-import models
 import rewriter
-from passes.ffn_to_moe import MoEConfig
+from rewriter import models
 from rewriter.errors import InputError
 from rewriter.training import (
     TextData,
@@ -39,7 +39,7 @@ def _small(**kw) -> TrainConfig:
 
 def test_text_data_splits_are_disjoint_and_batches_reproducible(data):
     n = data.train_ids.numel() + data.eval_ids.numel()
-    from models.text import token_ids
+    from rewriter.models.text import token_ids
 
     ids = token_ids(None)
     assert n == ids.numel()

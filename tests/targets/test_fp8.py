@@ -2,8 +2,7 @@ import math
 
 import pytest
 import torch
-
-from targets.fp8 import (
+from rewriter.targets.fp8 import (
     E4M3_MAX,
     FP8_DTYPE,
     dequantize_blockwise,
@@ -156,7 +155,7 @@ def test_fake_quantize_is_dequantize_of_quantize_bit_for_bit(kind, shape, pow2):
 
 def test_zero_rows_quantize_and_multiply_to_empty_results():
     """An expert that receives no tokens gives (0, K) activations: every step handles them."""
-    from targets.fp8 import (
+    from rewriter.targets.fp8 import (
         dequantize_rowwise,
         fake_quantize_rowwise,
         fp8_gemm_reference,

@@ -11,16 +11,15 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
+from rewriter.models import hf
+from rewriter.passes.lower_fp8 import FP8Config, weight_bytes
+from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
+from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
 from torch import nn
 
-import models
 import rewriter
-from models import hf
-from passes.lower_fp8 import FP8Config, weight_bytes
-from rewriter import MoEConfig
-from targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
-from targets.onnx_export import export_onnx
-from targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
+from rewriter import MoEConfig, models
 
 SHAPES = ((1, 1), (2, 7), (3, 33))
 TOL = 1e-5

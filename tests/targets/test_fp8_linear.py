@@ -2,10 +2,9 @@ import copy
 
 import pytest
 import torch
-
-from models.moe import MoEFFN
-from targets.fp8 import fake_quantize_rowwise, sqnr_db
-from targets.fp8_linear import FP8Linear, FP8MoEFFN
+from rewriter.models.moe import MoEFFN
+from rewriter.targets.fp8 import fake_quantize_rowwise, sqnr_db
+from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 
 
 def test_inference_and_training_modes_compute_the_same_forward():
@@ -115,7 +114,7 @@ def test_cached_dequantized_weight_gives_the_uncached_bits(activations, k, bias,
 def test_dequant_cache_is_not_state_and_follows_weight_changes():
     import io
 
-    from passes.lower_fp8 import weight_bytes
+    from rewriter.passes.lower_fp8 import weight_bytes
 
     x, w, b = _lin_data(seed=1)
     _, w2, b2 = _lin_data(seed=2)
@@ -200,7 +199,7 @@ def test_fp8_moe_cached_experts_give_the_uncached_bits(activations, glu, bias):
 
 
 def test_shared_activation_memo_quantizes_a_shared_input_once_with_the_same_bits():
-    from targets.fp8_linear import ActivationMemo
+    from rewriter.targets.fp8_linear import ActivationMemo
 
     x, w, b = _lin_data(seed=4, k=576)
     _, w2, _ = _lin_data(seed=5, k=576)
@@ -227,7 +226,7 @@ def test_shared_activation_memo_quantizes_a_shared_input_once_with_the_same_bits
 
 
 def test_fp8_moe_with_memo_gives_the_uncached_bits():
-    from targets.fp8_linear import ActivationMemo
+    from rewriter.targets.fp8_linear import ActivationMemo
 
     block = _moe_odd(True, True)
     memo = FP8MoEFFN(copy.deepcopy(block), mode="inference", activation_memo=ActivationMemo())

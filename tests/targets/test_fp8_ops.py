@@ -1,9 +1,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-
-from targets import fp8_ops  # noqa: F401  registers torch.ops.rewriter.*
-from targets.fp8 import fp8_gemm_reference, quantize_blockwise, quantize_rowwise, sqnr_db
+from rewriter.targets import fp8_ops  # noqa: F401  registers torch.ops.rewriter.*
+from rewriter.targets.fp8 import fp8_gemm_reference, quantize_blockwise, quantize_rowwise, sqnr_db
 
 ops = torch.ops.rewriter
 
@@ -89,7 +88,7 @@ def test_nan_propagates_and_zero_inputs_give_zeros():
 
 
 def test_export_and_compile_keep_the_custom_ops():
-    from targets.fp8_linear import FP8Linear
+    from rewriter.targets.fp8_linear import FP8Linear
 
     lin = torch.nn.Linear(200, 96)
     mod = torch.nn.Sequential(FP8Linear.from_linear(lin, mode="inference"), torch.nn.GELU())

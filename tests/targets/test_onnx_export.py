@@ -19,21 +19,20 @@ import onnx
 import pytest
 import torch
 from onnx import numpy_helper
-
-import models
-import rewriter
-from models import hf
-from models.moe import MoEFFN
-from rewriter import FP8Config, MoEConfig
-from targets import fp8 as ref
-from targets.fp8_linear import FP8Linear, FP8MoEFFN
-from targets.onnx_export import (
+from rewriter.models import hf
+from rewriter.models.moe import MoEFFN
+from rewriter.targets import fp8 as ref
+from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
+from rewriter.targets.onnx_export import (
     ExportInputError,
     OnnxExportError,
     export_onnx,
     op_counts,
 )
-from targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
+from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
+
+import rewriter
+from rewriter import FP8Config, MoEConfig, models
 
 SHAPES = ((1, 1), (2, 7), (3, 33))
 VARIANTS = ("dense", "moe", "w8a8", "w8a16")
@@ -305,8 +304,8 @@ def test_metadata_from_an_explicit_config(tmp_path):
 
 
 def test_metadata_lists_per_block_top_k(tmp_path):
-    from models.moe import MoEFFN
-    from passes.allocation import apply_top_k
+    from rewriter.models.moe import MoEFFN
+    from rewriter.passes.allocation import apply_top_k
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(MoEFFN(8, 4, 4, 2), MoEFFN(8, 4, 4, 2)).eval()

@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import rewriter.targets.onnx_runtime as onnx_runtime
 import torch
 from onnx import numpy_helper
-
-import targets.onnx_runtime as onnx_runtime
-from targets.fp8_linear import FP8Linear
-from targets.onnx_export import export_onnx
-from targets.onnx_runtime import (
+from rewriter.targets.fp8_linear import FP8Linear
+from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx_runtime import (
     OnnxRuntimeError,
     check_fp8_linears,
     check_onnxruntime_install,

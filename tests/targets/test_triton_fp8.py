@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 pytest.importorskip("triton")
 
-from targets import fp8 as ref  # noqa: E402
-from targets import triton_fp8 as tf  # noqa: E402
+from rewriter.targets import fp8 as ref  # noqa: E402
+from rewriter.targets import triton_fp8 as tf  # noqa: E402
 
 if not tf.triton_available():  # e.g. triton was imported before TRITON_INTERPRET was set
     pytest.skip(f"triton cannot run here (kernel mode {tf._kernel_mode()!r}, no CUDA); set "
