@@ -1,4 +1,4 @@
-"""Tests for rewriter.picture: layout, SVG / HTML rendering and file writing."""
+"""Tests for rewriter.picture: layout (igraph Sugiyama + groups), SVG / HTML, file writing."""
 
 from __future__ import annotations
 
@@ -10,15 +10,17 @@ import xml.etree.ElementTree as ET
 import networkx as nx
 import pytest
 
-from rewriter import picture
+import rewriter.picture
+from rewriter.errors import InputError
 from rewriter.picture import (
     compute_layout,
-    example_graph,
     layout,
     render_html,
     render_svg,
     write_picture,
 )
+from rewriter.picture.style import category
+from tests.rewriter._graphs import example_graph
 
 SVG_NS = "{http://www.w3.org/2000/svg}"
 
@@ -355,7 +357,7 @@ def test_svg_escapes_text():
     ],
 )
 def test_op_categories(op, label, target, expected):
-    assert picture._category(op, label, target) == expected
+    assert category(op, label, target) == expected
 
 
 def test_text_outside_xml_is_dropped():
@@ -412,7 +414,7 @@ def test_write_picture_svg_and_html(tmp_path):
 
 
 def test_write_picture_rejects_unknown_suffix(tmp_path):
-    with pytest.raises(ValueError, match=r"\.png"):
+    with pytest.raises(InputError, match=r"\.png"):
         write_picture(example_graph(1), tmp_path / "pic.png")
     with pytest.raises(ValueError, match="''"):
         write_picture(example_graph(1), tmp_path / "pic")
@@ -427,7 +429,7 @@ def test_write_picture_is_atomic(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(picture.os, "replace", boom)
+    monkeypatch.setattr(rewriter.picture.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         write_picture(g, target)
     assert target.read_text(encoding="utf-8") == "old"
@@ -437,7 +439,7 @@ def test_write_picture_is_atomic(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("render failed")
 
-    monkeypatch.setattr(picture, "render_svg", broken)
+    monkeypatch.setattr(rewriter.picture, "render_svg", broken)
     with pytest.raises(RuntimeError):
         write_picture(g, tmp_path / "new.svg")
     assert os.listdir(tmp_path) == ["pic.svg"]
