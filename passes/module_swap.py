@@ -1,7 +1,7 @@
 """Module mode: put rewritten blocks into (a copy of) the user's model.
 
-For each FFN match, find modules whose forward computes exactly the block, using the captured
-graph's ``nn_module_stack``:
+For each FFN match, find how to put its MoE block into the model, using the captured graph's
+``nn_module_stack``:
 
 * **whole**: one module computes exactly the FFN (HF ``LlamaMLP``, GPT-2 ``GPT2MLP``):
   replace it by the new block.
@@ -9,27 +9,46 @@ graph's ``nn_module_stack``:
   activation and the down projection is a leaf module reading only it (HF BERT's
   ``intermediate`` / ``output.dense``): the up module becomes the new block and the down
   projection an ``nn.Identity``.
+* **inline**: no module computes exactly the FFN (its linears, activation and product sit in a
+  larger module's forward, F.linear on raw parameters, two FFN branches in one module, an FFN
+  that is the model's whole forward). The smallest module that owns every op of the block is
+  traced on its own (torch.fx, every child module that holds no op of the block kept as an
+  opaque call, so attention and its KV cache stay as they are), the same graph pass as graph
+  mode (:class:`~rewriter.passes.ffn_to_moe.FFNToMoE`) rewrites that graph, and the owner keeps
+  its class, attributes and submodules but runs the rewritten graph as its forward.
 
-Anything else cannot be swapped without changing the model's code: :class:`InputError` names
-the FFN and suggests graph mode.
+Checks (all before the model changes): the owner traces, its graph holds the same FFN (same
+weights), and its arguments can be passed through. Emits: the swapped modules; an inline owner
+gets a subclass of its own class (same name) whose ``forward`` is the rewritten graph's code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import copy
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
-from torch.fx import GraphModule, Node
+from torch.fx import Graph, GraphModule, Node
 
+from rewriter.capture import kv_cache_off, normalize_inputs
 from rewriter.errors import InputError
 from rewriter.graph_ops import common_module, module_stack, owning_module
-from rewriter.patterns import FFNMatch
+from rewriter.patterns import FFNMatch, analyze_ffns
 
 from .cleanup import is_identity_op
+from .ffn_to_moe import FFNToMoE
 
-__all__ = ["ModuleSwap", "plan_module_swap", "apply_module_swaps"]
+__all__ = [
+    "ModuleSwap",
+    "InlineRewrite",
+    "plan_module_swap",
+    "plan_module_swaps",
+    "apply_module_swaps",
+]
 
 
 @dataclass(frozen=True)
@@ -38,11 +57,30 @@ class ModuleSwap:
     identity: str | None  # module FQN that becomes nn.Identity (split form), else None
 
 
+@dataclass(frozen=True, eq=False)
+class InlineRewrite:
+    """Rewrite the graph of ``owner`` (an FQN, "" for the root) so that its forward calls the
+    MoE block in place of the FFN whose down projection reads ``down_weight``."""
+
+    owner: str
+    down_weight: str  # FQN of the FFN's down-projection weight, relative to the owner
+    graph: Graph = field(repr=False)  # the owner's traced forward (targets relative to it)
+    signature: inspect.Signature = field(repr=False)  # the owner's forward, without self
+    names: tuple[str, ...]  # graph placeholders, in order: forward parameters it receives
+
+
+# ----------------------------------------------------------------------------- what it matches
+
+
 def _compute_nodes(nodes) -> set[Node]:
-    """Tensor-computing nodes, without parameter reads, size queries and identity ops."""
+    """Tensor-computing nodes, without parameter reads, size queries, identity ops and nodes
+    whose value nobody uses (torch.export's ``_guards_fn`` carries the stack of the first
+    module the model calls)."""
     out = set()
     for n in nodes:
         if n.op in ("get_attr", "placeholder", "output") or is_identity_op(n):
+            continue
+        if not n.users:
             continue
         val = n.meta.get("val")
         if val is not None and not isinstance(val, torch.Tensor):
@@ -55,7 +93,7 @@ def _nodes_in(gm: GraphModule, module: str) -> set[Node]:
     return _compute_nodes(n for n in gm.graph.nodes if module in module_stack(n))
 
 
-def plan_module_swap(gm: GraphModule, match: FFNMatch) -> ModuleSwap:
+def _exact_swap(gm: GraphModule, match: FFNMatch) -> ModuleSwap | None:
     block_nodes = _compute_nodes(match.nodes)
     owner = match.module
     if owner and _nodes_in(gm, owner) == block_nodes:
@@ -72,11 +110,183 @@ def plan_module_swap(gm: GraphModule, match: FFNMatch) -> ModuleSwap:
         and not down_module.startswith(up_owner + ".")
     ):
         return ModuleSwap(up_owner, down_module)
-    raise InputError(
-        f"FFN {match.module or '<root>'}: no module computes exactly this block (its ops are "
-        "mixed with others in the module's forward), so it cannot be swapped into the model; "
-        "use mode='graph'"
-    )
+    return None
+
+
+def plan_module_swap(gm: GraphModule, match: FFNMatch) -> ModuleSwap:
+    """The whole or split swap of ``match``; InputError when no module computes exactly the
+    block (:func:`plan_module_swaps` then rewrites the owner's graph instead)."""
+    swap = _exact_swap(gm, match)
+    if swap is None:
+        raise InputError(
+            f"FFN {match.module or '<root>'}: no module computes exactly this block (its ops "
+            "are mixed with others in the module's forward), so it cannot be swapped as a "
+            "module; plan_module_swaps rewrites the graph of the module that owns it"
+        )
+    return swap
+
+
+# ----------------------------------------------------------------------------- inline: tracing
+
+
+def _owner_of(match: FFNMatch) -> str:
+    """The innermost module that runs every op of the block ("" for the root)."""
+    nodes = _compute_nodes(match.nodes)
+    return common_module(sorted({owning_module(n) for n in nodes}))
+
+
+def _relative(fqn: str, owner: str) -> str:
+    return fqn[len(owner) + 1:] if owner else fqn
+
+
+def _record_inputs(model: nn.Module, owners: Sequence[str],
+                   example_inputs: Any) -> dict[str, tuple[tuple, dict]]:
+    """The (args, kwargs) each owner's forward receives on the example inputs (first call)."""
+    args, kwargs = normalize_inputs(example_inputs)
+    seen: dict[str, tuple[tuple, dict]] = {}
+    if "" in owners:
+        seen[""] = (args, dict(kwargs))
+    handles = []
+    for fqn in owners:
+        if not fqn:
+            continue
+
+        def hook(_m, a, kw, _fqn=fqn):
+            seen.setdefault(_fqn, (tuple(a), dict(kw)))
+
+        handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook,
+                                                                          with_kwargs=True))
+    was_training = model.training
+    try:
+        model.eval()
+        with kv_cache_off(model), torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return seen
+
+
+class _OwnerTracer(torch.fx.Tracer):
+    """Trace a module's own forward: a child module is one opaque call unless it runs an op of
+    an FFN being rewritten (then it is traced through); nn.Linear is always a call (the
+    matcher reads it as a projection)."""
+
+    def __init__(self, keep_open: set[str]):
+        super().__init__()
+        self.keep_open = keep_open  # FQNs (under the wrapper) of modules to trace through
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if not module_qualified_name:
+            return False
+        if type(m) is nn.Linear:
+            return True
+        return module_qualified_name not in self.keep_open
+
+
+_WRAPPED = "owner"
+
+
+def _calling_wrapper(owner: nn.Module, names: Sequence[str], positional: int) -> nn.Module:
+    """A module whose forward(self, <names>) calls ``owner.forward`` with them: the first
+    ``positional`` by position, the rest by keyword (so a ``**kwargs`` parameter receives its
+    recorded entries one by one, each a placeholder of its own)."""
+    params = ", ".join(names)
+    call = ", ".join([*names[:positional], *(f"{n}={n}" for n in names[positional:])])
+    src = f"def forward(self, {params}):\n    return self.{_WRAPPED}.forward({call})\n"
+    scope: dict[str, Any] = {}
+    exec(compile(src, f"<rewriter inline {type(owner).__name__}>", "exec"), scope)  # noqa: S102
+    wrapper = type("_CallOwner", (nn.Module,), {"forward": scope["forward"]})()
+    setattr(wrapper, _WRAPPED, owner)
+    return wrapper
+
+
+def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                 block_modules: set[str]) -> tuple[Graph, inspect.Signature, tuple[str, ...]]:
+    signature = inspect.signature(owner.forward)
+    params = list(signature.parameters.values())
+    positional = [p.name for p in params
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:len(args)]
+    if len(positional) < len(args):
+        raise InputError(f"{type(owner).__name__}.forward takes *args; cannot trace it")
+    names = (*positional, *kwargs)
+    if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
+        raise InputError(f"{type(owner).__name__}.forward: unusable argument names {names}")
+    wrapper = _calling_wrapper(owner, names, len(positional))
+    keep_open = {_WRAPPED} | {f"{_WRAPPED}.{m}" if m else _WRAPPED for m in block_modules}
+    graph = _OwnerTracer(keep_open).trace(wrapper)
+    prefix = _WRAPPED + "."
+    for node in graph.nodes:  # targets relative to the owner
+        if node.op in ("call_module", "get_attr"):
+            target = str(node.target)
+            if not target.startswith(prefix):
+                raise InputError(f"{type(owner).__name__}: traced graph reads {target!r} outside "
+                                 "the module")
+            node.target = target[len(prefix):]
+    return graph, signature.replace(parameters=params), tuple(names)
+
+
+def _ancestors(fqns: set[str]) -> set[str]:
+    """Every module FQN on the path to each of ``fqns`` (the fqns included)."""
+    out = set()
+    for f in fqns:
+        parts = f.split(".") if f else []
+        out.update(".".join(parts[:i]) for i in range(len(parts) + 1))
+    return out
+
+
+def _local_matches(gm: GraphModule, wanted: Sequence[str]) -> list[FFNMatch]:
+    by_down = {m.projections["down"].weight.fqn: m for m in analyze_ffns(gm).matches}
+    return [by_down[w] for w in wanted if w in by_down]
+
+
+def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMatch],
+                      example_inputs: Any) -> list[ModuleSwap | InlineRewrite]:
+    """One plan per match: a whole/split :class:`ModuleSwap` where a module computes exactly
+    the block, else an :class:`InlineRewrite` of the graph of the module that owns it. Raises
+    :class:`InputError` naming the FFN when neither works; nothing is changed."""
+    plans: list[ModuleSwap | InlineRewrite | None] = [_exact_swap(gm, m) for m in matches]
+    inline = [(i, m, _owner_of(m)) for i, m in enumerate(matches) if plans[i] is None]
+    if not inline:
+        return plans  # type: ignore[return-value]
+    owners = sorted({o for _, _, o in inline})
+    recorded = _record_inputs(model, owners, example_inputs)
+    for owner in owners:
+        here = [(i, m) for i, m, o in inline if o == owner]
+        where = f"FFN {here[0][1].module or '<root>'}"
+        if owner not in recorded:
+            raise InputError(f"{where}: its owner {owner or '<root>'} never runs on the example "
+                             "inputs, so its graph cannot be traced")
+        module = model.get_submodule(owner) if owner else model
+        block_modules = {_relative(owning_module(n), owner) for _, m in here
+                         for n in _compute_nodes(m.nodes)}
+        block_modules = {b for b in _ancestors(block_modules) if b}
+        args, kwargs = recorded[owner]
+        try:
+            graph, signature, names = _trace_owner(module, args, kwargs, block_modules)
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(
+                f"{where}: no module computes exactly this block and the forward of its owner "
+                f"{owner or '<root>'} ({type(module).__name__}) cannot be traced to rewrite "
+                f"it: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; use "
+                "mode='graph'") from exc
+        local = GraphModule(module, graph)
+        wanted = [_relative(m.projections["down"].weight.fqn, owner) for _, m in here]
+        found = _local_matches(local, wanted)
+        if len(found) != len(wanted):
+            missing = sorted(set(wanted) - {f.projections["down"].weight.fqn for f in found})
+            raise InputError(
+                f"{where}: the traced forward of its owner {owner or '<root>'} does not hold "
+                f"the FFN reading {missing[0]!r} as one block; use mode='graph'")
+        for (i, _m), w in zip(here, wanted):
+            plans[i] = InlineRewrite(owner, w, graph, signature, names)
+    return plans  # type: ignore[return-value]
+
+
+# ----------------------------------------------------------------------------- what it emits
 
 
 def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -86,11 +296,112 @@ def _set(model: nn.Module, fqn: str, module: nn.Module) -> None:
         raise InputError(f"module {fqn!r} does not exist in the model") from e
 
 
-def apply_module_swaps(
-    model: nn.Module, swaps: Sequence[ModuleSwap], blocks: Sequence[nn.Module]
-) -> nn.Module:
-    for swap, block in zip(swaps, blocks):
+def _targets(graph: Graph) -> set[str]:
+    return {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
+
+
+def _get(root: nn.Module, fqn: str) -> Any:
+    obj: Any = root
+    for part in fqn.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _delete(root: nn.Module, fqn: str) -> None:
+    parent, _, name = fqn.rpartition(".")
+    holder = _get(root, parent) if parent else root
+    if hasattr(holder, name):
+        delattr(holder, name)
+
+
+def _put(root: nn.Module, fqn: str, value: Any) -> None:
+    parent, _, name = fqn.rpartition(".")
+    holder = _get(root, parent) if parent else root
+    if isinstance(value, nn.Module):
+        holder.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        holder.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor):
+        holder.register_buffer(name, value)
+    else:
+        setattr(holder, name, value)
+
+
+def _graph_forward(graph_fn: Callable[..., Any], signature: inspect.Signature,
+                   names: tuple[str, ...]) -> Callable[..., Any]:
+    """forward(self, *args, **kwargs) with the owner's own signature: binds the call as the
+    original forward would, passes the traced arguments to the graph's code, and refuses an
+    argument the graph was not traced with (it would otherwise be dropped silently)."""
+    params = signature.parameters
+    var_kw = next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), None)
+    traced = set(names)
+
+    def forward(self, *args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        given = dict(bound.arguments)
+        if var_kw:
+            given.update(given.pop(var_kw, None) or {})
+        extra = sorted(k for k, v in given.items() if k not in traced and v is not None)
+        if extra:
+            raise InputError(
+                f"{type(self).__name__}: its FFN was rewritten from a graph traced without "
+                f"argument(s) {', '.join(extra)}; convert with example inputs that pass them")
+        call = {}
+        for name in names:
+            if name in given:
+                call[name] = given[name]
+            elif name in params and params[name].default is not inspect.Parameter.empty:
+                call[name] = params[name].default
+            else:
+                call[name] = None
+        return graph_fn(self, **call)
+
+    forward.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY),
+                    *params.values()])
+    return forward
+
+
+def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
+                   blocks: Sequence[nn.Module], reports: Sequence[dict]) -> None:
+    first = rewrites[0]
+    owner = model.get_submodule(first.owner) if first.owner else model
+    graph = copy.deepcopy(first.graph)  # fresh nodes: a plan can be applied to several copies
+    local = GraphModule(owner, graph)
+    matches = _local_matches(local, [r.down_weight for r in rewrites])
+    result = FFNToMoE(matches, blocks, reports)(local)
+    new = result.graph_module
+    before, after = _targets(first.graph), _targets(new.graph)
+    for target in sorted(after - before):  # the MoE blocks (and any constants fx made)
+        _put(owner, target, _get(new, target))
+    for target in sorted(before - after, key=len, reverse=True):  # the dense FFN's modules
+        if not any(t == target or t.startswith(target + ".") for t in after):
+            _delete(owner, target)
+    cls = type(owner)
+    base = getattr(cls, "_rewriter_base", cls)
+    forward = _graph_forward(type(new).forward, first.signature, first.names)
+    owner.__class__ = type(base.__name__, (base,), {
+        "forward": forward, "_rewriter_base": base, "__module__": base.__module__,
+        "__qualname__": base.__qualname__, "_rewriter_code": new.code,
+    })
+
+
+def apply_module_swaps(model: nn.Module, swaps: Sequence[ModuleSwap | InlineRewrite],
+                       blocks: Sequence[nn.Module],
+                       reports: Sequence[dict] | None = None) -> nn.Module:
+    """Put ``blocks`` into ``model`` as planned (whole / split swaps, then inline rewrites,
+    one per owner)."""
+    reports = list(reports) if reports is not None else [{} for _ in blocks]
+    inline: dict[str, list[int]] = {}
+    for i, (swap, block) in enumerate(zip(swaps, blocks)):
+        if isinstance(swap, InlineRewrite):
+            inline.setdefault(swap.owner, []).append(i)
+            continue
         _set(model, swap.block, block)
         if swap.identity is not None:
             _set(model, swap.identity, nn.Identity())
+    for owner in sorted(inline, key=lambda o: -len(o.split("."))):  # innermost first
+        idx = inline[owner]
+        _rewrite_owner(model, [swaps[i] for i in idx], [blocks[i] for i in idx],
+                       [reports[i] for i in idx])
     return model

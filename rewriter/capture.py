@@ -8,6 +8,7 @@ shares its parameters with the source model (nothing is copied or mutated) and c
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import inspect as _pyinspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,15 +17,21 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, InputError
 
 __all__ = [
     "CaptureInfo",
+    "activation_quantization_bypassed",
+    "activation_quantization_enabled",
+    "quantizes_activations",
     "capture",
     "capture_info",
+    "detached_inputs",
     "first_float_output",
+    "kv_cache_off",
     "normalize_inputs",
     "outputs_close",
 ]
@@ -44,6 +51,10 @@ class CaptureInfo:
     example_kwargs: Mapping[str, Any] = field(repr=False)
     export_error: str | None = None  # why torch.export failed when the fallback was used
     max_abs_error: float = 0.0  # captured graph vs eager model on the example inputs
+    # "exact": compared as is; "activations bypassed": the model quantizes activations (W8A8),
+    # a step function, so both sides ran with activation quantization bypassed
+    check: str = "exact"
+    quantized_max_abs_error: float | None = None  # W8A8 models: with quantization on (info)
 
 
 def capture_info(gm: torch.fx.GraphModule) -> CaptureInfo | None:
@@ -76,6 +87,21 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
                 f"example input {name} must be a tensor, got {type(value).__name__}"
             )
     return args, kwargs
+
+
+def detached_inputs(args: tuple, kwargs: Mapping) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Fresh contiguous copies of the input tensors, without storage history: torch.export
+    guards on how an input was made (a view's ``_base``), so a graph exported from a slice
+    ``ids[:2, :16]`` would reject every fresh tensor. What a graph accepts must depend only on
+    the inputs' dtype and shapes."""
+
+    def fresh(v: Any) -> Any:
+        if not isinstance(v, torch.Tensor):
+            return v
+        out = v.detach().clone(memory_format=torch.contiguous_format)
+        return out.requires_grad_(v.requires_grad) if v.is_leaf else out
+
+    return tuple(fresh(a) for a in args), {k: fresh(v) for k, v in kwargs.items()}
 
 
 def _describe(args: tuple, kwargs: Mapping) -> str:
@@ -115,7 +141,7 @@ def _widen_unit_dims(value: Any, dims: Sequence[int]) -> Any:
 
 
 @contextlib.contextmanager
-def _kv_cache_off(model: nn.Module) -> Iterator[None]:
+def kv_cache_off(model: nn.Module) -> Iterator[None]:
     """Temporarily set ``config.use_cache = False`` (HF models) and restore it afterwards."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "use_cache"):
@@ -137,6 +163,37 @@ def _first_lines(exc: BaseException, n: int = 4) -> str:
 
 
 # ----------------------------------------------------------------------------- comparison
+
+# W8A8 models are step functions of their input: one ulp can move an activation across an FP8
+# rounding boundary, so two runtimes of the same model (eager vs captured graph, torch vs
+# onnxruntime) cannot be compared at fp32 tolerance. Inside ``activation_quantization_bypassed``
+# the FP8 ops (rewriter.targets) multiply unquantized activations by the FP8 weights, on every
+# path (eager modules and captured graphs alike); then the comparison is continuous again.
+_ACTIVATION_QUANTIZATION = contextvars.ContextVar("rewriter_activation_quantization",
+                                                  default=True)
+
+
+def activation_quantization_enabled() -> bool:
+    """False inside :func:`activation_quantization_bypassed` (read by the FP8 ops)."""
+    return _ACTIVATION_QUANTIZATION.get()
+
+
+@contextlib.contextmanager
+def activation_quantization_bypassed() -> Iterator[None]:
+    """Run FP8 (W8A8) modules and ops with their activation quantization bypassed: weights
+    stay FP8, activations stay in their precision. For checks that compare two runtimes."""
+    token = _ACTIVATION_QUANTIZATION.set(False)
+    try:
+        yield
+    finally:
+        _ACTIVATION_QUANTIZATION.reset(token)
+
+
+def quantizes_activations(model: nn.Module) -> bool:
+    """True when some submodule quantizes its activations (``activations == "fp8"``, the
+    attribute of rewriter.targets' FP8 modules): the model is then a step function."""
+    return any(getattr(m, "activations", None) == "fp8" for m in model.modules())
+
 
 
 def first_float_output(output: Any) -> torch.Tensor | None:
@@ -209,10 +266,12 @@ def _symbolic_trace(model: nn.Module, args: tuple, kwargs: Mapping) -> torch.fx.
     }
     graph = _NoLeafTracer().trace(model, concrete_args=concrete or None)
     gm = torch.fx.GraphModule(model, graph, model.__class__.__name__)
-    from torch.fx.passes.shape_prop import ShapeProp
-
+    # the traced forward takes its inputs in the signature's order, whatever the dict order
+    given = dict(zip(names, args)) | dict(kwargs)
+    ordered = [given[n.target] for n in gm.graph.find_nodes(op="placeholder")
+               if n.target in given]
     with torch.no_grad():
-        ShapeProp(gm).propagate(*args, *kwargs.values())
+        ShapeProp(gm).propagate(*ordered)
     return gm
 
 
@@ -247,7 +306,8 @@ def capture(
     args, kwargs = normalize_inputs(example_inputs)
     cls = type(model).__name__
 
-    with _kv_cache_off(model), torch.no_grad():
+    stepwise = quantizes_activations(model)
+    with kv_cache_off(model), torch.no_grad():
         try:
             reference = model(*args, **kwargs)
         except Exception as exc:  # the user's model rejected the inputs: say which and why
@@ -257,13 +317,14 @@ def capture(
             ) from exc
 
         export_error: str | None = None
+        fresh_args, fresh_kwargs = detached_inputs(args, kwargs)
         try:
-            gm = _export(model, args, kwargs, dynamic)
+            gm = _export(model, fresh_args, fresh_kwargs, dynamic)
             method = "torch.export"
         except Exception as exc:
             export_error = _first_lines(exc)
             try:
-                gm = _symbolic_trace(model, args, kwargs)
+                gm = _symbolic_trace(model, fresh_args, fresh_kwargs)
                 method = "torch.fx.symbolic_trace"
             except Exception as fx_exc:
                 raise CaptureError(
@@ -275,11 +336,18 @@ def capture(
                 ) from exc
 
         actual = gm(*args, **kwargs)
+        quantized_error = None
+        if stepwise:  # compare the continuous part; the quantized difference is information
+            quantized_error = outputs_close(reference, actual)
+            with activation_quantization_bypassed():
+                reference = model(*args, **kwargs)
+                actual = gm(*args, **kwargs)
     error = outputs_close(reference, actual)
     if not model.training and error > _tolerance(reference):
         raise CaptureError(
             f"captured graph of {cls} ({method}) differs from the eager model on the example "
             f"inputs: max abs error {error:.3g}"
+            + (" (activation quantization bypassed on both sides)" if stepwise else "")
         )
     gm.meta[CAPTURE_META_KEY] = CaptureInfo(
         method=method,
@@ -290,5 +358,7 @@ def capture(
         example_kwargs=dict(kwargs),
         export_error=export_error,
         max_abs_error=error,
+        check="activations bypassed" if stepwise else "exact",
+        quantized_max_abs_error=quantized_error,
     )
     return gm

@@ -30,7 +30,7 @@ from rewriter.passes.ffn_to_moe import (
     split_error,
 )
 from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, plan_fp8
-from rewriter.passes.module_swap import apply_module_swaps, plan_module_swap
+from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
 
 from .capture import capture, first_float_output
 from .errors import InputError, NoFFNError
@@ -178,7 +178,7 @@ def convert(
             "empty: give calibration=batches"
         )
     graph_pass = mode == "graph" and fp8 is None
-    swaps = [] if graph_pass else [plan_module_swap(gm, m) for m in matches]
+    swaps = [] if graph_pass else plan_module_swaps(model, gm, matches, inputs)
 
     sensitivity = config.allocation == "calibrated" and config.top_k < config.num_experts
     stats = (calibrate(gm, calibration, ffns=matches, sensitivity=sensitivity,
@@ -202,7 +202,7 @@ def convert(
         out.meta[CONVERSION_ATTR] = replace(info, output_error=_rel_error(reference, out, inputs))
         return out
     target = model if inplace else _copy(model)
-    apply_module_swaps(target, swaps, blocks)
+    apply_module_swaps(target, swaps, blocks, reports)
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
                            True, info, reference)
