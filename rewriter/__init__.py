@@ -13,6 +13,7 @@ by import-linter, see ``[tool.importlinter]`` in pyproject.toml):
 from rewriter.capture import CaptureInfo, capture, capture_info
 from rewriter.errors import (
     CaptureError,
+    CheckpointError,
     ExportInputError,
     InputError,
     MissingDependencyError,
@@ -42,6 +43,7 @@ from rewriter.inspection import Report, inspect, to_networkx
 from rewriter.passes.calibration import calibrate
 from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.serialization import load, save
 from rewriter.targets.onnx_export import export_onnx
 
 __version__ = "0.1.0"
@@ -50,6 +52,7 @@ __all__ = [
     "ACTIVATIONS",
     "FFN_RULES",
     "CaptureError",
+    "CheckpointError",
     "ConversionInfo",
     "MoEConfig",
     "FP8Config",
@@ -82,6 +85,8 @@ __all__ = [
     "diff_graphs",
     "find_ffns",
     "inspect",
+    "load",
+    "save",
     "require_ffns",
     "run_passes",
     "snapshot",

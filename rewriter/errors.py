@@ -19,6 +19,8 @@ __all__ = [
     "ExportInputError",
     "OnnxExportError",
     "OnnxRuntimeError",
+    "CheckpointError",
+    "exit_code",
 ]
 
 
@@ -87,3 +89,21 @@ class OnnxRuntimeError(RewriterError, RuntimeError):
     """onnxruntime is missing, installed twice, or cannot run the model."""
 
     exit_code = 2
+
+
+class CheckpointError(RewriterError, ValueError):
+    """A checkpoint cannot be written (the model is not representable in the format: the
+    message names the reason and the config change that would make it representable) or read
+    (missing, tampered or foreign files: the message names the file and the field)."""
+
+    exit_code = 2
+
+
+def exit_code(exc: BaseException) -> int:
+    """The CLI's exit status for ``exc``: a :class:`RewriterError` says it (``exit_code``);
+    the standard input errors a config's validation raises (``ValueError`` naming the field,
+    ``LookupError``) and the environment's ``OSError`` (a path that cannot be written) are 2;
+    anything else is 1, a failure inside the toolkit."""
+    if isinstance(exc, RewriterError):
+        return exc.exit_code
+    return 2 if isinstance(exc, (ValueError, LookupError, OSError)) else 1
