@@ -9,19 +9,28 @@ model, the MoE model and the MoE + FP8 model; a short continued training of the 
 (distilled from the dense one); params active per token and weight bytes of each; the
 before/after graph pictures and an HTML report; ONNX export of the trained model with FP8
 weights frozen (``freeze_fp8``) and onnxruntime parity on held-out text.
+
+Nothing is lost when a late stage fails or the job is killed: each stage writes its result into
+the report directory as soon as it has it (see :func:`run_pipeline`), and a failure raises
+:class:`PipelineError` naming the stage.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import html
 import json
+import logging
+import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from rewriter import models
@@ -31,13 +40,29 @@ from rewriter.targets.onnx_export import export_onnx
 from rewriter.targets.onnx_runtime import compare_with_torch
 
 from .conversion import convert
-from .errors import InputError
+from .errors import InputError, RewriterError
 from .inspection import format_table, inspect
 from .model_stats import model_stats
 from .recipes import get_recipe
-from .training import TextData, TrainConfig, evaluate, train
+from .training import TextData, TrainConfig, evaluate, save_model, train
 
-__all__ = ["PipelineRow", "PipelineReport", "run_pipeline", "check_writable"]
+__all__ = ["PipelineRow", "PipelineReport", "PipelineError", "run_pipeline", "check_writable"]
+
+ROWS_FILE = "results.jsonl"
+HISTORY_FILE = "train_history.jsonl"
+
+
+class PipelineError(RewriterError, RuntimeError):
+    """A stage of :func:`run_pipeline` failed. ``stage`` names it; the results of the stages
+    before it are on disk in ``report_dir`` (when one was given). The cause is chained."""
+
+    def __init__(self, stage: str, cause: BaseException, report_dir: Path | None = None):
+        first = str(cause).strip().splitlines()[0] if str(cause).strip() else repr(cause)
+        kept = (f"; the finished stages' results are in {report_dir}/" if report_dir is not None
+                else "")
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {first}{kept}")
+        self.stage = stage
+        self.exit_code = getattr(cause, "exit_code", 1)
 
 
 @dataclass(frozen=True)
@@ -56,6 +81,8 @@ class PipelineReport:
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     train_history: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[str] = field(default_factory=list)  # finished, in order
+    failed_stage: str | None = None
 
     def table(self) -> str:
 
@@ -72,7 +99,8 @@ class PipelineReport:
     def to_dict(self) -> dict[str, Any]:
         return {"rows": [r.__dict__ for r in self.rows], "onnx": self.onnx,
                 "files": self.files, "seconds": self.seconds,
-                "train_history": self.train_history}
+                "train_history": self.train_history, "stages": self.stages,
+                "failed_stage": self.failed_stage}
 
 
 def check_writable(path: Path, what: str) -> None:
@@ -99,11 +127,119 @@ def _report_html(report: PipelineReport, converted_text: str, title: str) -> str
         f'{html.escape(Path(p).name)}</a></p><iframe src="{html.escape(Path(p).name)}" '
         'style="width:100%;height:600px;border:1px solid #ccc"></iframe>'
         for label, p in report.files.items() if label.startswith("graph"))
+    failed = (f"<p style='color:#b00'><b>stage {html.escape(report.failed_stage)} failed</b>: "
+              f"the results above are those of the stages before it</p>"
+              if report.failed_stage else "")
     return (f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title>"
             f"<body style='font-family:sans-serif;max-width:1200px;margin:auto'>"
             f"<h1>{html.escape(title)}</h1><h2>Results</h2><pre>{html.escape(report.table())}"
-            f"</pre><h2>Conversion report</h2><pre>{html.escape(converted_text)}</pre>"
+            f"</pre>{failed}<h2>Conversion report</h2><pre>{html.escape(converted_text)}</pre>"
             f"{pictures}</body>")
+
+
+class _Writer:
+    """Writes each stage's result into ``report_dir`` the moment it exists (nothing when
+    there is no ``report_dir``): rows appended to results.jsonl and the table to results.txt,
+    report.json rewritten after every stage, models as safetensors, the training history a
+    line per step. Files are written whole (a temporary file renamed into place), so a job
+    killed at any point leaves complete files of every finished stage."""
+
+    def __init__(self, report: PipelineReport, out: Path | None, title: str):
+        self.report, self.out, self.title = report, out, title
+        self.conversion: dict[str, Any] | None = None
+        self.converted_text = "(the conversion report is written at the report stage)"
+        if out is not None:
+            for name in (ROWS_FILE, HISTORY_FILE):  # this run's lines only
+                (out / name).unlink(missing_ok=True)
+
+    def _write(self, name: str, text: str) -> None:
+        if self.out is None:
+            return
+        tmp = self.out / (name + ".partial")
+        tmp.write_text(text)
+        os.replace(tmp, self.out / name)
+
+    def _append(self, name: str, record: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        with open(self.out / name, "a") as f:
+            f.write(json.dumps(record, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def row(self, row: PipelineRow) -> None:
+        self.report.rows.append(row)
+        self._append(ROWS_FILE, row.__dict__)
+        self.table()
+
+    def table(self) -> None:
+        if self.out is not None:
+            self._write("results.txt", self.report.table() + "\n")
+            self.report.files["table"] = str(self.out / "results.txt")
+            self.report.files["rows"] = str(self.out / ROWS_FILE)
+
+    def history(self, record: dict[str, Any]) -> None:
+        self._append(HISTORY_FILE, record)
+
+    def model(self, label: str, name: str, model: nn.Module) -> None:
+        if self.out is not None:
+            self.report.files[label] = str(save_model(model, self.out / name, {"model": label}))
+
+    def picture(self, label: str, name: str, inspected: Any) -> None:
+        if self.out is not None:
+            self.report.files[label] = str(inspected.write_picture(self.out / name))
+
+    def summary(self) -> None:
+        """report.json and report.html as they stand."""
+        if self.out is None:
+            return
+        self.report.files["json"] = str(self.out / "report.json")
+        self.report.files["report"] = str(self.out / "report.html")
+        self._write("report.json", json.dumps(
+            {**self.report.to_dict(), "conversion": self.conversion}, indent=1, default=str))
+        self._write("report.html", _report_html(self.report, self.converted_text, self.title))
+
+
+class _Stages:
+    """Runs the job's stages: times each, records it in the report, writes the summary after
+    it, and turns a failure into a :class:`PipelineError` naming the stage."""
+
+    def __init__(self, report: PipelineReport, writer: _Writer):
+        self.report, self.writer = report, writer
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.perf_counter()
+        try:
+            yield
+        except BaseException as exc:
+            self.report.seconds[name] = time.perf_counter() - t
+            self.report.failed_stage = name
+            with contextlib.suppress(Exception):  # keep the first error, whatever happens
+                self.writer.summary()
+            if not isinstance(exc, Exception):  # KeyboardInterrupt: files are on disk
+                raise
+            raise PipelineError(name, exc, self.writer.out) from exc
+        self.report.seconds[name] = time.perf_counter() - t
+        self.report.stages.append(name)
+        self.writer.summary()
+
+
+@contextlib.contextmanager
+def _quiet_dependencies():
+    """Silence what our dependencies print that is no news to the user of this job: the ONNX
+    exporter's note that torchvision is absent (its ops are not ours) and torch pytree's
+    LeafSpec FutureWarning (raised inside torch when a captured program is copied)."""
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = registration.level
+    registration.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        registration.setLevel(level)
 
 
 def run_pipeline(
@@ -122,24 +258,39 @@ def run_pipeline(
     report_dir: str | Path | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
+    seed: int = 0,
 ) -> PipelineReport:
     """Run the job on ``model`` (a causal LM: ``model(input_ids=...)`` or ``model(ids)``
     returning logits). ``tokenizer``: the model's (else UTF-8 bytes, vocab >= 256). The MoE
     and FP8 parts come from ``recipe`` unless ``moe``/``fp8`` are given. ``echo``: called with
-    a line per finished stage (progress for the CLI). Output paths are checked first."""
+    a line per finished stage (progress for the CLI). Output paths are checked first.
 
+    With ``report_dir`` every stage's result is written there as soon as it exists
+    (results.jsonl / results.txt: a row per measured model; report.json / report.html after
+    every stage; graph_dense.html, graph_converted.html; converted.safetensors and
+    trained.safetensors: the state dicts, loadable with :func:`rewriter.training.load_model`
+    into the same conversion; train_history.jsonl: a line per step). A stage that fails
+    raises :class:`PipelineError` naming it, with the finished stages' files on disk.
+    ``seed``: the job is deterministic for a seed (the caller's RNG state is restored)."""
 
-    say = echo or (lambda line: None)
     if onnx_path is not None:
         check_writable(Path(onnx_path), "file")
     if report_dir is not None:
         check_writable(Path(report_dir), "directory")
-    hf = hasattr(getattr(model, "config", None), "model_type")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{type(model).__name__} has no tokenizer and vocab_size={vocab}: the "
                          "pipeline needs real text in the model's tokens (give tokenizer=)")
+    with torch.random.fork_rng(devices=[]), _quiet_dependencies():
+        torch.manual_seed(seed)
+        return _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs,
+                    eval_tokens, train_steps, train_config, onnx_path, report_dir, progress,
+                    echo or (lambda line: None))
 
+
+def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, eval_tokens,
+         train_steps, train_config, onnx_path, report_dir, progress, say) -> PipelineReport:
+    hf = hasattr(getattr(model, "config", None), "model_type")
     longest = models.max_seq_len(model) or 256
     seq = min(128, longest)
     ids = token_ids(tokenizer)
@@ -151,98 +302,82 @@ def run_pipeline(
     if example_inputs is None:
         ex = data.train_ids[:32].reshape(2, 16)
         example_inputs = {"input_ids": ex} if hf else (ex,)
-    report = PipelineReport()
-    clock = time.perf_counter
-
-    t = clock()
-    report.rows.append(_row("dense", model, evaluate(model, data)))
-    report.seconds["eval_dense"] = clock() - t
-    say(f"dense: perplexity {report.rows[-1].perplexity:.2f}")
-
     if recipe is not None:
         recipe = get_recipe(recipe)
         fp8 = fp8 if fp8 is not None else recipe.fp8_config()
         recipe = replace(recipe, fp8_mode=None) if recipe.num_experts else None
-    t = clock()
-    moe_model = None
-    if moe is not None or recipe is not None:
-        moe_model = convert(model, recipe=recipe, moe=moe, example_inputs=example_inputs,
-                            calibration=calib, progress=progress)
-    report.seconds["convert_moe"] = clock() - t
-    if moe_model is not None:
-        t = clock()
-        report.rows.append(_row("MoE", moe_model, evaluate(moe_model, data)))
-        report.seconds["eval_moe"] = clock() - t
-        say(f"MoE: perplexity {report.rows[-1].perplexity:.2f}")
-    final = moe_model if moe_model is not None else model
-    if fp8 is not None:
-        t = clock()
-        final = convert(final, fp8=fp8, example_inputs=example_inputs)
-        report.seconds["convert_fp8"] = clock() - t
-        t = clock()
-        label = "MoE + FP8" if moe_model is not None else "FP8"
-        report.rows.append(_row(label, final, evaluate(final, data)))
-        report.seconds["eval_fp8"] = clock() - t
-        say(f"{label}: perplexity {report.rows[-1].perplexity:.2f}")
-    if final is model:
+    if moe is None and recipe is None and fp8 is None:
         raise InputError("nothing to convert: give a recipe, moe= or fp8=")
+
+    report = PipelineReport()
+    out = Path(report_dir) if report_dir is not None else None
+    writer = _Writer(report, out, f"{type(model).__name__} conversion")
+    stage = _Stages(report, writer)
+
+    with stage("dense"):
+        writer.row(_row("dense", model, evaluate(model, data)))
+        writer.picture("graph (dense)", "graph_dense.html", inspect(model, example_inputs))
+    say(f"dense: perplexity {report.rows[-1].perplexity:.2f}")
+
+    final = model
+    if moe is not None or recipe is not None:
+        with stage("MoE"):
+            final = convert(model, recipe=recipe, moe=moe, example_inputs=example_inputs,
+                            calibration=calib, progress=progress)
+            writer.row(_row("MoE", final, evaluate(final, data)))
+        say(f"MoE: perplexity {report.rows[-1].perplexity:.2f}")
+    if fp8 is not None:
+        label = "MoE + FP8" if final is not model else "FP8"
+        with stage("FP8"):
+            final = convert(final, fp8=fp8, example_inputs=example_inputs)
+            writer.row(_row(label, final, evaluate(final, data)))
+        say(f"{label}: perplexity {report.rows[-1].perplexity:.2f}")
+    if out is not None:
+        with stage("save converted"):
+            writer.model("model (converted)", "converted.safetensors", final)
 
     if train_steps:
         config = train_config or TrainConfig(steps=train_steps, batch_size=4, seq_len=seq,
                                              lr=2e-4, warmup_steps=max(1, train_steps // 10),
                                              distill=0.7)
         config = replace(config, steps=train_steps)
-        t = clock()
-        result = train(final, data, config, teacher=model if config.distill else None,
-                       progress=progress)
-        report.seconds["train"] = clock() - t
-        report.train_history = result.history
-        final.eval()
         name = report.rows[-1].name + f", trained {train_steps} steps"
-        report.rows.append(_row(name, final, result.history[-1].get("eval_ppl")))
+        with stage("train"):
+            result = train(final, data, config, teacher=model if config.distill else None,
+                           progress=progress, log=writer.history)
+            report.train_history = result.history
+            final.eval()
+            writer.row(_row(name, final, result.history[-1].get("eval_ppl")))
+            writer.model("model (trained)", "trained.safetensors", final)
         say(f"{name}: perplexity {report.rows[-1].perplexity:.2f} "
             f"({report.seconds['train']:.0f} s)")
 
     deploy = final
     if any(getattr(m, "mode", None) == "training" for m in final.modules()):
+        with stage("freeze"):
+            deploy = copy.deepcopy(final)
+            freeze_fp8(deploy)  # FP8 weights stored once: the file holds FP8 initializers
+            writer.row(_row(report.rows[-1].name + ", frozen for inference", deploy, None))
 
-        deploy = copy.deepcopy(final)
-        freeze_fp8(deploy)  # FP8 weights stored once: the file holds FP8 initializers
-        if report.rows[-1].name.startswith("MoE") or report.rows[-1].name.startswith("FP8"):
-            report.rows.append(_row(report.rows[-1].name + ", frozen for inference", deploy,
-                                    None))
-
-    if report_dir is not None:
-        t = clock()
-        out = Path(report_dir)
-        before = inspect(model, example_inputs)
-        after = inspect(deploy, example_inputs)
-        report.files["graph (dense)"] = str(before.write_picture(out / "graph_dense.html"))
-        report.files["graph (converted)"] = str(after.write_picture(out / "graph_converted.html"))
-        (out / "report.json").write_text(json.dumps(
-            {**report.to_dict(), "conversion": after.to_dict()}, indent=1, default=str))
-        report.files["json"] = str(out / "report.json")
-        report.files["report"] = str(out / "report.html")
-        converted_text = str(after)
-        (out / "report.html").write_text(_report_html(report, converted_text,
-                                                      f"{type(model).__name__} conversion"))
-        report.seconds["report"] = clock() - t
+    if out is not None:
+        with stage("report"):
+            after = inspect(deploy, example_inputs)
+            writer.conversion = after.to_dict()
+            writer.converted_text = str(after)
+            writer.picture("graph (converted)", "graph_converted.html", after)
         say(f"report: {out / 'report.html'}")
 
     if onnx_path is not None:
-
-        t = clock()
-        exported = export_onnx(deploy, onnx_path, example_inputs=example_inputs)
-        held = data.eval_ids[:2, :128]
-        diff = compare_with_torch(deploy, exported.path, {"input_ids": held} if hf else (held,))
-        report.onnx = {"path": str(exported.path), "bytes": exported.file_bytes,
-                       "opset": exported.opset, "shape": tuple(held.shape),
-                       "agreement": diff["argmax_agreement"], "rel": diff["rel"],
-                       "max_abs": diff["max_abs"]}
-        report.seconds["onnx"] = clock() - t
+        with stage("ONNX"):
+            exported = export_onnx(deploy, onnx_path, example_inputs=example_inputs)
+            held = data.eval_ids[:2, :128]
+            diff = compare_with_torch(deploy, exported.path,
+                                      {"input_ids": held} if hf else (held,))
+            report.onnx = {"path": str(exported.path), "bytes": exported.file_bytes,
+                           "opset": exported.opset, "shape": tuple(held.shape),
+                           "agreement": diff["argmax_agreement"], "rel": diff["rel"],
+                           "max_abs": diff["max_abs"]}
+            writer.table()
         say(f"ONNX: {exported.path} ({exported.file_bytes / 1e6:.1f} MB), onnxruntime parity "
             f"{diff['argmax_agreement']:.2%} next-token agreement")
-        if report_dir is not None:  # again, with the ONNX line in the table
-            (Path(report_dir) / "report.html").write_text(
-                _report_html(report, converted_text, f"{type(model).__name__} conversion"))
     return report

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -58,6 +59,8 @@ __all__ = [
     "evaluate",
     "save_checkpoint",
     "load_checkpoint",
+    "save_model",
+    "load_model",
     "moe_blocks",
     "expert_load",
 ]
@@ -245,13 +248,15 @@ def _aux_loss(model: nn.Module) -> torch.Tensor | None:
     return sum(losses) if losses else None
 
 
-def _set_trainable(model: nn.Module, moe_only: bool) -> None:
-    """``moe_only``: gradients for the MoE blocks' parameters only; else for every parameter
-    that was trainable when training started (``_trainable`` marks them)."""
-    moe_params = {id(p) for _, b in moe_blocks(model) for p in b.parameters()}
+def _drop_grads_outside(model: nn.Module, keep: set[int]) -> None:
+    """Forget the gradients of every parameter whose id is not in ``keep``: AdamW and the
+    gradient clipping then skip them, as if they were frozen. ``requires_grad`` is never
+    flipped: DistributedDataParallel (built before ``train`` is called) expects a gradient
+    for every parameter that required one when it was wrapped, and fails with "Expected to
+    have finished reduction in the prior iteration" when some stop arriving."""
     for p in model.parameters():
-        if getattr(p, "_rewriter_trainable", True):
-            p.requires_grad_(not moe_only or id(p) in moe_params)
+        if p.grad is not None and id(p) not in keep:
+            p.grad = None
 
 
 @torch.no_grad()
@@ -308,6 +313,51 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     return tensors, meta
 
 
+def _save_state(state: dict[str, torch.Tensor], file: Path,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write a state dict as one safetensors file, atomically (a temporary file renamed into
+    place: a run killed while writing leaves the previous file or none, never half of one).
+    Tied weights are stored once; ``metadata["aliases"]`` maps the others to it."""
+    seen: dict[tuple, str] = {}
+    tensors, aliases = {}, {}
+    for k, v in state.items():  # tied weights: one copy, the others point at it
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
+        if v.numel() and key in seen:
+            aliases[k] = seen[key]
+            continue
+        seen[key] = k
+        tensors[k] = v
+    tmp = file.with_name(file.name + ".partial")
+    save_file(tensors, str(tmp), metadata={**(metadata or {}), "aliases": json.dumps(aliases)})
+    os.replace(tmp, file)
+    return file
+
+
+def save_model(model: nn.Module, file: str | Path, metadata: dict[str, str] | None = None
+               ) -> Path:
+    """Write ``model``'s full state dict (FSDP2 shards gathered) to the safetensors ``file``
+    (atomically; tied weights once). Load it into the same conversion of the same model with
+    :func:`load_model`."""
+    file = Path(file)
+    file.parent.mkdir(parents=True, exist_ok=True)
+    return _save_state(_full_state(model), file, metadata)
+
+
+def load_model(file: str | Path, model: nn.Module) -> dict[str, str]:
+    """Load a :func:`save_model` file into ``model`` (strictly: every key, every shape);
+    returns the file's metadata."""
+    file = Path(file)
+    if not file.exists():
+        raise InputError(f"no model file {file}")
+    tensors = load_file(str(file))
+    with safe_open(str(file), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    for k, src in json.loads(meta.get("aliases", "{}")).items():
+        tensors[k] = tensors[src]
+    _unwrap(model).load_state_dict(tensors, strict=True)
+    return meta
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer,
                     step: int, config: TrainConfig) -> Path:
     """Write ``path/`` = model.safetensors, optimizer.safetensors, trainer.json. ``step`` is
@@ -320,17 +370,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.optim.O
     if rank != 0:
         return path
     path.mkdir(parents=True, exist_ok=True)
-    seen: dict[tuple, str] = {}
-    model_tensors, aliases = {}, {}
-    for k, v in model_state.items():  # tied weights: one copy, the others point at it
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.dtype)
-        if v.numel() and key in seen:
-            aliases[k] = seen[key]
-            continue
-        seen[key] = k
-        model_tensors[k] = v
-    save_file(model_tensors, str(path / "model.safetensors"),
-              metadata={"aliases": json.dumps(aliases)})
+    _save_state(model_state, path / "model.safetensors")
     save_file(opt_tensors, str(path / "optimizer.safetensors"))
     (path / "trainer.json").write_text(json.dumps({
         "step": step, "config": asdict(config), "optimizer": opt_meta,
@@ -452,18 +492,20 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                       lr=config.lr, weight_decay=config.weight_decay)
     start = load_checkpoint(resume, model, optimizer) if resume is not None else 0
+    result = TrainResult(step=start)
+    per_rank = config.batch_size // world
+    moe_params = {id(p) for _, b in moe_blocks(model) for p in b.parameters()}
+    # the teacher is the user's model: put it in eval mode for the run, module by module
+    # as it was afterwards (a student given in eval mode trains in train mode, likewise)
+    modes = [(m, m.training) for net in (model, teacher) if net is not None
+             for m in net.modules()]
     if teacher is not None:
         teacher.eval()
-    result = TrainResult(step=start)
-    bar = _progress(progress, config.steps, start)
-    per_rank = config.batch_size // world
-    for p in model.parameters():
-        p._rewriter_trainable = p.requires_grad  # restored when train() returns
     model.train()
+    bar = _progress(progress, config.steps, start)
     try:
         for step in range(start, config.steps):
             moe_only = config.train_part == "moe" or step < config.moe_first_steps
-            _set_trainable(model, moe_only)
             lr = config.lr_at(step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -481,6 +523,8 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
                 loss = loss + aux
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if moe_only:  # only the MoE blocks learn (router and experts)
+                _drop_grads_outside(model, moe_params)
             grad_norm = None
             if config.grad_clip > 0:
                 params = [p for p in model.parameters() if p.grad is not None]
@@ -516,10 +560,8 @@ def train(model: nn.Module, data: TextData, config: TrainConfig | None = None, *
     finally:
         if bar is not None:
             bar.close()
-        for p in model.parameters():
-            if hasattr(p, "_rewriter_trainable"):
-                p.requires_grad_(p._rewriter_trainable)
-                del p._rewriter_trainable
+        for m, was_training in modes:
+            m.training = was_training
     return result
 
 
