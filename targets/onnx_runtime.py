@@ -4,6 +4,8 @@
     outs = run_onnx(sess, {"input_ids": ids})           # {"logits": ndarray}
     diff = compare_with_torch(model, "model.onnx", {"input_ids": ids})
     diff["rel"], diff["max_abs"], diff["argmax_agreement"]
+    parity = check_parity(model, "model.onnx", {"input_ids": ids})   # W8A8-safe verdict
+    parity["passed"], parity["failures"]
 
 ``onnxruntime`` (CPU) and ``onnxruntime-gpu`` install the same Python module, so exactly one of
 them may be in an environment: :func:`check_onnxruntime_install` says which one is there and
@@ -12,22 +14,33 @@ raises when both are (pip would let the second overwrite the first's files).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from rewriter.errors import OnnxRuntimeError
 
+from . import fp8 as fp8_ref
+from .fp8_linear import FP8Linear, FP8MoEFFN
+from .onnx import export_onnx, flatten_outputs, op_counts
+
 __all__ = [
     "OnnxRuntimeError",
+    "activations_bypassed",
     "check_fp8_linears",
     "check_onnxruntime_install",
+    "check_parity",
     "compare_with_torch",
     "default_providers",
     "make_session",
@@ -41,8 +54,6 @@ def check_onnxruntime_install() -> str:
     """The one onnxruntime distribution installed ("onnxruntime" or "onnxruntime-gpu").
 
     Raises :class:`OnnxRuntimeError` when none or both are installed."""
-    from importlib import metadata
-
     found = []
     for dist in _DISTRIBUTIONS:
         try:
@@ -63,7 +74,7 @@ def check_onnxruntime_install() -> str:
 
 
 def _ort():
-    try:
+    try:  # optional dependency (the [onnxruntime] / [onnxruntime-gpu] extras): lazy
         import onnxruntime
     except ImportError as e:
         raise OnnxRuntimeError("onnxruntime is not installed: pip install 'rewriter["
@@ -170,8 +181,6 @@ def run_onnx(session_or_path: Any, inputs: Any) -> dict[str, np.ndarray]:
 
 
 def _torch_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
-    from .onnx_export import _flatten_outputs
-
     with torch.no_grad():
         if isinstance(inputs, Mapping):
             out = model(**inputs)
@@ -179,7 +188,7 @@ def _torch_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
             out = model(*inputs)
         else:
             out = model(inputs)
-    return [t for _, t in _flatten_outputs(out)]
+    return [t for _, t in flatten_outputs(out)]
 
 
 def _fp8_tensor(array: np.ndarray) -> torch.Tensor:
@@ -218,8 +227,6 @@ def _find_fp8_linears(graph, fp8_inits: set[str]) -> list[dict[str, Any]]:
 
 def _model_fp8_weights(model: nn.Module) -> dict[bytes, torch.Tensor]:
     """bytes of every inference-mode FP8 weight (N, K) of ``model`` -> its block scales."""
-    from .fp8_linear import FP8Linear, FP8MoEFFN
-
     table = {}
     for m in model.modules():
         if isinstance(m, FP8Linear) and m.mode == "inference":
@@ -251,11 +258,6 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
     the model's, bit for bit (``weight_mismatches``). -> ``{"linears", "w8a8", "w8a16",
     "q_mismatches", "scale_mismatches", "weight_mismatches", "max_rel", "fp8_initializers"}``
     (``q``/``scale``: the activations' FP8 values and 1x128 scales)."""
-    import onnx
-    from onnx import numpy_helper
-
-    from . import fp8 as ref
-
     proto = onnx.load(str(path))
     graph = proto.graph
     fp8_type = onnx.TensorProto.FLOAT8E4M3FN
@@ -292,8 +294,8 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
         s_rows = torch.from_numpy(numpy_helper.to_array(inits[lin["w_scale"]]).copy())
         if lin["transposed"]:  # stored W^T (K, N) with (Kb, N) scales
             w_q, s_rows = w_q.T.contiguous(), s_rows.T.contiguous()  # (N, K), (N, Kb)
-        w_s = s_rows[::ref.BLOCK]  # (Nb, Kb): one row per 128-row block
-        if not torch.equal(s_rows, w_s.repeat_interleave(ref.BLOCK, 0)[: s_rows.shape[0]]):
+        w_s = s_rows[::fp8_ref.BLOCK]  # (Nb, Kb): one row per 128-row block
+        if not torch.equal(s_rows, w_s.repeat_interleave(fp8_ref.BLOCK, 0)[: s_rows.shape[0]]):
             raise ValueError(f"{lin['w_scale']}: expanded scales are not per 128-row block")
         if known is not None:
             expected_s = known.get(w_q.contiguous().view(torch.uint8).numpy().tobytes())
@@ -306,14 +308,14 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
         if x.shape[0] == 0:
             continue
         if lin["mode"] == "w8a8":
-            xq, xs = ref.quantize_rowwise(x, pow2=pow2)
+            xq, xs = fp8_ref.quantize_rowwise(x, pow2=pow2)
             q_onnx = _fp8_tensor(values[lin["q"]]).reshape(xq.shape)
             q_bad += int((q_onnx.view(torch.uint8) != xq.view(torch.uint8)).sum())
             xs_onnx = torch.from_numpy(np.asarray(values[lin["x_scale"]]).copy())
             s_bad += int((xs_onnx.reshape(xs.shape) != xs).sum())
-            expected = ref.fp8_gemm_reference(xq, xs, w_q, w_s)
+            expected = fp8_ref.fp8_gemm_reference(xq, xs, w_q, w_s)
         else:
-            expected = x @ ref.dequantize_blockwise(w_q, w_s).T
+            expected = x @ fp8_ref.dequantize_blockwise(w_q, w_s).T
         scale = float(expected.abs().max())
         err = float((y - expected).abs().max())
         max_rel = max(max_rel, err / scale if scale > 0 else err)
@@ -330,7 +332,11 @@ def compare_with_torch(model: nn.Module, session_or_path: Any, inputs: Any, *,
     -> ``{"max_abs", "rel", "max_ref", "argmax_agreement", "shape", "providers",
     "per_output": {name: {...}}}`` where ``rel = max|onnx - torch| / max|torch|`` (the worst
     output), and ``argmax_agreement`` the fraction of positions whose argmax over the last dim
-    agree (the next-token prediction for logits; None for rank-1 outputs)."""
+    agree (the next-token prediction for logits; None for rank-1 outputs).
+
+    This is a raw comparison: for a W8A8 model (a step function) its ``rel`` passes or fails
+    by whether an upstream ulp crosses an FP8 rounding boundary; judge parity with
+    :func:`check_parity` instead."""
     session = (make_session(session_or_path)
                if isinstance(session_or_path, (str, os.PathLike)) else session_or_path)
     ort_out = run_onnx(session, inputs)
@@ -362,3 +368,95 @@ def compare_with_torch(model: nn.Module, session_or_path: Any, inputs: Any, *,
     return {"max_abs": worst["max_abs"], "rel": worst["rel"], "max_ref": worst["max_ref"],
             "argmax_agreement": worst["argmax_agreement"], "shape": worst["shape"],
             "providers": session.get_providers(), "per_output": per}
+
+
+@contextlib.contextmanager
+def activations_bypassed(model: nn.Module) -> Iterator[int]:
+    """While open, every inference-mode FP8 linear / FP8 MoE block of ``model`` runs
+    weight-only (``activations="none"``: W8A16, no activation quantization); yields how many
+    were W8A8. Restored on exit. Training-mode modules are left alone (their forward always
+    quantizes both operands)."""
+    changed = [m for m in model.modules() if isinstance(m, (FP8Linear, FP8MoEFFN))
+               and m.mode == "inference" and m.activations == "fp8"]
+    for m in changed:
+        m.activations = "none"
+    try:
+        yield len(changed)
+    finally:
+        for m in changed:
+            m.activations = "fp8"
+
+
+def _export_settings(path: Path) -> tuple[int, bool]:
+    """(opset, dense_moe) of an exported file, from its opset import and metadata."""
+    proto = onnx.load(str(path), load_external_data=False)
+    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    return opset, meta.get("rewriter.onnx.moe_dispatch") == "dense"
+
+
+def check_parity(model: nn.Module, path: str | os.PathLike, inputs: Any, *, tol: float = 1e-5,
+                 fp8_tol: float = 1e-6, workdir: str | os.PathLike | None = None,
+                 bypassed: str | os.PathLike | None = None) -> dict[str, Any]:
+    """onnxruntime-vs-PyTorch parity of an exported model, valid for discontinuous models.
+
+    A W8A8 model (FP8 activation quantization) is a step function of its input: a one-ulp
+    difference upstream (onnxruntime and PyTorch sum matmuls in different orders) that lands
+    on an FP8 rounding boundary moves an activation by one FP8 step, so end-to-end parity of
+    the quantized graph passes or fails by chance. For a graph with QuantizeLinear this check
+    therefore asserts two things that do not depend on such luck:
+
+    1. the same model exported with ``activations="none"`` (quantization bypassed, written to
+       ``workdir`` or a temporary folder; ``bypassed``: such an export made earlier, reused)
+       matches PyTorch run under :func:`activations_bypassed` to ``rel <= tol`` (fp32
+       summation order only);
+    2. :func:`check_fp8_linears` on ``path``: every FP8 code and 1x128 scale of the
+       activations equals :mod:`rewriter.targets.fp8` on the layer's own input, the layer's
+       output matches to ``max_rel <= fp8_tol``, and every FP8 weight is the model's.
+
+    The quantized graph's end-to-end difference and next-token agreement are reported
+    (``"quantized"``), never judged. A graph without QuantizeLinear, or one whose W8A8 layers
+    are training-mode (no bypass exists), is compared directly at ``tol``.
+
+    ``inputs``: a tensor, tuple or dict, as for :func:`run_onnx` and the model's forward.
+    -> ``{"passed", "mode" ("exact" or "bypassed"), "rel", "max_abs", "argmax_agreement",
+    "fp8" (check_fp8_linears' dict or None), "quantized" ({"rel", "max_abs",
+    "argmax_agreement"} of the file itself, or None), "bypassed_path" (the W8A16 export when
+    it was kept: ``workdir`` or ``bypassed`` given, else None), "failures" [str]}``.
+    Raises :class:`OnnxRuntimeError` when onnxruntime is missing or fails."""
+    path = Path(path)
+    quantized = op_counts(path).get("QuantizeLinear", 0) > 0
+    failures: list[str] = []
+    fp8 = info = kept = None
+    with activations_bypassed(model) as n_w8a8, contextlib.ExitStack() as stack:
+        if quantized and n_w8a8:
+            if bypassed is None:
+                opset, dense = _export_settings(path)
+                folder = Path(workdir) if workdir is not None else Path(
+                    stack.enter_context(tempfile.TemporaryDirectory(prefix="rewriter-parity-")))
+                bypassed = export_onnx(model, folder / f"{path.stem}.w8a16.onnx",
+                                       example_inputs=inputs, opset=opset, activations="none",
+                                       dense_moe=dense).path
+                kept = bypassed if workdir is not None else None
+            else:
+                kept = Path(bypassed)
+            exact = compare_with_torch(model, bypassed, inputs)
+    if quantized and n_w8a8:
+        fp8 = check_fp8_linears(path, inputs, model=model)
+        for key in ("q_mismatches", "scale_mismatches", "weight_mismatches"):
+            if fp8[key]:
+                failures.append(f"FP8 layers: {fp8[key]} {key.replace('_', ' ')}")
+        if not fp8["max_rel"] <= fp8_tol:
+            failures.append(f"FP8 layers: teacher-forced max_rel {fp8['max_rel']:.3g} > "
+                            f"{fp8_tol:g}")
+        q = compare_with_torch(model, path, inputs)
+        info = {k: q[k] for k in ("rel", "max_abs", "argmax_agreement")}
+    else:
+        exact = compare_with_torch(model, path, inputs)
+    if not exact["rel"] <= tol:
+        failures.append(f"{'bypassed ' if fp8 is not None else ''}outputs: rel "
+                        f"{exact['rel']:.3g} > {tol:g}")
+    return {"passed": not failures, "mode": "bypassed" if fp8 is not None else "exact",
+            "rel": exact["rel"], "max_abs": exact["max_abs"],
+            "argmax_agreement": exact["argmax_agreement"], "fp8": fp8, "quantized": info,
+            "bypassed_path": kept, "failures": failures}

@@ -1,0 +1,225 @@
+"""Clean-up of the exported graph, as ``onnx_ir`` passes.
+
+:func:`optimize` is onnxscript's optimizer minus its pattern rewriter (most of the export time
+on small graphs, and onnxruntime does the same fusions at load): inlining, constant folding
+(never of anything touching FP8, so FP8 weights stay FP8 and ``DequantizeLinear`` is never
+folded into an fp32 copy), :class:`FoldFP8DataMovement` (FP8 weight slicing folded into
+per-expert initializers), dead-code removal, CSE (shared activation QDQ of q/k/v).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnx_ir.passes.common as common
+from onnxscript.optimizer import fold_constants
+
+__all__ = [
+    "FoldConstants",
+    "FoldFP8DataMovement",
+    "RenameDims",
+    "StripNodeMetadata",
+    "count_fp8_initializers",
+    "ir_op_counts",
+    "op_counts",
+    "optimize",
+]
+
+
+def op_counts(model_proto) -> dict[str, int]:
+    """op_type -> count over the main graph, its subgraphs and functions (ONNX ModelProto or
+    path; external data is not loaded)."""
+    if isinstance(model_proto, (str, os.PathLike)):
+        model_proto = onnx.load(str(model_proto), load_external_data=False)
+    counts: Counter = Counter()
+
+    def walk(graph):
+        for node in graph.node:
+            counts[node.op_type] += 1
+            for attr in node.attribute:
+                if attr.g is not None and attr.g.node:
+                    walk(attr.g)
+                for g in attr.graphs:
+                    walk(g)
+
+    walk(model_proto.graph)
+    for fn in model_proto.functions:
+        for node in fn.node:
+            counts[node.op_type] += 1
+    return dict(counts)
+
+
+def ir_op_counts(model: ir.Model) -> dict[str, int]:
+    """op_type -> count over an onnx_ir model's graph and subgraphs."""
+    return dict(Counter(node.op_type
+                        for node in ir.traversal.RecursiveGraphIterator(model.graph)))
+
+
+def count_fp8_initializers(model: ir.Model) -> int:
+    """Number of FLOAT8E4M3FN initializers."""
+    return sum(1 for v in model.graph.initializers.values()
+               if v.dtype == ir.DataType.FLOAT8E4M3FN)
+
+
+def _touches_fp8(node: ir.Node) -> bool | None:
+    """``should_fold`` of the generic folder: never nodes on FP8 values (its evaluator's
+    float8 support varies by version); :class:`FoldFP8DataMovement` folds those bit-exactly."""
+    if any(v is not None and v.dtype == ir.DataType.FLOAT8E4M3FN
+           for v in list(node.inputs) + list(node.outputs)):
+        return False
+    return None
+
+
+class FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's public constant folder (with shape inference), FP8 nodes excluded."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = fold_constants(model, onnx_shape_inference=True, should_fold=_touches_fp8)
+        return ir.passes.PassResult(model, bool(result.modified))
+
+
+def _np_slice(data, starts, ends, axes=None, steps=None):
+    axes = list(range(len(starts))) if axes is None else [int(a) % data.ndim for a in axes]
+    steps = [1] * len(starts) if steps is None else steps
+    index = [slice(None)] * data.ndim
+    for a, s, e, st in zip(axes, starts, ends, steps):
+        index[a] = slice(int(s), int(e), int(st))
+    return [data[tuple(index)]]
+
+
+def _np_fold(node: ir.Node, data: np.ndarray, rest: list) -> list[np.ndarray] | None:
+    """numpy value(s) of a data-movement node on a constant; None when not handled."""
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    op = node.op_type
+    if op == "Slice":
+        return _np_slice(data, *rest)
+    if op == "Squeeze":
+        axes = rest[0] if rest else [i for i, d in enumerate(data.shape) if d == 1]
+        return [np.squeeze(data, axis=tuple(int(a) for a in axes))]
+    if op == "Unsqueeze":
+        out = data
+        for a in sorted(int(a) % (data.ndim + len(rest[0])) for a in rest[0]):
+            out = np.expand_dims(out, a)
+        return [out]
+    if op == "Gather":
+        return [np.take(data, rest[0].astype(np.int64), axis=int(attrs.get("axis", 0)))]
+    if op == "Split":
+        axis = int(attrs.get("axis", 0))
+        if rest and rest[0] is not None:
+            bounds = np.cumsum(rest[0])[:-1]
+        else:
+            size = -(-data.shape[axis] // len(node.outputs))
+            bounds = list(range(size, data.shape[axis], size))
+        return np.split(data, bounds, axis=axis)
+    if op == "Reshape" and 0 not in list(rest[0]):
+        return [data.reshape([int(d) for d in rest[0]])]
+    if op == "Transpose":
+        return [np.transpose(data, attrs.get("perm"))]
+    if op == "Identity":
+        return [data]
+    return None
+
+
+class FoldFP8DataMovement(ir.passes.InPlacePass):
+    """Slice/Squeeze/Gather/Split/Transpose... of an FP8 initializer -> new FP8 initializers.
+
+    ONNX defines Slice, Gather and Split only up to IR-4 types: on FLOAT8E4M3FN they are
+    invalid. They appear where an MoE block takes expert e's weight out of the stacked
+    (E, N, K) FP8 buffer, and where a weight is transposed for MatMul; folding them stores one
+    FP8 initializer per expert (same bytes) and leaves DequantizeLinear as the only consumer
+    of FP8 weights."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        made = 0
+        changed, modified = True, False
+        while changed:
+            changed = False
+            for node in list(graph):
+                data = node.inputs[0] if node.inputs else None
+                if data is None or data.dtype != ir.DataType.FLOAT8E4M3FN \
+                        or node.op_type == "DequantizeLinear" or data.const_value is None:
+                    continue
+                rest = [None if v is None or v.const_value is None else v.const_value.numpy()
+                        for v in node.inputs[1:]]
+                if any(r is None for v, r in zip(node.inputs[1:], rest) if v is not None):
+                    continue
+                values = _np_fold(node, data.const_value.numpy(), rest)
+                if values is None or len(values) != len(node.outputs):
+                    continue
+                for out, arr in zip(node.outputs, values):
+                    made += 1
+                    name = f"{data.name.split('.fp8_')[0]}.fp8_{made}"
+                    new = ir.Value(name=name, shape=ir.Shape(arr.shape),
+                                   type=ir.TensorType(ir.DataType.FLOAT8E4M3FN),
+                                   const_value=ir.Tensor(np.ascontiguousarray(arr), name=name))
+                    graph.register_initializer(new)
+                    ir.convenience.replace_all_uses_with(out, new)
+                    if out in graph.outputs:
+                        graph.outputs[graph.outputs.index(out)] = new
+                graph.remove(node, safe=True)
+                if not data.uses() and data.is_initializer() and data not in graph.outputs:
+                    graph.initializers.pop(data.name)
+                changed = modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+class StripNodeMetadata(ir.passes.InPlacePass):
+    """Drop the exporter's per-node debug metadata (stack traces, FX nodes, module paths):
+    ~1 KB a node, more than the weights of a small model."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            modified |= bool(node.metadata_props)
+            node.metadata_props.clear()
+        return ir.passes.PassResult(model, modified)
+
+
+class RenameDims(ir.passes.InPlacePass):
+    """Rename symbolic dims (s0 -> batch, ...) everywhere in the graph."""
+
+    def __init__(self, mapping: dict[str, str]):
+        super().__init__()
+        self.mapping = dict(mapping)
+
+    def _fix(self, value: ir.Value) -> bool:
+        shape = value.shape
+        if shape is None or not any(isinstance(d, ir.SymbolicDim) and d.value in self.mapping
+                                    for d in shape):
+            return False
+        value.shape = ir.Shape([ir.SymbolicDim(self.mapping[d.value])
+                                if isinstance(d, ir.SymbolicDim) and d.value in self.mapping
+                                else d for d in shape])
+        return True
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        for value in list(graph.inputs) + list(graph.outputs):
+            modified |= self._fix(value)
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            for value in node.outputs:
+                modified |= self._fix(value)
+        return ir.passes.PassResult(model, modified)
+
+
+def optimize(model: ir.Model, fold: bool) -> None:
+    """Clean ``model`` in place (see the module docstring); ``fold=False``: inline and remove
+    dead code only (FP8 data movement is folded either way: the graph is invalid without)."""
+    passes: list[ir.passes.PassBase] = [common.InlinePass()]
+    if fold:
+        passes.append(ir.passes.PassManager([FoldConstants(), common.RemoveUnusedNodesPass()],
+                                            steps=2, early_stop=True))
+    passes += [FoldFP8DataMovement(), common.RemoveUnusedNodesPass(),
+               common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()]
+    if fold:
+        passes += [common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
+                   common.DeduplicateInitializersPass(),
+                   common.CommonSubexpressionEliminationPass()]
+    passes += [common.OutputFixPass(), common.NameFixPass()]
+    ir.passes.Sequential(*passes)(model)
