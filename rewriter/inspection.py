@@ -22,7 +22,7 @@ from .graph_ops import GROUP_META_KEY, op_name, owning_module, target_str, tenso
 from .model_stats import model_stats
 from .pass_manager import HISTORY_META_KEY, PassRecord, PipelineResult
 from .patterns import FFNAnalysis, analyze_ffns
-from .picture import write_picture
+from .picture import write_node_data, write_picture
 from .snapshot import GraphDiff, GraphSnapshot, diff_graphs
 
 __all__ = ["Report", "inspect", "to_networkx", "format_table", "GROUP_META_KEY"]
@@ -382,6 +382,15 @@ class Report:
 
         return write_picture(self.to_networkx(collapse=collapse), Path(path),
                              title=self._title())
+
+    def write_node_data(self, directory: str | Path, *,
+                        model: nn.Module | None = None) -> list[dict[str, str]]:
+        """Model Explorer node-data overlays of this graph (what each pass did: added / removed
+        / changed, FP8 or kept and why, MoE block, expert load of ``model``'s last forward), one
+        JSON file each; returns ``node_data`` entries for ``model_explorer.visualize_pytorch``
+        (see ``rewriter.picture.explorer``)."""
+        return write_node_data(self.to_networkx(), Path(directory), conversion=self.conversion,
+                               model=model)
 
     def _title(self) -> str:
         name = self.capture.model_class if self.capture else type(self.graph_module).__name__

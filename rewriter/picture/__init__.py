@@ -23,6 +23,7 @@ import tempfile
 import networkx as nx
 
 from ..errors import InputError
+from .explorer import node_data, write_node_data
 from .html import render_html
 from .layout import EdgeRoute, GroupBox, Layout, NodeBox, compute_layout, layout
 from .svg import render_svg
@@ -34,8 +35,10 @@ __all__ = [
     "NodeBox",
     "compute_layout",
     "layout",
+    "node_data",
     "render_html",
     "render_svg",
+    "write_node_data",
     "write_picture",
 ]
 

@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pathlib
 import re
 import time
 import xml.etree.ElementTree as ET
 
 import networkx as nx
 import pytest
+import torch
 
+import rewriter
 import rewriter.picture
 from rewriter.errors import InputError
 from rewriter.picture import (
     compute_layout,
     layout,
+    node_data,
     render_html,
     render_svg,
     write_picture,
 )
+from rewriter.picture.explorer import OVERLAYS
 from rewriter.picture.style import category
 from tests.rewriter._graphs import example_graph
 
@@ -469,3 +475,108 @@ def test_large_graph_renders():
     svg = html[html.index("<svg") : html.index("</svg>") + len("</svg>")]
     root = ET.fromstring(svg)
     assert len(root.findall(f".//{SVG_NS}g[@class='node']")) == g.number_of_nodes()
+
+
+# --------------------------------------------------------------------------------------------
+# Model Explorer node-data overlays
+# --------------------------------------------------------------------------------------------
+
+
+class _Decision:
+    def __init__(self, fqn: str, lowered: bool, reason: str):
+        self.fqn, self.lowered, self.reason = fqn, lowered, reason
+
+
+class _Conversion:
+    blocks = [{"module": "mlp", "experts": 6, "top_k": 2, "shared_dim": 10}]
+    fp8_decisions = [_Decision("attn.q", True, "linear -> FP8Linear"),
+                     _Decision("head", False, "lm head: kept in high precision")]
+
+
+def _module_graph(statuses: dict[str, str] | None = None) -> nx.DiGraph:
+    g = nx.DiGraph()
+    mods = {"x": "", "q": "attn.q", "q_add": "attn.q.inner", "router": "mlp.router",
+            "expert_mm": "mlp", "mlpx": "mlpx", "head": "head"}
+    prev = None
+    for name, module in mods.items():
+        g.add_node(name, label=name, op="call_function", module=module,
+                   status=(statuses or {}).get(name, "unchanged"))
+        if prev:
+            g.add_edge(prev, name)
+        prev = name
+    return g
+
+
+def test_node_data_from_conversion_info():
+    data = node_data(_module_graph(), conversion=_Conversion())
+    assert set(data) == {"rewriter: pass", "rewriter: FP8", "rewriter: MoE block"}
+    status = {k: v["value"] for k, v in data["rewriter: pass"]["results"].items()}
+    # module mode: no history, so MoE block nodes are added, FP8-lowered nodes changed
+    assert status == {"x": "unchanged", "q": "changed", "q_add": "changed", "router": "added",
+                      "expert_mm": "added", "mlpx": "unchanged", "head": "unchanged"}
+    fp8 = {k: v["value"] for k, v in data["rewriter: FP8"]["results"].items()}
+    assert fp8 == {"q": "FP8", "q_add": "FP8", "head": "kept: lm head: kept in high precision"}
+    moe = data["rewriter: MoE block"]["results"]
+    assert set(moe) == {"router", "expert_mm"}  # "mlpx" is not inside "mlp"
+    assert moe["router"]["value"] == "mlp · 6 experts, top-2, shared 10"
+
+
+def test_node_data_prefers_pass_history_and_rejects_collapsed_graphs():
+    g = _module_graph({"router": "added", "q": "changed", "mlpx": "removed"})
+    status = {k: v["value"] for k, v in node_data(g)["rewriter: pass"]["results"].items()}
+    assert status["mlpx"] == "removed" and status["expert_mm"] == "unchanged"
+    assert node_data(g)["rewriter: pass"]["results"]["mlpx"]["bgColor"] == "#fee2e2"
+    g.add_node("c", label="12 ops", op="collapsed", module="attn")
+    with pytest.raises(InputError, match="collapse"):
+        node_data(g)
+
+
+@pytest.mark.slow
+def test_node_data_of_a_converted_llama_tiny(tmp_path):
+    model = rewriter.convert(rewriter.models.build_model("llama-tiny", seed=0),
+                             recipe="deepseek-v3")
+    ids = torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(1))
+    model(ids)  # the expert load of this forward goes into the overlay
+    report = rewriter.inspect(model, ids, dynamic=False)
+    infos = report.write_node_data(tmp_path, model=model)
+    files = {i["name"]: json.loads(pathlib.Path(i["node_data_path"]).read_text()) for i in infos}
+    assert set(files) == set(OVERLAYS)
+    data = {name: d["graph"]["results"] for name, d in files.items()}
+    g = report.to_networkx()
+    module = {k: d["module"] for k, d in g.nodes(data=True)}
+    conv = report.conversion
+    blocks = [b["module"] for b in conv.blocks]
+    assert blocks == ["layers.0.feed_forward", "layers.1.feed_forward"]
+    for node, r in data["rewriter: MoE block"].items():
+        (block,) = [b for b in blocks if module[node].startswith(b)]
+        info = next(b for b in conv.blocks if b["module"] == block)
+        assert r["value"].startswith(f"{block} · {info['experts']} experts, top-{info['top_k']}")
+        load = model.get_submodule(block).load_stats()["max_over_mean"]
+        assert data["rewriter: expert load"][node]["value"] == pytest.approx(load, abs=1e-4)
+        assert data["rewriter: pass"][node]["value"] == "added"
+    assert len(data["rewriter: MoE block"]) > 100
+    lowered = {d.fqn for d in conv.fp8_decisions if d.lowered}
+    kept = {d.fqn: d.reason for d in conv.fp8_decisions if not d.lowered}
+    assert "layers.0.attention.wq" in lowered and "tok_embeddings" in kept
+    for node, r in data["rewriter: FP8"].items():
+        owner = max((f for f in lowered | set(kept)
+                     if module[node] == f or module[node].startswith(f + ".")), key=len)
+        assert r["value"] == ("FP8" if owner in lowered else f"kept: {kept[owner]}")
+    # the keys are the node names Model Explorer's PyTorch adapter uses for this model
+    exported = {n.name for n in torch.export.export(model, (ids,)).graph.nodes}
+    calls = {k for k, d in g.nodes(data=True) if d["op"] == "call_function"}
+    assert calls <= exported and calls <= set(data["rewriter: pass"])
+
+
+def test_collapsed_nodes_show_what_they_hide():
+    g = example_graph(2)
+    hidden = {k: d["count"] for k, d in g.nodes(data=True) if d.get("op") == "collapsed"}
+    assert hidden
+    root = ET.fromstring(render_svg(g))
+    for n in root.findall(f".//{SVG_NS}g[@class='node']"):
+        texts = [t.text for t in n.findall(f"{SVG_NS}text")]
+        if n.get("data-op") == "collapsed":
+            count = hidden[n.get("data-node")]
+            assert f"{count} nodes hidden" in texts
+            assert len(n.findall(f"{SVG_NS}rect")) >= 3  # a stack of boxes
+    assert f"(+{sum(hidden.values())} hidden)" in render_html(g)
