@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
 
-from rewriter.capture import first_float_output, normalize_inputs
+from rewriter.capture import capture_info, first_float_output, normalize_inputs
 from rewriter.errors import InputError
 from rewriter.patterns import FFNMatch, find_ffns
 
@@ -110,19 +111,34 @@ class _GradProbe(nn.Module):
         return t + self.leaf
 
 
-def fisher_loss(output: Any, generator: torch.Generator) -> torch.Tensor:
+def fisher_loss(output: Any, generator: torch.Generator,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Summed cross-entropy of the first floating tensor of ``output`` (read as logits over its
     last dim) against labels sampled from its own softmax: its gradients are samples of the
-    Fisher information, so ``E[(g . r)^2]`` ~ the KL a small output change ``r`` causes."""
+    Fisher information, so ``E[(g . r)^2]`` ~ the KL a small output change ``r`` causes.
+    Positions where ``attention_mask`` (one entry per logits row, e.g. (B, T)) is 0 are
+    padding: they take no part in the loss and draw no label."""
     logits = first_float_output(output)
     if logits is None or logits.dim() < 1 or logits.shape[-1] < 2:
         raise InputError("sensitivity calibration (MoEConfig.allocation='calibrated') needs a "
                          "model output of logits (a floating tensor (..., classes >= 2)); got "
                          f"{type(output).__name__}: use MoEConfig(allocation='uniform')")
     flat = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
+    if attention_mask is not None:
+        flat = flat[_kept_rows(attention_mask, flat.shape[0], "the model's logits")]
     with torch.no_grad():
         labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
     return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
+
+
+def _kept_rows(attention_mask: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+    """(rows,) bool: the real (not padded) positions of ``attention_mask`` laid over ``rows``
+    token rows (the model's (B, T) positions, flattened)."""
+    if attention_mask.numel() != rows:
+        raise InputError(f"attention_mask has {attention_mask.numel()} positions "
+                         f"{tuple(attention_mask.shape)} but {what} has {rows} token rows: "
+                         "give a (batch, sequence) mask of the batch's input_ids")
+    return attention_mask.reshape(-1) != 0
 
 
 class _Accumulator:
@@ -132,15 +148,22 @@ class _Accumulator:
         self.max_tokens = max_tokens
         self.generator = generator
         self.with_grad = with_grad
+        self.mask: torch.Tensor | None = None  # this batch's attention_mask: 0 = padding
         self.pending_x: torch.Tensor | None = None
         self.pending_h: torch.Tensor | None = None
 
+    def _real(self, t: torch.Tensor) -> torch.Tensor:
+        """(N, ...) rows of ``t`` -> the rows of real (not padded) positions."""
+        if self.mask is None:
+            return t
+        return t[_kept_rows(self.mask, t.shape[0], f"the FFN input ({self.stats.d_model})")]
+
     def on_x(self, x: torch.Tensor) -> None:
-        self.pending_x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.pending_x = self._real(x.detach().reshape(-1, x.shape[-1]).float())
 
     def on_h(self, h: torch.Tensor) -> None:
         s = self.stats
-        h = h.detach().reshape(-1, h.shape[-1]).float()  # (T, d_ff)
+        h = self._real(h.detach().reshape(-1, h.shape[-1]).float())  # (T, d_ff) real tokens
         a = h.abs()
         s.tokens += h.shape[0]
         s.abs_sum += a.sum(0, dtype=torch.float64)
@@ -161,7 +184,7 @@ class _Accumulator:
         keys = torch.rand(h.shape[0], generator=self.generator)
         new = {"sample_x": x, "sample_h": h, "_priority": keys}
         if g is not None:
-            new["sample_g"] = g.detach().reshape(-1, g.shape[-1]).float()
+            new["sample_g"] = self._real(g.detach().reshape(-1, g.shape[-1]).float())
         merged = {k: torch.cat([getattr(s, k), v]) if getattr(s, k) is not None else v
                   for k, v in new.items()}
         if merged["_priority"].numel() > self.max_tokens:
@@ -224,8 +247,11 @@ def calibrate(
     (``NeuronStats.sample_g``; one backward per batch, see the module doc).
 
     ``batches``: an iterable of model inputs (a tensor, a tuple or a dict, like the example
-    inputs given to :func:`rewriter.capture`). Raises :class:`InputError` naming the batch when
-    one is malformed, and when there are none. A progress bar is shown on a terminal.
+    inputs given to :func:`rewriter.capture`). A dict batch may hold an ``attention_mask``
+    (batch, sequence): positions where it is 0 are padding and count nowhere (tokens, means,
+    co-activation, samples, the Fisher loss); the model must then have been captured with an
+    attention_mask too. Raises :class:`InputError` naming the batch when one is malformed, and
+    when there are none. A progress bar is shown on a terminal.
     """
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
@@ -242,7 +268,12 @@ def calibrate(
         per_ffn[_key(m)] = stats
         accs.append(_Accumulator(stats, max_tokens, generator, with_grad=sensitivity))
     probes = [_GradProbe() for _ in ffns] if sensitivity else None
-    runner = _instrumented(gm, ffns, accs, probes)
+    with warnings.catch_warnings():  # copying torch.export's codegen: torch's own deprecation
+        warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated",
+                                category=FutureWarning)
+        runner = _instrumented(gm, ffns, accs, probes)
+    info = capture_info(gm)
+    captured_mask = info is None or "attention_mask" in info.example_kwargs
     label_generator = torch.Generator().manual_seed(seed + 1)
     total = len(batches) if hasattr(batches, "__len__") else None
     n = 0
@@ -251,6 +282,18 @@ def calibrate(
             args, kwargs = normalize_inputs(batch)
         except InputError as exc:
             raise InputError(f"calibration batch {i}: {exc}") from exc
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+                raise InputError(f"calibration batch {i}: attention_mask must be a (batch, "
+                                 f"sequence) tensor, got {getattr(mask, 'shape', type(mask))}")
+            if not captured_mask:
+                raise InputError(
+                    f"calibration batch {i} has an attention_mask but the model was captured "
+                    "without one: give example_inputs with an attention_mask (e.g. the first "
+                    "calibration batch)")
+        for acc in accs:
+            acc.mask = mask
         try:
             with torch.set_grad_enabled(sensitivity):
                 output = runner(*args, **kwargs)
@@ -261,7 +304,7 @@ def calibrate(
             ) from exc
         if probes is not None:
             leaves = [p.leaf for p in probes]
-            grads = torch.autograd.grad(fisher_loss(output, label_generator), leaves,
+            grads = torch.autograd.grad(fisher_loss(output, label_generator, mask), leaves,
                                         allow_unused=True)
             for acc, leaf, g in zip(accs, leaves, grads):
                 acc.commit(torch.zeros_like(leaf) if g is None else g)

@@ -110,3 +110,75 @@ def test_sensitivity_needs_logits(llama):
 
     with pytest.raises(InputError, match="logits"):
         fisher_loss({"ids": torch.ones(3, dtype=torch.long)}, torch.Generator())
+
+
+# ------------------------------------------------------------------ padding (attention_mask)
+
+
+@pytest.fixture(scope="module")
+def padded_hf():
+    """A tiny HF llama; 4 real sequences of 12 tokens, and the same left-padded to 20 with an
+    attention_mask (40% padding). RoPE is relative, so real tokens see the same attention."""
+    from rewriter.models.hf import build_hf
+
+    model = build_hf("llama", seed=0)
+    real = torch.randint(3, 256, (4, 12), generator=torch.Generator().manual_seed(1))
+    padded = torch.zeros(4, 20, dtype=torch.long)
+    padded[:, 8:] = real
+    mask = torch.zeros_like(padded)
+    mask[:, 8:] = 1
+    clean = [{"input_ids": real[i:i + 2], "attention_mask": torch.ones(2, 12, dtype=torch.long)}
+             for i in (0, 2)]
+    pad = [{"input_ids": padded[i:i + 2], "attention_mask": mask[i:i + 2]} for i in (0, 2)]
+    gm_clean, gm_pad = capture(model, clean[0]), capture(model, pad[0])
+    return model, gm_clean, gm_pad, clean, pad
+
+
+@pytest.mark.parametrize("sensitivity", [False, True])
+def test_padded_positions_are_not_calibration_data(padded_hf, sensitivity):
+    """Left-padded batches with attention_mask give the statistics of the real tokens alone:
+    token count, per-neuron means, co-activation and the sampled x, h (and Fisher g)."""
+    model, gm_clean, gm_pad, clean, pad = padded_hf
+    ref = calibrate(gm_clean, clean, sensitivity=sensitivity, seed=3)
+    got = calibrate(gm_pad, pad, sensitivity=sensitivity, seed=3)
+    assert got.tokens == ref.tokens == 48  # 4 x 12 real tokens, not 4 x 20
+    for m in find_ffns(gm_pad):
+        a, b = stats_for(got, m), stats_for(ref, m)
+        assert a.tokens == 48
+        torch.testing.assert_close(a.mean_abs, b.mean_abs, rtol=1e-4, atol=1e-6)
+        assert (a.coact - b.coact).abs().sum() <= 0.01 * b.coact.sum()  # threshold ties only
+        torch.testing.assert_close(a.sample_x, b.sample_x, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.sample_h, b.sample_h, rtol=1e-4, atol=1e-5)
+        if sensitivity:
+            assert b.sample_g.abs().max() > 0
+            torch.testing.assert_close(a.sample_g, b.sample_g, rtol=1e-3, atol=1e-6)
+    # without the mask, the padding would have counted: 80 tokens per FFN
+    unmasked = calibrate(gm_pad, [{"input_ids": b["input_ids"],
+                                   "attention_mask": torch.ones_like(b["attention_mask"])}
+                                  for b in pad], seed=3)
+    assert unmasked.tokens == 80
+
+
+def test_fisher_loss_ignores_padded_positions():
+    from rewriter.passes.calibration import fisher_loss
+
+    logits = torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    got = fisher_loss(logits, torch.Generator().manual_seed(4), mask)
+    real = logits.reshape(-1, 7)[mask.reshape(-1) == 1]  # (8, 7)
+    labels = torch.multinomial(real.softmax(-1), 1,
+                               generator=torch.Generator().manual_seed(4)).squeeze(1)
+    want = torch.nn.functional.cross_entropy(real, labels, reduction="sum")
+    assert torch.equal(got, want)
+    with pytest.raises(InputError, match="attention_mask has 6 positions"):
+        fisher_loss(logits, torch.Generator(), torch.ones(2, 3))
+
+
+def test_attention_mask_needs_a_graph_captured_with_one(padded_hf):
+    model, gm_clean, gm_pad, clean, pad = padded_hf
+    gm_ids = capture(model, {"input_ids": pad[0]["input_ids"]})
+    with pytest.raises(InputError, match="batch 0 has an attention_mask but the model was "
+                                         "captured without one"):
+        calibrate(gm_ids, pad)
+    with pytest.raises(InputError, match="attention_mask must be a"):
+        calibrate(gm_pad, [{"input_ids": pad[0]["input_ids"], "attention_mask": [1, 0]}])
