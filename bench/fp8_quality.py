@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from rewriter.models.hf import load_smollm2  # noqa: E402
 from rewriter.models.text import logits_of, perplexity, split_ids, token_ids  # noqa: E402
-from rewriter.passes.lower_fp8 import weight_bytes  # noqa: E402
 
 import rewriter  # noqa: E402
+from rewriter.graph_ops import weight_bytes  # noqa: E402
 
 
 def _time_interleaved(models: dict, ids, repeats: int) -> dict[str, tuple[float, float]]:

@@ -42,7 +42,6 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 from rewriter.models.hf import load_smollm2  # noqa: E402
 from rewriter.models.text import perplexity, pydoc_text, split_ids, token_ids  # noqa: E402
-from rewriter.passes.lower_fp8 import weight_bytes  # noqa: E402
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead  # noqa: E402
 from rewriter.targets.onnx_export import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import (  # noqa: E402
@@ -53,6 +52,7 @@ from rewriter.targets.onnx_runtime import (  # noqa: E402
 
 import rewriter  # noqa: E402
 from rewriter import FP8Config, MoEConfig  # noqa: E402
+from rewriter.graph_ops import weight_bytes  # noqa: E402
 
 MOE = MoEConfig(num_experts=16, top_k=4, shared_width=384)
 

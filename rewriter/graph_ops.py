@@ -11,6 +11,7 @@ import operator
 from typing import Any
 
 import torch
+from torch import nn
 from torch.fx import GraphModule, Node
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "module_stack",
     "common_module",
     "tensor_meta",
+    "weight_bytes",
 ]
 
 _OPERATOR_NAMES = {
@@ -170,3 +172,11 @@ def tensor_meta(node: Node) -> tuple[tuple[Any, ...], torch.dtype] | None:
     if tm is not None and hasattr(tm, "shape"):
         return tuple(tm.shape), tm.dtype
     return None
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer of ``model`` (what a checkpoint stores:
+    ``state_dict``; a tensor tied under several names counts once). Non-persistent buffers and
+    caches (e.g. an FP8Linear's dequantized copy) are left out."""
+    stored = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    return sum(t.numel() * t.element_size() for t in stored.values())

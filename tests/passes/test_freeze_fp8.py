@@ -2,11 +2,11 @@ import copy
 
 import torch
 from rewriter.passes.freeze_fp8 import freeze_fp8
-from rewriter.passes.lower_fp8 import weight_bytes
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 
 import rewriter
 from rewriter import models
+from rewriter.graph_ops import weight_bytes
 
 
 def test_freeze_stores_fp8_weights_and_keeps_the_forward():

@@ -1,12 +1,13 @@
 import pytest
 import torch
-from rewriter.passes.lower_fp8 import FP8Config, find_output_heads, weight_bytes
+from rewriter.passes.lower_fp8 import FP8Config, find_output_heads
 from rewriter.targets.fp8 import sqnr_db
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from torch import nn
 
 import rewriter
 from rewriter import InputError, MoEConfig, capture
+from rewriter.graph_ops import weight_bytes
 from tests._zoo import CASES
 
 BY_NAME = {c.name: c for c in CASES}

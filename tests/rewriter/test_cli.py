@@ -3,8 +3,12 @@ import subprocess
 import sys
 
 import pytest
+from rewriter.models.moe import GATE_MODES
+from rewriter.passes.allocation import ALLOCATIONS
+from rewriter.targets.fp8_linear import ACTIVATION_MODES
 
-from rewriter.cli import main
+from rewriter import errors
+from rewriter.cli import _conversion_configs, build_parser, main
 
 
 def test_inspect_prints_ffns_and_writes_picture(tmp_path, capsys):
@@ -61,8 +65,6 @@ def test_convert_moe_and_fp8_with_report(tmp_path, capsys):
 
 
 def test_convert_allocation_flag(tmp_path):
-    from rewriter.cli import _conversion_configs, build_parser
-
     args = build_parser().parse_args(["convert", "llama-tiny", "--experts", "4", "--top-k",
                                       "2", "--allocation", "uniform"])
     assert _conversion_configs(args)[1].allocation == "uniform"
@@ -82,3 +84,57 @@ def test_export_writes_a_checked_onnx_file(tmp_path, capsys):
     path = tmp_path / "sub" / "m.onnx"
     assert main(["export", "gpt-tiny", str(path), "--experts", "4", "--top-k", "2"]) == 0
     assert path.exists() and "MoE blocks 2" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--debug", "inspect", "no-such-model"],
+                                  ["inspect", "no-such-model", "--debug"],
+                                  ["--debug", "models"]])
+def test_debug_before_or_after_the_command_shows_the_traceback(argv):
+    """``rewriter --debug COMMAND``: the subcommand's own --debug must not reset it to False."""
+    args = build_parser().parse_args(argv)
+    assert args.debug is True
+    if argv[-1] != "models":
+        with pytest.raises(errors.InputError, match="unknown model"):
+            main(argv + ["--picture", ""])
+
+
+def test_debug_defaults_off():
+    assert build_parser().parse_args(["inspect"]).debug is False
+    assert build_parser().parse_args(["models"]).debug is False
+
+
+class _Internal(errors.RewriterError):
+    pass
+
+
+@pytest.mark.parametrize("exc, code", [
+    (errors.InputError("x"), 2), (errors.MissingDependencyError("x"), 2),
+    (errors.CaptureError("x"), 1), (errors.PassError("p", "run", "x"), 1),
+    (_Internal("x"), 1), (ValueError("MoEConfig.top_k ..."), 2), (OSError("disk"), 2),
+    (RuntimeError("bug"), 1), (AssertionError("bug"), 1),
+])
+def test_exit_code_follows_the_error_type(monkeypatch, capsys, exc, code):
+    def boom(args):
+        raise exc
+    monkeypatch.setattr("rewriter.cli._cmd_models", boom)
+    assert errors.exit_code(exc) == code
+    assert main(["models"]) == code
+    assert capsys.readouterr().err.startswith("rewriter: ")
+
+
+def test_an_error_class_sets_its_own_exit_code(monkeypatch):
+    class Usage(errors.RewriterError, RuntimeError):
+        exit_code = 2
+
+    def boom(args):
+        raise Usage("bad flag combination")
+    monkeypatch.setattr("rewriter.cli._cmd_models", boom)
+    assert main(["models"]) == 2  # a RuntimeError, but the class says 2
+
+
+def test_choices_come_from_the_library_constants():
+    conv = {a.dest: a for a in build_parser()._subparsers._group_actions[0]
+            .choices["convert"]._actions}
+    assert tuple(conv["gate"].choices) == GATE_MODES
+    assert tuple(conv["allocation"].choices) == ("auto", *ALLOCATIONS)
+    assert tuple(conv["fp8_activations"].choices) == ACTIVATION_MODES

@@ -12,7 +12,7 @@ import pytest
 import torch
 from onnx import numpy_helper
 from rewriter.models import hf
-from rewriter.passes.lower_fp8 import FP8Config, weight_bytes
+from rewriter.passes.lower_fp8 import FP8Config
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
 from rewriter.targets.onnx_export import export_onnx
 from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
@@ -20,6 +20,7 @@ from torch import nn
 
 import rewriter
 from rewriter import MoEConfig, models
+from rewriter.graph_ops import weight_bytes
 
 SHAPES = ((1, 1), (2, 7), (3, 33))
 TOL = 1e-5

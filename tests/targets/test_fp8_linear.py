@@ -114,7 +114,7 @@ def test_cached_dequantized_weight_gives_the_uncached_bits(activations, k, bias,
 def test_dequant_cache_is_not_state_and_follows_weight_changes():
     import io
 
-    from rewriter.passes.lower_fp8 import weight_bytes
+    from rewriter.graph_ops import weight_bytes
 
     x, w, b = _lin_data(seed=1)
     _, w2, b2 = _lin_data(seed=2)
