@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
@@ -33,13 +32,14 @@ from rewriter.errors import OnnxRuntimeError
 
 from . import fp8 as fp8_ref
 from .fp8_linear import FP8Linear, FP8MoEFFN
-from .onnx import export_onnx, flatten_outputs, op_counts
+from .onnx import flatten_outputs
 
 __all__ = [
     "OnnxRuntimeError",
     "activations_bypassed",
     "check_fp8_linears",
     "check_onnxruntime_install",
+    "bypass_activation_quantization",
     "check_parity",
     "compare_with_torch",
     "default_providers",
@@ -191,6 +191,18 @@ def _torch_outputs(model: nn.Module, inputs: Any) -> list[torch.Tensor]:
     return [t for _, t in flatten_outputs(out)]
 
 
+def _session(proto: onnx.ModelProto):
+    """A CPU session of an in-memory model (errors only in the log)."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(proto.SerializeToString(), sess_options=options,
+                                    providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise OnnxRuntimeError(f"onnxruntime could not load the model: {e}") from e
+
+
 def _fp8_tensor(array: np.ndarray) -> torch.Tensor:
     """An onnxruntime / onnx FLOAT8E4M3FN array (ml_dtypes or raw uint8) -> torch fp8."""
     raw = np.ascontiguousarray(array).view(np.uint8)
@@ -278,11 +290,7 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
     for name, dtype in wanted.items():
         if name not in present:
             graph.output.append(onnx.helper.make_tensor_value_info(name, dtype, None))
-    ort = _ort()
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(proto.SerializeToString(), sess_options=options,
-                                   providers=["CPUExecutionProvider"])
+    session = _session(proto)
     names = [o.name for o in session.get_outputs()]
     values = dict(zip(names, session.run(names, _feeds(session, inputs))))
 
@@ -387,61 +395,78 @@ def activations_bypassed(model: nn.Module) -> Iterator[int]:
             m.activations = "fp8"
 
 
-def _export_settings(path: Path) -> tuple[int, bool]:
-    """(opset, dense_moe) of an exported file, from its opset import and metadata."""
-    proto = onnx.load(str(path), load_external_data=False)
-    opset = next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    return opset, meta.get("rewriter.onnx.moe_dispatch") == "dense"
+def bypass_activation_quantization(proto: onnx.ModelProto) -> int:
+    """Rewire ``proto`` (in place) so that every activation QDQ pair, ``DequantizeLinear(
+    QuantizeLinear(x))`` with ``x`` computed by the graph (not a constant: weight quantization
+    in the graph is kept), passes ``x`` through unchanged; the pairs and the nodes only they
+    used (amax, scale) are removed. -> how many pairs. The W8A8 file then computes what its
+    model computes with ``activations="none"``."""
+    graph = proto.graph
+    consts = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    producer = {o: n for n in graph.node for o in n.output}
+    bypass: dict[str, str] = {}
+    for node in graph.node:
+        q = producer.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if q is not None and q.op_type == "QuantizeLinear" and q.input[0] not in consts:
+            bypass[node.output[0]] = q.input[0]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in bypass:
+                node.input[i] = bypass[name]
+    for out in graph.output:
+        if out.name in bypass:  # a graph output keeps its name: an Identity feeds it
+            graph.node.append(onnx.helper.make_node("Identity", [bypass[out.name]], [out.name],
+                                                    name=f"{out.name}.bypass"))
+    keep = [n for n in graph.node if not (n.op_type == "DequantizeLinear"
+                                          and n.output[0] in bypass)]
+    while True:  # dead code: the QuantizeLinears and the amax / scale subgraphs they used
+        used = {i for n in keep for i in n.input} | {o.name for o in graph.output}
+        live = [n for n in keep if set(n.output) & used]
+        if len(live) == len(keep):
+            break
+        keep = live
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(bypass)
 
 
 def check_parity(model: nn.Module, path: str | os.PathLike, inputs: Any, *, tol: float = 1e-5,
-                 fp8_tol: float = 1e-6, workdir: str | os.PathLike | None = None,
-                 bypassed: str | os.PathLike | None = None) -> dict[str, Any]:
+                 fp8_tol: float = 1e-6) -> dict[str, Any]:
     """onnxruntime-vs-PyTorch parity of an exported model, valid for discontinuous models.
 
     A W8A8 model (FP8 activation quantization) is a step function of its input: a one-ulp
     difference upstream (onnxruntime and PyTorch sum matmuls in different orders) that lands
     on an FP8 rounding boundary moves an activation by one FP8 step, so end-to-end parity of
-    the quantized graph passes or fails by chance. For a graph with QuantizeLinear this check
-    therefore asserts two things that do not depend on such luck:
+    the quantized graph passes or fails by chance. For a graph with activation QDQ this check
+    asserts two things that do not depend on such luck:
 
-    1. the same model exported with ``activations="none"`` (quantization bypassed, written to
-       ``workdir`` or a temporary folder; ``bypassed``: such an export made earlier, reused)
-       matches PyTorch run under :func:`activations_bypassed` to ``rel <= tol`` (fp32
-       summation order only);
-    2. :func:`check_fp8_linears` on ``path``: every FP8 code and 1x128 scale of the
+    1. the file with its activation quantization bypassed
+       (:func:`bypass_activation_quantization`: what ``export_onnx(..., activations="none")``
+       writes) matches PyTorch run under :func:`activations_bypassed` to ``rel <= tol``
+       (fp32 summation order only): every other weight and op of the file is the model's;
+    2. :func:`check_fp8_linears` on the file: every FP8 code and 1x128 scale of the
        activations equals :mod:`rewriter.targets.fp8` on the layer's own input, the layer's
        output matches to ``max_rel <= fp8_tol``, and every FP8 weight is the model's.
 
     The quantized graph's end-to-end difference and next-token agreement are reported
-    (``"quantized"``), never judged. A graph without QuantizeLinear, or one whose W8A8 layers
-    are training-mode (no bypass exists), is compared directly at ``tol``.
+    (``"quantized"``), never judged. A graph without activation QDQ, or a model without
+    inference-mode W8A8 layers (training-mode layers cannot be bypassed in PyTorch), is
+    compared directly at ``tol``.
 
     ``inputs``: a tensor, tuple or dict, as for :func:`run_onnx` and the model's forward.
     -> ``{"passed", "mode" ("exact" or "bypassed"), "rel", "max_abs", "argmax_agreement",
     "fp8" (check_fp8_linears' dict or None), "quantized" ({"rel", "max_abs",
-    "argmax_agreement"} of the file itself, or None), "bypassed_path" (the W8A16 export when
-    it was kept: ``workdir`` or ``bypassed`` given, else None), "failures" [str]}``.
+    "argmax_agreement"} of the file itself, or None), "failures" [str]}``.
     Raises :class:`OnnxRuntimeError` when onnxruntime is missing or fails."""
-    path = Path(path)
-    quantized = op_counts(path).get("QuantizeLinear", 0) > 0
+    proto = onnx.load(str(path))
+    pairs = bypass_activation_quantization(proto)
     failures: list[str] = []
-    fp8 = info = kept = None
-    with activations_bypassed(model) as n_w8a8, contextlib.ExitStack() as stack:
-        if quantized and n_w8a8:
-            if bypassed is None:
-                opset, dense = _export_settings(path)
-                folder = Path(workdir) if workdir is not None else Path(
-                    stack.enter_context(tempfile.TemporaryDirectory(prefix="rewriter-parity-")))
-                bypassed = export_onnx(model, folder / f"{path.stem}.w8a16.onnx",
-                                       example_inputs=inputs, opset=opset, activations="none",
-                                       dense_moe=dense).path
-                kept = bypassed if workdir is not None else None
-            else:
-                kept = Path(bypassed)
-            exact = compare_with_torch(model, bypassed, inputs)
-    if quantized and n_w8a8:
+    fp8 = info = None
+    with activations_bypassed(model) as n_w8a8:
+        if pairs and n_w8a8:
+            exact = compare_with_torch(model, _session(proto), inputs)
+    if pairs and n_w8a8:
         fp8 = check_fp8_linears(path, inputs, model=model)
         for key in ("q_mismatches", "scale_mismatches", "weight_mismatches"):
             if fp8[key]:
@@ -459,4 +484,4 @@ def check_parity(model: nn.Module, path: str | os.PathLike, inputs: Any, *, tol:
     return {"passed": not failures, "mode": "bypassed" if fp8 is not None else "exact",
             "rel": exact["rel"], "max_abs": exact["max_abs"],
             "argmax_agreement": exact["argmax_agreement"], "fp8": fp8, "quantized": info,
-            "bypassed_path": kept, "failures": failures}
+            "failures": failures}

@@ -1,5 +1,6 @@
 """onnxruntime session helper: providers, running, comparing with PyTorch, the FP8
-teacher-forced check, and the one-onnxruntime-per-environment rule."""
+teacher-forced check, the W8A8-safe parity check (activation quantization bypassed), and the
+one-onnxruntime-per-environment rule."""
 
 from __future__ import annotations
 
@@ -12,12 +13,15 @@ import pytest
 import rewriter.targets.onnx_runtime as onnx_runtime
 import torch
 from onnx import numpy_helper
+from rewriter.targets.fp8 import dequantize_blockwise
 from rewriter.targets.fp8_linear import FP8Linear
 from rewriter.targets.onnx_export import export_onnx
 from rewriter.targets.onnx_runtime import (
     OnnxRuntimeError,
+    activations_bypassed,
     check_fp8_linears,
     check_onnxruntime_install,
+    check_parity,
     compare_with_torch,
     default_providers,
     make_session,
@@ -188,3 +192,108 @@ def test_module_has_no_gpu_only_imports():
     # importable and usable on a CPU-only onnxruntime build
     assert onnx_runtime.default_providers() == ["CPUExecutionProvider"] or \
         torch.cuda.is_available()
+
+
+class _Chain(torch.nn.Module):
+    """fp32 linear -> GELU -> W8A8 FP8 linear -> W8A8 FP8 linear: the FP8 layers' inputs come
+    from fp32 matmuls, whose summation order differs between onnxruntime and PyTorch."""
+
+    def __init__(self, d: int = 200, h: int = 136, n: int = 40):
+        super().__init__()
+        self.first = torch.nn.Linear(d, h)
+        self.mid = FP8Linear(torch.randn(h, h) / h**0.5, torch.randn(h), mode="inference")
+        self.last = FP8Linear(torch.randn(n, h) / h**0.5, None, mode="inference")
+
+    def forward(self, x):
+        return self.last(torch.nn.functional.gelu(self.mid(torch.nn.functional.gelu(
+            self.first(x)))))
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    torch.manual_seed(0)
+    model = _Chain().eval()
+    report = export_onnx(model, tmp_path_factory.mktemp("parity") / "chain.onnx",
+                         example_inputs=(torch.randn(2, 7, 200),))
+    return model, report
+
+
+def test_activations_bypassed_switches_w8a8_to_weight_only_and_back(chain):
+    model, _ = chain
+    x = torch.randn(3, 5, 200)
+    with torch.no_grad():
+        w8a8 = model(x)
+        with activations_bypassed(model) as n:
+            assert n == 2 and model.mid.activations == model.last.activations == "none"
+            bypassed = model(x)
+        assert model.mid.activations == model.last.activations == "fp8"
+        again = model(x)
+    assert torch.equal(w8a8, again) and not torch.equal(w8a8, bypassed)
+    h = torch.nn.functional.gelu(model.first(x))  # weight-only: x @ dequantized W^T + b
+    w_mid = dequantize_blockwise(model.mid.weight_q, model.mid.weight_scale)
+    w_last = dequantize_blockwise(model.last.weight_q, model.last.weight_scale)
+    h = torch.nn.functional.gelu(h @ w_mid.T + model.mid.bias)
+    torch.testing.assert_close(bypassed, h @ w_last.T)
+
+
+def test_check_parity_judges_w8a8_with_quantization_bypassed(chain):
+    model, report = chain
+    x = torch.randn(3, 33, 200)
+    parity = check_parity(model, report.path, x)
+    assert parity["passed"] and parity["failures"] == [], parity
+    assert parity["mode"] == "bypassed" and parity["rel"] <= 1e-5
+    fp8 = parity["fp8"]
+    assert fp8["linears"] == fp8["w8a8"] == 2 and fp8["max_rel"] <= 1e-6, fp8
+    assert fp8["q_mismatches"] == fp8["scale_mismatches"] == fp8["weight_mismatches"] == 0
+    # the quantized graph's own numbers: information (reported, not judged)
+    assert set(parity["quantized"]) == {"rel", "max_abs", "argmax_agreement"}
+    assert 0.0 <= parity["quantized"]["argmax_agreement"] <= 1.0
+
+
+def test_bypassed_file_is_the_weight_only_export(chain, tmp_path):
+    """Removing the activation QDQ pairs of the W8A8 file gives the graph that
+    export_onnx(activations="none") writes: same outputs, no QuantizeLinear left."""
+    model, report = chain
+    proto = onnx.load(str(report.path))
+    assert onnx_runtime.bypass_activation_quantization(proto) == 2
+    ops = [n.op_type for n in proto.graph.node]
+    assert "QuantizeLinear" not in ops and ops.count("DequantizeLinear") == 2  # the weights
+    onnx.checker.check_model(proto, full_check=True)
+    onnx.save(proto, str(tmp_path / "bypassed.onnx"))
+    plain = export_onnx(model, tmp_path / "plain.onnx", example_inputs=(torch.randn(2, 7, 200),),
+                        activations="none")
+    x = torch.randn(2, 11, 200)
+    a = run_onnx(tmp_path / "bypassed.onnx", (x,))["output"]
+    b = run_onnx(plain.path, (x,))["output"]
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(b).max())
+
+
+def test_check_parity_fails_on_wrong_fp8_numbers_or_a_different_model(chain, tmp_path):
+    model, report = chain
+    x = torch.randn(2, 9, 200)
+    # the activations' scale amax / 448 computed with a wrong constant in the W8A8 graph
+    proto = onnx.load(str(report.path))
+    e4m3_max = next(i.name for i in proto.graph.initializer
+                    if i.data_type == onnx.TensorProto.FLOAT and i.dims == []
+                    and numpy_helper.to_array(i) == 448.0)
+    bad = tmp_path / "bad.onnx"
+    _rewrite(proto, e4m3_max, lambda v: np.array(440.0, dtype=np.float32), bad)
+    parity = check_parity(model, bad, x)
+    assert not parity["passed"] and parity["rel"] <= 1e-5  # the bypassed graph is fine
+    assert any("scale mismatches" in f for f in parity["failures"]), parity["failures"]
+    # another model's weights: the bypassed outputs and the FP8 weights both disagree
+    torch.manual_seed(1)
+    other = _Chain().eval()
+    parity = check_parity(other, report.path, x)
+    assert not parity["passed"] and parity["rel"] > 1e-2
+    assert parity["fp8"]["weight_mismatches"] == 2, parity["fp8"]
+    assert any(f.startswith("bypassed outputs: rel") for f in parity["failures"])
+
+
+def test_check_parity_without_activation_quantization_is_a_direct_comparison(two_heads):
+    model, report = two_heads
+    x = (torch.randn(3, 9, 6), torch.randn(3, 9, 6))
+    parity = check_parity(model, report.path, x)
+    assert parity["passed"] and parity["mode"] == "exact" and parity["fp8"] is None
+    assert parity["quantized"] is None and parity["rel"] <= 1e-6
+    assert not check_parity(TwoHeads().eval(), report.path, x)["passed"]
