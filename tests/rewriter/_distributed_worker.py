@@ -1,11 +1,14 @@
 """Worker of tests/rewriter/test_distributed.py, started by ``torch.distributed.run``:
 
-    python -m torch.distributed.run --nproc_per_node 2 _distributed_worker.py ddp RECIPE out.json
+    python -m torch.distributed.run --nproc_per_node 2 _distributed_worker.py ddp RECIPE out.json \
+        [MOE_FIRST_STEPS]
 
 Converts llama-tiny with RECIPE (moe-only, or deepseek-v3: MoE + FP8 training), wraps it (``ddp``:
 DistributedDataParallel; ``fsdp2``: ``fully_shard`` on each layer and the root; ``single``: no
 wrapper, one process) and trains a few steps on the global batch with rewriter.training.train.
-Rank 0 writes the per-step losses, the final expert biases and a parameter checksum.
+MOE_FIRST_STEPS (default 0): ``TrainConfig.moe_first_steps``, the first steps train only the
+MoE blocks. Rank 0 writes the per-step losses, the final expert biases and a parameter
+checksum.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from rewriter.training import TextData, TrainConfig, moe_blocks, train  # noqa: 
 STEPS, BATCH, SEQ = 4, 4, 32
 
 
-def main(kind: str, recipe: str, out: str) -> None:
+def main(kind: str, recipe: str, out: str, moe_first: str = "0") -> None:
     if kind != "single":
         dist.init_process_group("gloo")
     torch.manual_seed(0)
@@ -46,7 +49,7 @@ def main(kind: str, recipe: str, out: str) -> None:
         fully_shard(model, mesh=mesh)
     data = TextData.from_corpus(None, eval_tokens=1024, eval_len=64)
     config = TrainConfig(steps=STEPS, batch_size=BATCH, seq_len=SEQ, lr=3e-3, warmup_steps=1,
-                         bias_update_rate=1e-2)
+                         bias_update_rate=1e-2, moe_first_steps=int(moe_first))
     result = train(model, data, config, progress=False)
     params = {}
     for name, p in model.named_parameters():
@@ -64,4 +67,4 @@ def main(kind: str, recipe: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:5])
