@@ -6,9 +6,11 @@
 For each variant the model is converted (MoE: 16 routed experts of 72 neurons, top 4, 384
 shared neurons, ~44% of the FFN active; FP8: DeepSeek-V3 recipe, inference), exported with
 ``rewriter.targets.onnx_export.export_onnx`` (checker included) into ``--out``, and checked on real
-text (Python's language reference, ``pydoc_data.topics``): onnxruntime vs PyTorch of the same model,
-max error and next-token agreement at every position; the FP8 layers teacher-forced
-(``check_fp8_linears``). Then both run the same token batches, one call of each per round
+text (Python's language reference, ``pydoc_data.topics``): the verdict is ``check_parity`` (W8A8:
+the file with its activation quantization bypassed vs PyTorch likewise, plus the FP8 layers
+teacher-forced, ``check_fp8_linears``); onnxruntime vs PyTorch of the quantized model itself, max
+error and next-token agreement at every position, are information (W8A8 is a step function).
+Then both run the same token batches, one call of each per round
 (interleaved), and the median latencies and their ratio come from that one run. Threads:
 torch's and onnxruntime's intra-op threads are both set to ``--threads`` (default: all cores);
 neither spin-waits between calls (``OMP_WAIT_POLICY=PASSIVE``, onnxruntime without spinning),
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from rewriter.targets.onnx_export import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import (  # noqa: E402
-    check_fp8_linears,
+    check_parity,
     compare_with_torch,
     make_session,
     run_onnx,
@@ -167,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
         session = make_session(path, ["CPUExecutionProvider"], threads=args.threads,
                                spinning=False)
         diff = compare_with_torch(model, session, {"input_ids": check_ids})
-        forced = (check_fp8_linears(path, {"input_ids": check_ids[:2]}, model=model)
-                  if variant.endswith(("fp8", "w8a16")) else None)
+        parity = check_parity(model, path, {"input_ids": check_ids[:2]})
+        forced = parity["fp8"]
         with torch.inference_mode():  # the model's own next-token accuracy on the text
             logits = model(input_ids=check_ids).logits
         accuracy = float((logits[:, :-1].argmax(-1) == check_ids[:, 1:]).float().mean())
@@ -178,14 +180,17 @@ def main(argv: list[str] | None = None) -> None:
                "next_token_agreement": diff["argmax_agreement"], "text_accuracy": accuracy,
                "torch_1ulp_agreement": self_agree, "torch_1ulp_rel": self_rel,
                "ops": report.op_counts if report else None,
-               "fp8_teacher_forced": forced, "latency": {}}
+               "fp8_teacher_forced": forced, "parity": parity, "latency": {}}
         print(f"{variant}: convert {t_conv:.0f} s, export {t_export:.0f} s, "
-              f"{size / 1e6:.1f} MB; ORT vs torch on {tuple(check_ids.shape)} real text: max "
+              f"{size / 1e6:.1f} MB; parity {'PASS' if parity['passed'] else 'FAIL'} "
+              f"({parity['mode']}, rel {parity['rel']:.1e}"
+              f"{''.join('; ' + f for f in parity['failures'])}); ORT vs torch on "
+              f"{tuple(check_ids.shape)} real text (information): max "
               f"abs {diff['max_abs']:.2e}, rel {diff['rel']:.2e}, next-token agreement "
               f"{100 * diff['argmax_agreement']:.2f}% (the model's own next-token accuracy "
               f"on the text {100 * accuracy:.1f}%); PyTorch vs itself with 1% of the "
               f"embeddings one ulp up: agreement {100 * self_agree:.2f}%, rel {self_rel:.2e}"
-              + (f"; FP8 layers teacher-forced: {forced['linears']} linears, "
+              + (f"; FP8 layers teacher-forced: {forced['linears']} W8A8 linears, "
                  f"{forced['q_mismatches']} FP8 mismatches, {forced['weight_mismatches']} "
                  f"weight mismatches, max rel {forced['max_rel']:.1e}"
                  if forced else ""), flush=True)
