@@ -124,7 +124,7 @@ def place(
             rows[int(round(py))].append((px, DUMMY_W, ("d", i, k)))
             dummies.setdefault(i, []).append(int(round(py)))
     real = [w for w in widths if w > DUMMY_W] or [DUMMY_W]
-    unit = statistics.median(real) / 2 + NODE_GAP
+    unit = min(statistics.median(real) / 2 + NODE_GAP, 2 * (DUMMY_W + DUMMY_GAP))
     xs: list[float] = [0.0] * n
     dx: dict[tuple[int, int], float] = {}
     for row in rows:

@@ -580,3 +580,12 @@ def test_collapsed_nodes_show_what_they_hide():
             assert f"{count} nodes hidden" in texts
             assert len(n.findall(f"{SVG_NS}rect")) >= 3  # a stack of boxes
     assert f"(+{sum(hidden.values())} hidden)" in render_html(g)
+
+
+def test_written_picture_is_readable_by_others(tmp_path):
+    umask = os.umask(0o022)
+    try:
+        p = write_picture(example_graph(1), tmp_path / "pic.svg")
+    finally:
+        os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o644
