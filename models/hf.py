@@ -175,6 +175,7 @@ def load_smollm2(*, dtype: torch.dtype = torch.float32):
     path = smollm2_gguf_path()
     transformers = _transformers("load_smollm2()")
     _require("gguf", "gguf", _HF_INSTALL, "load_smollm2()")
+    _require("accelerate", "accelerate", _HF_INSTALL, "load_smollm2()")  # transformers' GGUF
     dtype_key = "dtype" if _version(transformers) >= (4, 56) else "torch_dtype"
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, attn_implementation="sdpa",

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch.fx import GraphModule
@@ -24,7 +24,6 @@ from .snapshot import GraphSnapshot, snapshot
 
 __all__ = [
     "PassResult",
-    "GraphPass",
     "PassRecord",
     "PipelineResult",
     "PassManager",
@@ -43,10 +42,6 @@ class PassResult:
     graph_module: GraphModule
     modified: bool
     report: Mapping[str, Any] = field(default_factory=dict)
-
-
-class GraphPass(Protocol):
-    def __call__(self, gm: GraphModule) -> PassResult: ...
 
 
 def pass_name(p: Callable[..., Any]) -> str:

@@ -32,7 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -573,12 +573,3 @@ def _mean_over_ranks(value: torch.Tensor) -> float:
         dist.all_reduce(value)
         value /= world
     return float(value)
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A TrainConfig from a dict (e.g. a checkpoint's trainer.json); unknown keys -> error."""
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise InputError(f"unknown TrainConfig fields: {', '.join(unknown)}")
-    return TrainConfig(**values)

