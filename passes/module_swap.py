@@ -156,13 +156,14 @@ def _record_inputs(model: nn.Module, owners: Sequence[str],
 
         handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook,
                                                                           with_kwargs=True))
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module
     try:
         model.eval()
         with kv_cache_off(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
         for h in handles:
             h.remove()
     return seen

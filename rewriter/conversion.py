@@ -230,7 +230,7 @@ def _call(model: nn.Module, inputs: Any) -> Any:
 @torch.no_grad()
 def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
     """The first floating tensor output (logits) of ``model`` on ``inputs``, or None."""
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module
     if isinstance(model, GraphModule):  # an exported graph has no train/eval switch
         out = _call(model, inputs)
     else:
@@ -238,7 +238,8 @@ def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
         try:
             out = _call(model, inputs)
         finally:
-            model.train(was_training)
+            for m, was_training in modes:
+                m.training = was_training
     leaf = first_float_output(out)
     return None if leaf is None else leaf.detach().clone()
 

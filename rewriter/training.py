@@ -47,8 +47,9 @@ from tqdm.auto import tqdm
 
 from rewriter import models
 from rewriter.models.moe import MoEFFN
-from rewriter.models.text import logits_of, perplexity, token_ids
+from rewriter.models.text import perplexity, token_ids
 
+from .capture import first_float_output
 from .errors import InputError
 
 __all__ = [
@@ -226,7 +227,7 @@ def _dist() -> tuple[int, int]:
 
 def _logits(model: nn.Module, ids: torch.Tensor, hf: bool) -> torch.Tensor:
 
-    return logits_of(model(input_ids=ids) if hf else model(ids))
+    return first_float_output(model(input_ids=ids) if hf else model(ids))
 
 
 def _loss(logits: torch.Tensor, ids: torch.Tensor, teacher_logits: torch.Tensor | None,
@@ -276,12 +277,13 @@ def evaluate(model: nn.Module, data: TextData, batch: int = 8) -> float:
     """Perplexity of ``model`` on ``data.eval_ids`` (every position but the first), in eval
     mode (restored afterwards)."""
 
-    was_training = model.training
+    modes = [(m, m.training) for m in model.modules()]  # each module's own, not the root's
     model.eval()
     try:
         return perplexity(model, data.eval_ids, batch=batch, hf=data.hf)
     finally:
-        model.train(was_training)
+        for m, was_training in modes:
+            m.training = was_training
 
 
 # ---------------------------------------------------------------------------- checkpoints

@@ -104,12 +104,59 @@ def test_moe_first_steps_train_only_the_moe_blocks(student, data):
     model = copy.deepcopy(student)
     moe_names = {n for n, _ in moe_blocks(model)}
     before = {k: v.clone() for k, v in model.named_parameters()}
-    train(model, data, _small(steps=2, moe_first_steps=2), progress=False)
+    flags = []  # requires_grad is never flipped: DDP, built before train(), relies on it
+    train(model, data, _small(steps=2, moe_first_steps=2), progress=False,
+          log=lambda r: flags.append(all(p.requires_grad for p in model.parameters())))
+    assert flags == [True, True]
     changed = {k for k, v in model.named_parameters() if not torch.equal(v, before[k])}
     in_moe = {k for k in before if any(k.startswith(m + ".") for m in moe_names)}
     assert changed and changed <= in_moe
     assert any(".router." in k for k in changed) and any(".w_up" in k for k in changed)
-    assert all(p.requires_grad for p in model.parameters())  # restored afterwards
+    outside = [p for k, p in model.named_parameters() if k not in in_moe]
+    assert outside and all(p.grad is None for p in outside)  # AdamW skipped them
+
+
+def test_train_changes_nothing_the_user_passes_but_the_students_weights(data):
+    """Shared case 14: the teacher (the user's dense model, here in train mode with a part in
+    eval mode and a frozen part) keeps its weights, modes, requires_grad, hooks, use_cache
+    and grads through convert() and train(); the student's modes and requires_grad come back
+    as they were. (Restoring only the root's flag used to put every submodule in its mode.)"""
+    from rewriter.models.hf import build_hf
+
+    teacher = build_hf("llama", seed=0)
+    teacher.config.use_cache = True
+    teacher.train()
+    teacher.model.layers[0].eval()
+    teacher.model.layers[1].mlp.requires_grad_(False)
+    handle = teacher.model.norm.register_forward_hook(lambda *a: None)
+
+    def state(m):
+        return ({n: x.training for n, x in m.named_modules()},
+                {n: (p.requires_grad, p.grad is None) for n, p in m.named_parameters()},
+                sum(len(x._forward_hooks) + len(x._forward_pre_hooks) for x in m.modules()))
+
+    weights = {k: v.clone() for k, v in teacher.state_dict().items()}
+    t0 = state(teacher)  # convert() and train() both leave it so
+    student = rewriter.convert(teacher, moe=MoEConfig(num_experts=4, top_k=2))
+    student.eval()
+    student.model.layers[0].mlp.train()
+    student.lm_head.requires_grad_(False)
+    assert state(teacher) == t0
+    s0 = state(student)
+    s_weights = {k: v.clone() for k, v in student.state_dict().items()}
+    ids = torch.randint(1, 256, (2000,), generator=torch.Generator().manual_seed(0))
+    hf_data = TextData(ids[:1600], ids[1600:].reshape(-1, 50)[:4], hf=True)
+    train(student, hf_data, _small(steps=2, batch_size=2, seq_len=32, distill=0.5),
+          teacher=teacher, progress=False)
+    assert state(teacher) == t0 and teacher.config.use_cache is True
+    assert t0[0][""] and not t0[0]["model.layers.0"]  # the mixed modes asserted above
+    assert all(torch.equal(v, weights[k]) for k, v in teacher.state_dict().items())
+    modes, grads, hooks = state(student)
+    assert modes == s0[0] and hooks == s0[2]
+    assert {n: g[0] for n, g in grads.items()} == {n: g[0] for n, g in s0[1].items()}
+    assert not torch.equal(student.state_dict()["model.layers.0.mlp.w_up"],
+                           s_weights["model.layers.0.mlp.w_up"])  # the student did train
+    handle.remove()
 
 
 def test_bad_training_input_raises_before_anything_changes(student, data, tmp_path):
