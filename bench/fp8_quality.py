@@ -34,9 +34,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from rewriter.models.hf import load_smollm2  # noqa: E402
-from rewriter.models.text import logits_of, perplexity, split_ids, token_ids  # noqa: E402
+from rewriter.models.text import perplexity, split_ids, token_ids  # noqa: E402
 
 import rewriter  # noqa: E402
+from rewriter.capture import first_float_output  # noqa: E402
 from rewriter.graph_ops import weight_bytes  # noqa: E402
 
 
@@ -94,8 +95,8 @@ def time_only(args) -> dict:
 
 def _agreement(dense, lowered, ids) -> tuple[float, float]:
     with torch.no_grad():
-        a = logits_of(dense(input_ids=ids)).flatten(0, 1).double()
-        b = logits_of(lowered(input_ids=ids)).flatten(0, 1).double()
+        a = first_float_output(dense(input_ids=ids)).flatten(0, 1).double()
+        b = first_float_output(lowered(input_ids=ids)).flatten(0, 1).double()
     cos = F.cosine_similarity(a, b, dim=-1).mean().item()
     top1 = (a.argmax(-1) == b.argmax(-1)).double().mean().item()
     return cos, top1

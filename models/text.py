@@ -9,17 +9,19 @@ calibration/training from the start of the text, evaluation from its end.
 from __future__ import annotations
 
 import math
+from pydoc_data.topics import topics
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pydoc_text", "token_ids", "split_ids", "model_batches", "perplexity", "logits_of"]
+from rewriter.capture import first_float_output
+
+__all__ = ["pydoc_text", "token_ids", "split_ids", "model_batches", "perplexity"]
 
 
 def pydoc_text() -> str:
-    from pydoc_data.topics import topics
-
+    """Python's language reference as one string (topics in sorted-key order)."""
     return "\n\n".join(topics[k] for k in sorted(topics))
 
 
@@ -53,11 +55,6 @@ def model_batches(ids: torch.Tensor, batch: int = 4, *, hf: bool) -> list[Any]:
     return [{"input_ids": r} if hf else (r,) for r in rows]
 
 
-def logits_of(output: Any) -> torch.Tensor:
-    """Logits of a model output: a tensor, or an HF output with ``.logits``."""
-    return output if isinstance(output, torch.Tensor) else output.logits
-
-
 @torch.no_grad()
 def perplexity(model: torch.nn.Module, eval_ids: torch.Tensor, batch: int = 8,
                hf: bool | None = None) -> float:
@@ -68,7 +65,7 @@ def perplexity(model: torch.nn.Module, eval_ids: torch.Tensor, batch: int = 8,
     for i in range(0, eval_ids.shape[0], batch):
         ids = eval_ids[i:i + batch]
         out = model(input_ids=ids) if hf else model(ids)
-        logits = logits_of(out)  # (B, T, V)
+        logits = first_float_output(out)  # (B, T, V): a tensor or an HF output's .logits
         nll += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
                                      ids[:, 1:].flatten(), reduction="sum"))
         count += ids[:, 1:].numel()

@@ -1,8 +1,10 @@
 import importlib.util
+import math
 import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rewriter.models.hf import (
     HF_FAMILIES,
     MissingDependencyError,
@@ -11,6 +13,7 @@ from rewriter.models.hf import (
     load_smollm2,
     smollm2_gguf_path,
 )
+from rewriter.models.text import perplexity
 from torch.export import Dim
 
 needs_hf = pytest.mark.skipif(
@@ -173,3 +176,21 @@ def test_load_smollm2():
     assert torch.isfinite(logits).all()
     next_token = tokenizer.decode(logits[0, -1].argmax()).strip()
     assert next_token.isalpha()  # "Paris" on the reference GGUF
+
+
+@needs_hf
+def test_perplexity_reads_the_logits_of_an_hf_output():
+    """models.text.perplexity takes the logits through capture.first_float_output (one helper
+    for 'the logits of a model output'), from an HF ModelOutput or a plain tensor alike."""
+    model = build_hf("llama")
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+    assert perplexity(model, ids) == pytest.approx(math.exp(nll.item()), rel=1e-5)
+
+    class Plain(torch.nn.Module):  # returns the logits tensor itself
+        def forward(self, x):
+            return model(input_ids=x).logits
+
+    assert perplexity(Plain(), ids, hf=False) == pytest.approx(perplexity(model, ids))
