@@ -4,8 +4,10 @@ igraph does the parts of a layered layout that are hard to get right: breaking c
 Smyth feedback arc set), ordering each layer to reduce crossings (barycenter sweeps) and placing
 dummy vertices on edges that span several layers (``Graph.layout_sugiyama``). This module only
 picks the layers (longest path, with pure sources pulled down next to their first consumer, and
-optional pinned top / bottom rows), turns igraph's unit grid into pixels for boxes of different
-widths and heights, and returns each edge as a polyline through its dummy points.
+optional pinned top / bottom rows), lets long edges from one point share a trunk (edge
+concentration, as extra thin vertices igraph orders like any other), turns igraph's unit grid into
+pixels for boxes of different widths and heights (least-squares packing per layer), and returns
+each edge as a polyline through its dummy points.
 """
 
 from __future__ import annotations
@@ -107,43 +109,70 @@ def place(
     flipped = set(g.feedback_arc_set(method="eades")) if not g.is_dag() else set()
     dag = [(b, a) if i in flipped else (a, b) for i, (_, a, b, _, _) in enumerate(edges)]
     layer = _layers(n, dag, top, bottom)
-    sug = igraph.Graph(n=n, edges=dag, directed=True).layout_sugiyama(
-        layers=layer, hgap=1, vgap=1, maxiter=200
+    offs = [(b_o, a_o) if i in flipped else (a_o, b_o)
+            for i, (_, _, _, a_o, b_o) in enumerate(edges)]
+
+    # edge concentration: long edges leaving one point (rotary tables, masks broadcast to every
+    # layer) share a trunk of thin vertices, one per layer, and branch off where they end
+    vlayer = list(layer)
+    long_from: dict[tuple[int, float], list[int]] = {}
+    for i, (a, b) in enumerate(dag):
+        if layer[b] - layer[a] > 1:
+            long_from.setdefault((a, offs[i][0]), []).append(i)
+    ig_edges: list[tuple[int, int]] = []
+    chains: dict[int, list[int]] = {}  # edge index -> the trunk vertices it runs through
+    for (a, _), idxs in long_from.items():
+        if len(idxs) < 2:
+            continue
+        trunk, prev = {}, a
+        for lv in range(layer[a] + 1, max(layer[dag[i][1]] for i in idxs)):
+            trunk[lv] = len(vlayer)
+            vlayer.append(lv)
+            ig_edges.append((prev, trunk[lv]))
+            prev = trunk[lv]
+        for i in idxs:
+            chains[i] = [trunk[lv] for lv in range(layer[a] + 1, layer[dag[i][1]])]
+    last_hop = {}
+    for i, (a, b) in enumerate(dag):
+        last_hop[i] = len(ig_edges)
+        ig_edges.append((chains[i][-1] if i in chains else a, b))
+    total = len(vlayer)
+    sug = igraph.Graph(n=total, edges=ig_edges, directed=True).layout_sugiyama(
+        layers=vlayer, hgap=1, vgap=1, maxiter=200
     )
-    unit_x = [sug[i][0] for i in range(n)]
     routing = sug.edge_routing
 
-    # every layer as (unit x, width, box id or ("d", edge index, k)) items, packed to pixels
-    n_layers = max(layer) + 1
+    # every layer as (unit x, width, vertex id or ("d", igraph edge, k)) items, packed to pixels
+    n_layers = max(vlayer) + 1
     rows: list[list[tuple[float, float, object]]] = [[] for _ in range(n_layers)]
-    for v in range(n):
-        rows[layer[v]].append((unit_x[v], widths[v], v))
+    for v in range(total):
+        rows[vlayer[v]].append((sug[v][0], widths[v] if v < n else DUMMY_W, v))
     dummies: dict[int, list[int]] = {}
-    for i, pts in enumerate(routing):
+    for e, pts in enumerate(routing):
         for k, (px, py) in enumerate(pts):
-            rows[int(round(py))].append((px, DUMMY_W, ("d", i, k)))
-            dummies.setdefault(i, []).append(int(round(py)))
+            rows[int(round(py))].append((px, DUMMY_W, ("d", e, k)))
+            dummies.setdefault(e, []).append(int(round(py)))
+
+    def thin(ref: object) -> bool:
+        return isinstance(ref, tuple) or ref >= n
+
     real = [w for w in widths if w > DUMMY_W] or [DUMMY_W]
     unit = min(statistics.median(real) / 2 + NODE_GAP, 2 * (DUMMY_W + DUMMY_GAP))
-    xs: list[float] = [0.0] * n
+    xs: list[float] = [0.0] * total
     dx: dict[tuple[int, int], float] = {}
     for row in rows:
-        row.sort(key=lambda it: (it[0], isinstance(it[2], tuple)))
+        row.sort(key=lambda it: (it[0], thin(it[2])))
         seps = []
         for (_, wa, ra), (_, wb, rb) in zip(row, row[1:]):
-            gap = DUMMY_GAP if isinstance(ra, tuple) or isinstance(rb, tuple) else NODE_GAP
-            seps.append((wa + wb) / 2 + gap)
+            seps.append((wa + wb) / 2 + (DUMMY_GAP if thin(ra) or thin(rb) else NODE_GAP))
         for (_, _, ref), px in zip(row, _pack([it[0] * unit for it in row], seps)):
             if isinstance(ref, tuple):
                 dx[(ref[1], ref[2])] = px
             else:
                 xs[ref] = px
-    left = min(
-        [xs[v] - widths[v] / 2 for v in range(n)] + [p - DUMMY_W / 2 for p in dx.values()]
-    )
-    right = max(
-        [xs[v] + widths[v] / 2 for v in range(n)] + [p + DUMMY_W / 2 for p in dx.values()]
-    )
+    half = [widths[v] / 2 if v < n else DUMMY_W / 2 for v in range(total)]
+    left = min([xs[v] - half[v] for v in range(total)] + [p - DUMMY_W / 2 for p in dx.values()])
+    right = max([xs[v] + half[v] for v in range(total)] + [p + DUMMY_W / 2 for p in dx.values()])
     xs = [x - left for x in xs]
     dx = {k: p - left for k, p in dx.items()}
 
@@ -158,18 +187,22 @@ def place(
     height = y - LAYER_GAP
     ys = [center[layer[v]] for v in range(n)]
 
+    def through(px: float, lv: int) -> list[Point]:
+        return [(px, center[lv] - tall[lv] / 2), (px, center[lv] + tall[lv] / 2)]
+
     routes: dict[int, list[Point]] = {}
     rev: set[int] = set()
-    for i, (eid, _, _, a_off, b_off) in enumerate(edges):
-        s, t = dag[i]
-        s_off, t_off = (b_off, a_off) if i in flipped else (a_off, b_off)
-        pts = [(xs[s] + s_off, ys[s] + heights[s] / 2)]
-        for k, row_i in enumerate(dummies.get(i, [])):
-            px = dx[(i, k)]
-            pts += [(px, center[row_i] - tall[row_i] / 2), (px, center[row_i] + tall[row_i] / 2)]
-        pts.append((xs[t] + t_off, ys[t] - heights[t] / 2))
+    for i, (eid, *_) in enumerate(edges):
+        (a, b), (a_off, b_off) = dag[i], offs[i]
+        pts = [(xs[a] + a_off, ys[a] + heights[a] / 2)]
+        for v in chains.get(i, []):
+            pts += through(xs[v], vlayer[v])
+        e = last_hop[i]
+        for k, lv in enumerate(dummies.get(e, [])):
+            pts += through(dx[(e, k)], lv)
+        pts.append((xs[b] + b_off, ys[b] - heights[b] / 2))
         if i in flipped:
             pts.reverse()
             rev.add(eid)
         routes[eid] = pts
-    return Placed(xs, ys, layer, routes, right - left, height, rev)
+    return Placed(xs[:n], ys, layer, routes, right - left, height, rev)
