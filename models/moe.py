@@ -24,6 +24,16 @@ Routing (router logits in fp32, or fp64 when x is fp64)::
     sigmoid  s = sigmoid(logits); select top-k of s + expert_bias; weight s / sum(selected s)
              (when ``renormalize``) * route_scale                             (DeepSeek-V3)
 
+Top-k ties: the lowest expert index wins (ONNX TopK's rule), in eager, exported and ONNX graphs
+and in ``selection_order`` (:func:`select_topk`; ``torch.topk`` leaves ties unspecified). Every
+renormalisation of selected scores divides by ``sum + RENORM_EPS`` (1e-20, as Hugging Face's
+DeepSeek-V3 router): a token whose selected sigmoid scores all underflow to 0 gets routed
+weights 0 (the shared experts still apply), never 0/0 = NaN, in the output or the gradients.
+
+Pinned precision: ``router`` and ``expert_bias`` keep float32 under ``.to(dtype)``, ``.half()``,
+``.bfloat16()``, ``.double()`` of the block or of a model holding it (they still move between
+devices; see :func:`apply_pinned`): a bf16 bias cannot take 1e-3 balancing steps at O(1).
+
 Dispatch is dropless. Eager: token slots are sorted by expert once (contiguous per expert, the
 layout a grouped GEMM wants), one matmul chain per non-empty expert, ``index_add_`` back. Under
 ``torch.export`` (strict or not) and ``torch.compile`` (``torch.compiler.is_compiling()``) the
@@ -37,42 +47,97 @@ cannot trace the routing: treat MoEFFN as a leaf module there.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from functools import partial
 from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewriter.patterns import ACTIVATIONS
+
 __all__ = [
     "GATE_MODES",
     "MOE_ACTIVATIONS",
+    "RENORM_EPS",
     "MoEFFN",
     "MoEFFNConfig",
     "SharedExpert",
+    "apply_pinned",
+    "keep_dtype",
+    "select_topk",
+    "selection_order",
 ]
 
-
-def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.sigmoid(1.702 * x)
-
-
-def _relu_squared(x: torch.Tensor) -> torch.Tensor:
-    return F.relu(x).square()
-
-
+# one table of FFN nonlinearities: the one the pattern matcher recognises (rewriter.patterns)
 MOE_ACTIVATIONS: Mapping[str, Callable[[torch.Tensor], torch.Tensor]] = MappingProxyType(
-    {
-        "relu": F.relu,
-        "gelu": F.gelu,  # erf
-        "gelu_tanh": partial(F.gelu, approximate="tanh"),
-        "silu": F.silu,
-        "quick_gelu": _quick_gelu,
-        "relu_squared": _relu_squared,
-    }
+    {a.name: a.fn for a in ACTIVATIONS}
 )
+
+RENORM_EPS = 1e-20  # added to every sum that renormalises selected scores (HF DeepSeek-V3)
+
+
+def select_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """(..., E) -> (..., k) int64 indices of the k largest scores, in increasing index order;
+    among equal scores the lowest index wins (ONNX TopK's rule; ``torch.topk`` leaves the
+    order of ties unspecified, vllm-project/vllm#54403). The k-th largest value does not depend
+    on how ties are ordered; every score above it is taken, then the lowest-index scores equal
+    to it fill the rest; a last ``topk`` over distinct keys returns the indices. Traces to
+    TopK, Greater, Equal, CumSum, Where (ONNX) with no data-dependent shape."""
+    kth = torch.topk(scores, k, dim=-1).values[..., -1:]  # (..., 1)
+    above = scores > kth  # (..., E)
+    tied = scores == kth  # (..., E)
+    room = k - above.sum(dim=-1, keepdim=True)  # (..., 1) ties to take
+    take = tied & (torch.cumsum(tied.to(torch.int64), dim=-1) <= room)  # lowest indices
+    e = scores.shape[-1]
+    key = torch.arange(e, 0, -1, device=scores.device).to(scores.dtype)  # (E,) E..1, distinct
+    return torch.topk(torch.where(above | take, key, 0.0), k, dim=-1).indices  # (..., k)
+
+
+def selection_order(scores: torch.Tensor) -> torch.Tensor:
+    """(..., E) -> (..., E) every index, largest score first, ties lowest index first (a
+    stable descending sort): its first k are :func:`select_topk`'s k, for any k."""
+    return torch.argsort(scores, dim=-1, descending=True, stable=True)
+
+
+def keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor]
+               ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``fn`` (what ``nn.Module._apply`` maps over tensors: ``.to``, ``.half``, ``.cuda``,
+    ``share_memory``...) without its dtype change: a probe tells what fn does to an empty
+    tensor of t's dtype and device; fn runs as is when it keeps the dtype, otherwise t only
+    moves to fn's device (never through a narrower dtype and back: no bits lost)."""
+
+    def apply(t: torch.Tensor) -> torch.Tensor:
+        probe = fn(torch.empty(0, dtype=t.dtype, device=t.device))
+        if not isinstance(probe, torch.Tensor) or probe.dtype == t.dtype:
+            return fn(t)
+        return t.to(device=probe.device)
+
+    return apply
+
+
+def apply_pinned(module: nn.Module, fn, recurse: bool, apply_rest: Callable,
+                 buffers: Iterable[str] = (), children: Iterable[str] = ()) -> nn.Module:
+    """``module._apply(fn)`` with its buffers ``buffers`` and its child modules ``children``
+    pinned to their dtype (:func:`keep_dtype`); everything else gets ``fn`` through
+    ``apply_rest(fn, recurse)`` (the base class's ``_apply``). Keys keep their order."""
+    held_b = {n: module._buffers[n] for n in buffers if module._buffers.get(n) is not None}
+    held_m = {n: module._modules[n] for n in children
+              if recurse and module._modules.get(n) is not None}
+    for n in held_b:
+        module._buffers[n] = None
+    for n in held_m:
+        module._modules[n] = None
+    try:
+        apply_rest(fn, recurse)
+    finally:
+        keep = keep_dtype(fn)
+        for n, b in held_b.items():
+            module._buffers[n] = keep(b)
+        for n, m in held_m.items():
+            module._modules[n] = m._apply(keep, recurse)
+    return module
 
 GATE_MODES: tuple[str, ...] = ("hard", "softmax", "sigmoid")
 
@@ -170,10 +235,13 @@ class SharedExpert(nn.Module):
             raise ValueError(f"SharedExpert.activation must be one of "
                              f"{', '.join(MOE_ACTIVATIONS)}, got {activation!r}")
         self.activation = activation
-        self.act = MOE_ACTIVATIONS[activation]
         self.up = nn.Linear(d_model, shared_dim, bias=bias, dtype=dtype)
         self.gate = nn.Linear(d_model, shared_dim, bias=bias, dtype=dtype) if glu else None
         self.down = nn.Linear(shared_dim, d_model, bias=False, dtype=dtype)
+
+    @property
+    def act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return MOE_ACTIVATIONS[self.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, d) -> (T, d)
         if self.gate is not None:
@@ -215,7 +283,6 @@ class MoEFFN(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"MoEFFN.dtype must be a floating torch.dtype, got {dtype!r}")
         self.config = cfg
-        self.act = MOE_ACTIVATIONS[activation]
         E, Fd, d = num_experts, expert_dim, d_model
 
         self.router = nn.Linear(d, E, bias=router_bias, dtype=torch.float32)
@@ -244,6 +311,17 @@ class MoEFFN(nn.Module):
     shared_dim = property(lambda self: self.config.shared_dim)
     gate = property(lambda self: self.config.gate)
     glu = property(lambda self: self.config.glu)
+
+    @property
+    def act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The experts' nonlinearity (``MOE_ACTIVATIONS[config.activation]``)."""
+        return MOE_ACTIVATIONS[self.config.activation]
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``/``.half()``/...: the router and ``expert_bias`` keep float32 (they still
+        move between devices); the experts follow."""
+        return apply_pinned(self, fn, recurse, super()._apply, buffers=("expert_bias",),
+                            children=("router",))
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -276,9 +354,8 @@ class MoEFFN(nn.Module):
     @torch.no_grad()
     def selection_order(self, x: torch.Tensor) -> torch.Tensor:
         """x (T, d) -> (T, E) expert ids in the order routing prefers them: the first top_k
-        are the selected experts, for any top_k."""
-        return self._scores(x.reshape(-1, self.config.d_model))[1].argsort(
-            dim=-1, descending=True, stable=True)
+        are the selected experts, for any top_k (ties: lowest index first, as routing)."""
+        return selection_order(self._scores(x.reshape(-1, self.config.d_model))[1])
 
     def expert_hidden(self, x: torch.Tensor) -> torch.Tensor:
         """Every routed expert's hidden activation for every token (dense, for analysis):
@@ -300,18 +377,18 @@ class MoEFFN(nn.Module):
         Routing runs in float32 (float64 when x is float64), whatever the experts' dtype."""
         cfg = self.config
         scores, biased = self._scores(x)  # (T, E), (T, E)
-        topk_idx = torch.topk(biased, cfg.top_k, dim=-1, sorted=False).indices  # (T, K)
+        topk_idx = select_topk(biased, cfg.top_k)  # (T, K), ties: lowest index
         picked = scores.gather(1, topk_idx)  # (T, K)
         if cfg.gate == "hard":
             weights = 1.0 + (picked - picked.detach())  # exactly 1.0 forward
         else:
             weights = picked
             if cfg.renormalize:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + RENORM_EPS)
             if cfg.route_scale != 1.0:
                 weights = weights * cfg.route_scale
         if cfg.gate == "sigmoid":
-            scores = scores / scores.sum(dim=-1, keepdim=True)  # (T, E) rows sum to 1
+            scores = scores / (scores.sum(dim=-1, keepdim=True) + RENORM_EPS)  # rows sum to 1
         return topk_idx, weights, scores
 
     # ------------------------------------------------------------------ experts

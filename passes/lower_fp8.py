@@ -25,6 +25,7 @@ from rewriter.targets.fp8_linear import (
     ActivationMemo,
     FP8Linear,
     FP8MoEFFN,
+    scope_activation_memos,
 )
 from torch import nn
 from torch.fx import GraphModule, Node
@@ -249,6 +250,7 @@ def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Co
         else:
             raise InputError("the model itself is a single projection: nothing to swap it into")
         count += 1
+    scope_activation_memos(model)  # sharing lives for one forward call of the model
     return count
 
 

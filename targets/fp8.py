@@ -2,11 +2,15 @@
 
 Scaling is online (no amax history): activations (and output gradients) get one fp32 scale per
 1x128 tile along the reduction dim, weights one per 128x128 block. ``s = amax / 448`` (or the
-next power of two with ``pow2=True``); the stored value is ``(x / s).to(torch.float8_e4m3fn)``
+next power of two with ``pow2=True``), the amax floored at :data:`AMAX_FLOOR`; the stored value
+is ``(x / s).to(torch.float8_e4m3fn)``
 (round to nearest even, saturating at 448), so dequantisation is ``q.float() * s``. Dims that are
 not multiples of 128 keep partial tiles (the padding is conceptual: never materialised, never
-rejected). An all-zero tile gets scale 1 (no division by zero); a NaN in a tile makes its scale,
-hence the whole tile, NaN (never silently wrong values).
+rejected). ``s = max(amax, AMAX_FLOOR) / 448``: an all-zero tile, or one whose amax underflows
+the floor, gets the normal scale ``AMAX_FLOOR / 448`` (DeepGEMM clamps amax the same way, to
+1e-4), so a scale is never 0 or an fp32 subnormal whose reciprocal is inf (0 * inf = NaN,
+pytorch/ao#1766); a NaN in a tile makes its scale, hence the whole tile, NaN (never silently
+wrong values).
 
 This module is the ground truth of the tests and the CPU execution path: the Triton kernels
 quantize exactly like it, and their GEMMs equal ``fp8_gemm_reference`` (dequantise, fp32 matmul).
@@ -20,6 +24,7 @@ import torch
 
 __all__ = [
     "E4M3_MAX",
+    "AMAX_FLOOR",
     "BLOCK",
     "FP8_DTYPE",
     "compute_scale",
@@ -34,6 +39,13 @@ __all__ = [
 ]
 
 E4M3_MAX = 448.0
+# Smallest amax a scale is computed from (the ONNX graph imports this name). DeepGEMM uses 1e-4
+# for forward activations; here the floor also guards Dgrad/Wgrad, whose output-gradient tiles
+# are often ~1e-8 in fp32 training (a loss averaged over many tokens), and a 1e-4 floor would
+# push those into E4M3 subnormals or to 0. At 1e-30 every scale (>= 2.2e-33, pow2 too) and
+# every dequantized non-zero value (>= 2^-9 * scale) is a normal fp32, 1/scale is finite, and
+# tiles with amax >= 1e-30 keep the usual E4M3 relative error; smaller ones round to 0.
+AMAX_FLOOR = 1e-30
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
 
@@ -48,9 +60,11 @@ def _check(x: torch.Tensor, name: str, dims: int) -> None:
 
 
 def compute_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
-    """fp32 scale from a tile's amax: amax / 448 (zero tiles: 1; pow2: next power of two)."""
+    """fp32 scale from a tile's amax (any shape): ``max(amax, AMAX_FLOOR) / 448`` (pow2: the
+    next power of two). A NaN amax gives a NaN scale."""
     amax = amax.float()
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / E4M3_MAX)  # NaN stays NaN
+    floored = torch.where(amax < AMAX_FLOOR, torch.full_like(amax, AMAX_FLOOR), amax)  # NaN kept
+    scale = floored / E4M3_MAX
     if pow2:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     return scale

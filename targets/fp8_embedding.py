@@ -2,12 +2,15 @@
 
 Deployment-only (inference; DeepSeek-V3 keeps embeddings and the head in high precision, so
 ``FP8Config(embeddings="fp8")`` is opt-in). Row ``v`` of the table is stored as
-``q[v] = (w[v] / s[v]).to(float8_e4m3fn)`` with ``s[v] = amax|w[v]| / 448`` (zero row: 1;
-``pow2``: next power of two), so a lookup dequantizes only the gathered rows:
+``q[v] = (w[v] / s[v]).to(float8_e4m3fn)`` with ``s[v] = max(amax|w[v]|, AMAX_FLOOR) / 448``
+(:func:`rewriter.targets.fp8.compute_scale`: a zero or tiny row gets a normal scale, never 0 or
+subnormal; ``pow2``: next power of two), so a lookup dequantizes only the gathered rows:
 ``emb(ids) = q[ids].float() * s[ids, None]`` (exact: an E4M3 value times an fp32 scale is one
 fp32 rounding). A head whose weight is the table (``tie_word_embeddings``) reads the same
 buffers, weight-only: ``logits = (x @ q.float()^T) * s (+ b)`` in fp32, so a checkpoint and an
-ONNX file hold one FP8 table.
+ONNX file hold one FP8 table. ``weight_q``/``weight_scale`` keep their dtypes under
+``.to(dtype)``/``.half()``/``.bfloat16()`` (they still move between devices); ``weight`` reads
+the dequantized table, as ``nn.Embedding.weight`` / ``nn.Linear.weight`` would.
 
     rewriter::fp8_embedding(ids, table_q, scale)              -> (..., d) fp32
     rewriter::fp8_embedding_linear(x, table_q, scale, bias)   -> (..., V) in x's dtype
@@ -16,6 +19,7 @@ ONNX file hold one FP8 table.
 from __future__ import annotations
 
 import torch
+from rewriter.models.moe import apply_pinned
 from torch import Tensor, nn
 
 from .fp8 import FP8_DTYPE, compute_scale
@@ -73,6 +77,7 @@ def _(x, table_q, scale, bias):
 
 
 _ops = torch.ops.rewriter
+_PINNED = ("weight_q", "weight_scale")
 
 
 # ----------------------------------------------------------------------------- modules
@@ -95,6 +100,17 @@ class FP8Embedding(nn.Module):
         if embedding.max_norm is not None:
             raise ValueError("FP8Embedding cannot renormalize rows (max_norm is set)")
         return cls(embedding.weight, padding_idx=embedding.padding_idx, pow2=pow2)
+
+    def _apply(self, fn, recurse=True):  # the FP8 table and its scales keep their dtypes
+        out = fn(torch.empty(0, dtype=self.compute_dtype))
+        if isinstance(out, Tensor) and out.is_floating_point():
+            self.compute_dtype = out.dtype
+        return apply_pinned(self, fn, recurse, super()._apply, buffers=_PINNED)
+
+    @property
+    def weight(self) -> Tensor:
+        """(V, d) the table dequantized to ``compute_dtype`` (a fresh tensor per read)."""
+        return self.dequantized().to(self.compute_dtype)
 
     def forward(self, ids: Tensor) -> Tensor:  # (...) -> (..., d)
         if ids.dtype not in (torch.int64, torch.int32):
@@ -123,6 +139,14 @@ class FP8TiedHead(nn.Module):
         self.register_buffer("weight_q", embedding.weight_q)  # the same tensor, not a copy
         self.register_buffer("weight_scale", embedding.weight_scale)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    def _apply(self, fn, recurse=True):  # the shared FP8 table keeps its dtypes
+        return apply_pinned(self, fn, recurse, super()._apply, buffers=_PINNED)
+
+    @property
+    def weight(self) -> Tensor:
+        """(V, d) the tied table dequantized to fp32 (a fresh tensor per read)."""
+        return dequantize_rows(self.weight_q, self.weight_scale)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., V)
         return _ops.fp8_embedding_linear(x, self.weight_q, self.weight_scale, self.bias)

@@ -9,13 +9,17 @@ their precision (``"none"``, W8A16).
 CPU eager inference (``cache_dequantized=True``, the default) keeps the weights' dequantized
 fp32 form (``q.float() * block scale``, built on first use) instead of dequantizing on every
 call: same ops on the same values, so the same bits as the ops. The cache is a plain attribute
-(never in ``state_dict``, not counted by ``weight_bytes``; 4 bytes per weight of RAM while it
-lives), dropped by ``.to()``/``deepcopy``/pickling and rebuilt when a FP8 weight or scale
-tensor changes (reassigned, or written in place, e.g. ``load_state_dict``: keyed on the
-tensor's identity, storage, shape and version counter). Modules given one
-:class:`ActivationMemo` (the lowering pass gives one per model) also share the last
-fake-quantized activation: projections reading the same tensor (attention's q/k/v, a GLU's
-gate/up) quantize it once. The registered ops run instead (no caches) under
+(never in ``state_dict``, not counted by ``weight_bytes``; 5 bytes per weight of RAM while it
+lives: the fp32 copy and a snapshot of the FP8 bytes), dropped by ``.to()``/``deepcopy``/
+pickling, and validated on every use by comparing the FP8 weight and scale tensors with the
+snapshot it was built from, bit for bit: any change (``load_state_dict``, ``.data.copy_``,
+writes through a NumPy view, ``.data`` assignment, none of which a version counter sees
+reliably) rebuilds it. The check reads 1 byte per weight (a memcmp): ~2-5% of a small-batch
+forward, far less than dequantizing anew. Modules given one :class:`ActivationMemo` (the
+lowering pass gives one per model and scopes it to the model's forward call) also share a
+fake-quantized activation: projections reading the same tensor in one forward (attention's
+q/k/v, a GLU's gate/up) quantize it once; nothing is reused across forward calls. The
+registered ops run instead (no caches) under
 ``torch.export``/``torch.compile``/JIT tracing, dispatch modes and autocast, on other devices
 (CUDA: Triton), and when autograd would record the input (``torch.is_grad_enabled() and
 x.requires_grad``).
@@ -23,12 +27,14 @@ x.requires_grad``).
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections.abc import Callable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
-from rewriter.models.moe import MoEFFN
+from rewriter.models.moe import MoEFFN, apply_pinned
 from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
@@ -40,7 +46,8 @@ from .fp8_ops import (
     weight_only_linear_dequantized,
 )
 
-__all__ = ["FP8Linear", "FP8MoEFFN", "ActivationMemo", "MODES", "ACTIVATION_MODES"]
+__all__ = ["FP8Linear", "FP8MoEFFN", "ActivationMemo", "MODES", "ACTIVATION_MODES",
+           "scope_activation_memos"]
 
 MODES = ("training", "inference")
 ACTIVATION_MODES = ("fp8", "none")
@@ -62,8 +69,9 @@ def _check_cache_flag(cache_dequantized: bool) -> None:
 
 
 def _stamp(t: Tensor) -> tuple | None:
-    """What changes when ``t``'s values may have: storage, layout, version counter (None for
-    inference-mode tensors, which have no version counter: never cached)."""
+    """What changes when ``t``'s values change through autograd-visible ops: storage, layout,
+    version counter (None for inference-mode tensors, which have no version counter). Only
+    valid inside one forward call (writes through ``.data`` or NumPy do not bump it)."""
     try:
         version = t._version
     except RuntimeError:
@@ -71,8 +79,23 @@ def _stamp(t: Tensor) -> tuple | None:
     return (t.data_ptr(), version, tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def _bits(t: Tensor) -> Tensor:
+    """t's bytes as a flat integer tensor, 8 bytes a word when they divide evenly (exact
+    compare, NaN == NaN; wide words compare ~1.3x faster than bytes)."""
+    raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
+    if raw.numel() % 8 == 0 and raw.storage_offset() % 8 == 0:
+        return raw.view(torch.int64)
+    return raw
+
+
+def _same(snapshot: Tensor, t: Tensor) -> bool:
+    return (snapshot.shape == t.shape and snapshot.dtype == t.dtype
+            and snapshot.device == t.device and torch.equal(_bits(snapshot), _bits(t)))
+
+
 class _DequantCache:
-    """Dequantized fp32 weights by name, each keyed on the FP8 tensors it was built from.
+    """Dequantized fp32 weights by name, each stored with a snapshot of the FP8 tensors it was
+    built from and returned only while those tensors still hold exactly those bytes.
 
     Not a buffer: ``state_dict``, ``weight_bytes`` and checkpoints never see it; a deep copy
     or a pickle starts empty (no fp32 copy travels)."""
@@ -81,17 +104,14 @@ class _DequantCache:
         self._entries: dict[str, tuple] = {}
 
     def get(self, name: str, sources: tuple[Tensor, ...], build: Callable[[], object]):
-        stamps = tuple(_stamp(t) for t in sources)
-        if any(st is None for st in stamps):
-            return build()
         hit = self._entries.get(name)
-        if hit is not None and hit[0] == stamps and all(r() is t for r, t in zip(hit[1],
-                                                                                sources)):
-            return hit[2]
+        if hit is not None and all(_same(a, b) for a, b in zip(hit[0], sources)):
+            return hit[1]
         self._entries.pop(name, None)  # free the stale copy before building the new one
         with torch.no_grad():
+            snapshot = tuple(t.detach().clone() for t in sources)
             value = build()
-        self._entries[name] = (stamps, tuple(weakref.ref(t) for t in sources), value)
+        self._entries[name] = (snapshot, value)
         return value
 
     def clear(self) -> None:
@@ -109,14 +129,43 @@ class _DequantCache:
 
 class ActivationMemo:
     """The last activation fake-quantized by the FP8 modules that share this object (one
-    entry: the eager CPU path only). Keyed on the input tensor's identity (weak), storage,
-    layout and version counter, and ``pow2``; a deep copy or a pickle starts empty."""
+    entry: the eager CPU path only), kept only inside :meth:`scope` (the lowering pass opens
+    one per forward call of the model, :func:`scope_activation_memos`): outside a scope every
+    call quantizes anew, and closing the outermost scope drops the entry, so nothing computed
+    from one forward's activations is reused by another (an input buffer refilled in place
+    through NumPy between calls keeps its identity and version counter). Within a scope the
+    entry is keyed on the input tensor's identity (weak), storage, layout and version counter,
+    and ``pow2``; a deep copy or a pickle starts empty and closed."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None
+        self._depth = 0
+
+    def open(self, *_) -> None:
+        """Enter a scope (also a forward pre-hook: extra arguments ignored)."""
+        self._depth = getattr(self, "_depth", 0) + 1
+
+    def close(self, *_) -> None:
+        """Leave a scope (also a forward hook); the outermost one drops the entry."""
+        self._depth = max(getattr(self, "_depth", 0) - 1, 0)
+        if self._depth == 0:
+            self._entry = None
+
+    @contextlib.contextmanager
+    def scope(self):
+        """``with memo.scope():`` one forward's worth of sharing."""
+        self.open()
+        try:
+            yield self
+        finally:
+            self.close()
 
     def fake_quantized(self, x: Tensor, pow2: bool) -> Tensor:
-        """``fake_quantize_rowwise`` of x flattened to (M, K), computed once per input."""
+        """``fake_quantize_rowwise`` of x flattened to (M, K), computed once per input within
+        a scope."""
+        if not getattr(self, "_depth", 0):
+            self._entry = None
+            return fake_quantize_rowwise(x.reshape(-1, x.shape[-1]), pow2=pow2)
         stamp = _stamp(x)
         entry = self._entry
         if stamp is not None and entry is not None and entry[0]() is x \
@@ -136,6 +185,19 @@ class ActivationMemo:
 
     def __reduce__(self):
         return (ActivationMemo, ())
+
+
+def scope_activation_memos(model: nn.Module) -> int:
+    """Open every :class:`ActivationMemo` of ``model``'s FP8 modules for the duration of each
+    forward call of ``model`` (a pre-hook and an always-called forward hook; a call of
+    ``model.forward`` itself bypasses them: no sharing, same results). Returns the number of
+    memos scoped."""
+    memos = {id(m._activation_memo): m._activation_memo for m in model.modules()
+             if isinstance(m, (FP8Linear, FP8MoEFFN)) and m._activation_memo is not None}
+    for memo in memos.values():
+        model.register_forward_pre_hook(memo.open)
+        model.register_forward_hook(memo.close, always_call=True)
+    return len(memos)
 
 
 def _check_memo(activation_memo: ActivationMemo | None) -> None:
@@ -162,8 +224,26 @@ def _clear(module: nn.Module) -> None:
             cache.clear()
 
 
+def _cast_dtype(fn, dtype: torch.dtype) -> torch.dtype:
+    """The floating dtype ``fn`` (an ``_apply`` function) turns ``dtype`` into."""
+    out = fn(torch.empty(0, dtype=dtype))
+    return out.dtype if isinstance(out, Tensor) and out.is_floating_point() else dtype
+
+
+# FP8 weights and their fp32 scales: pinned under .to(dtype)/.half()/... (they still move)
+_PINNED = ("weight_q", "weight_scale")
+_PINNED_EXPERTS = tuple(f"{n}_{k}" for n in ("w_up", "w_gate", "w_down") for k in ("q", "scale"))
+
+
 class FP8Linear(nn.Module):
-    """``y = x @ W^T + b`` with FP8 GEMMs (DeepSeek-V3 1x128 / 128x128 scaling)."""
+    """``y = x @ W^T + b`` with FP8 GEMMs (DeepSeek-V3 1x128 / 128x128 scaling).
+
+    Keeps ``nn.Linear``'s attribute surface: ``in_features``, ``out_features``, ``bias`` and
+    ``weight`` (N, K): the master Parameter in training mode; in inference mode a dequantized
+    copy in ``compute_dtype`` (read-only in effect: writing to it changes nothing; load new
+    weights through ``weight_q``/``weight_scale`` or ``load_state_dict``). ``weight_q``
+    (float8_e4m3fn) and ``weight_scale`` (fp32) keep their dtypes under ``.to(dtype)``,
+    ``.half()``, ``.bfloat16()``; ``compute_dtype`` and the bias follow such casts."""
 
     cache_dequantized = True  # class defaults: modules pickled before the cache existed
     _dequant_cache: _DequantCache | None = None
@@ -206,7 +286,21 @@ class FP8Linear(nn.Module):
 
     def _apply(self, fn, recurse=True):  # .to() / .cuda() / .half(): new tensors, drop copies
         _clear(self)
-        return super()._apply(fn, recurse)
+        self.compute_dtype = _cast_dtype(fn, self.compute_dtype)
+        return apply_pinned(self, fn, recurse, super()._apply, buffers=_PINNED)
+
+    @property
+    def weight(self) -> Tensor:
+        """(N, K): the master weight (training), or the FP8 weight dequantized to
+        ``compute_dtype`` (inference: a fresh tensor per read)."""
+        p = self._parameters.get("weight")
+        if p is not None:
+            return p
+        q, s = self._buffers.get("weight_q"), self._buffers.get("weight_scale")
+        if q is None or s is None:
+            raise AttributeError(f"{type(self).__name__} has no weight yet")
+        with torch.no_grad():
+            return dequantize_blockwise(q, s).to(self.compute_dtype)
 
     def dequantized_weight(self, x: Tensor | None = None) -> Tensor | None:
         """The cached fp32 weight (N, K) for an eager CPU forward on ``x``, built on first use;
@@ -287,9 +381,11 @@ class FP8MoEFFN(MoEFFN):
     def compute_dtype(self) -> torch.dtype:
         return self._compute_dtype
 
-    def _apply(self, fn, recurse=True):
+    def _apply(self, fn, recurse=True):  # router, expert_bias, FP8 experts keep their dtype
         _clear(self)
-        return super()._apply(fn, recurse)
+        self._compute_dtype = _cast_dtype(fn, self._compute_dtype)
+        return apply_pinned(self, fn, recurse, partial(nn.Module._apply, self),
+                            buffers=("expert_bias",) + _PINNED_EXPERTS, children=("router",))
 
     def dequantized_experts(self, name: str, x: Tensor | None = None) -> list[Tensor] | None:
         """Cached fp32 weights of every expert of projection ``name`` ("w_up", "w_gate",
@@ -343,6 +439,13 @@ class FP8MoEFFN(MoEFFN):
     def _dispatch_sorted(self, x: Tensor, topk_idx: Tensor, weights: Tensor):
         if self.mode == "training" or self.activations != "fp8":
             return super()._dispatch_sorted(x, topk_idx, weights)
+        if self._activation_memo is not None:
+            with self._activation_memo.scope():  # grouped up/gate share xs within this call
+                return self._dispatch_grouped(x, topk_idx, weights)
+        return self._dispatch_grouped(x, topk_idx, weights)
+
+    def _dispatch_grouped(self, x: Tensor, topk_idx: Tensor, weights: Tensor):
+        """Inference W8A8: tokens sorted by expert, one grouped GEMM per projection."""
         K, E = self.config.top_k, self.config.num_experts
         flat = topk_idx.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)  # slots grouped by expert

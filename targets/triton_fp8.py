@@ -6,8 +6,9 @@ one lives here). The custom ops / autograd sit on top of the wrappers elsewhere.
 
 - ``triton_quantize_rowwise(x)``: one fp32 scale per 1x128 tile along K (activations).
 - ``triton_quantize_blockwise(w)``: one fp32 scale per 128x128 block (weights).
-  Both are bit-identical to ``quantize_rowwise`` / ``quantize_blockwise``: ``s = amax / 448``
-  (zero or NaN tile: 1; ``pow2``: 2^ceil(log2 s), computed exactly with integer ops), ``q =
+  Both are bit-identical to ``quantize_rowwise`` / ``quantize_blockwise``: ``s = max(amax,
+  AMAX_FLOOR) / 448`` (a normal fp32, also for zero tiles; NaN tile: NaN; ``pow2``:
+  2^ceil(log2 s), computed exactly with integer ops), ``q =
   round_e4m3(x / s)`` with IEEE division (``div_rn``) and a rounding done in fp32 by bit tricks
   (round to nearest even, saturate at +-448, subnormals on the 2^-9 grid, NaN kept) before the
   cast, because the interpreter's own fp32 -> fp8 cast is wrong (see DESIGN.md).
@@ -28,7 +29,7 @@ must be set before the first ``import triton`` of the process.
 import math
 
 import torch
-from rewriter.targets.fp8 import BLOCK, FP8_DTYPE, fp8_gemm_reference
+from rewriter.targets.fp8 import AMAX_FLOOR, BLOCK, FP8_DTYPE, fp8_gemm_reference
 
 try:  # the module imports without triton; the wrappers then raise
     import triton
@@ -52,6 +53,8 @@ _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # ------------------------------------------------------------------------------------- kernels
 
 if triton is not None:
+
+    _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)  # kernels read globals only as constexpr
 
     @triton.jit
     def _round_e4m3(y):
@@ -82,11 +85,13 @@ if triton is not None:
         return tl.where(y != y, nan, q).to(dtype, bitcast=True)
 
     @triton.jit
-    def _tile_scale(amax, has_nan, POW2: tl.constexpr):
-        """fp32 scale from a tile's amax, as ``rewriter.targets.fp8.compute_scale``: zero tile -> 1,
-        a NaN in the tile -> NaN (``has_nan``: GPU max reductions may drop NaN)."""
+    def _tile_scale(amax, has_nan, POW2: tl.constexpr, FLOOR: tl.constexpr):
+        """fp32 scale from a tile's amax, as ``rewriter.targets.fp8.compute_scale``:
+        max(amax, FLOOR) / 448 (FLOOR = AMAX_FLOOR: never 0 or subnormal), a NaN in the tile
+        -> NaN (``has_nan``: GPU max reductions may drop NaN)."""
+        amax = tl.where(amax < FLOOR, FLOOR, amax)
         amax = tl.where(has_nan != 0, float("nan"), amax)
-        s = tl.where(amax == 0.0, 1.0, tl.div_rn(amax, 448.0))
+        s = tl.div_rn(amax, 448.0)
         if POW2:
             # 2^ceil(fl32(log2 s)) exactly as torch computes it (log2 correctly rounded to
             # fp32): s = 2^k (1 + m/2^23), log2 s = k + d with d ~ m / (2^23 ln 2) =
@@ -128,7 +133,7 @@ if triton is not None:
         x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (BM, BK)
         amax = tl.max(tl.abs(x), axis=1)  # (BM,)
         has_nan = tl.max((x != x).to(tl.int32), axis=1)
-        s = _tile_scale(amax, has_nan, POW2)
+        s = _tile_scale(amax, has_nan, POW2, _AMAX_FLOOR)
         q = _to_e4m3(tl.div_rn(x, s[:, None]), q_ptr.dtype.element_ty)
         tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + rows.to(tl.int64) * KB + pid_k, s, mask=rmask)
@@ -148,7 +153,7 @@ if triton is not None:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # (B, B)
         amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
         has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0)
-        s = _tile_scale(amax, has_nan, POW2)
+        s = _tile_scale(amax, has_nan, POW2, _AMAX_FLOOR)
         q = _to_e4m3(tl.div_rn(w, s), q_ptr.dtype.element_ty)
         tl.store(q_ptr + offs, q, mask=mask)
         tl.store(s_ptr + pid_n * KB + pid_k, s)

@@ -446,3 +446,135 @@ def test_empty_and_unbatched_inputs():
     assert m.aux_loss.item() == 0.0
     x = _x(D, seed=40, dtype=torch.float32)
     assert torch.allclose(m(x), m(x.unsqueeze(0))[0])
+
+
+# ---------------------------------------------------------------- issue 12: numeric kinds
+
+
+def test_activation_table_is_the_pattern_matchers():
+    from rewriter.patterns import ACTIVATIONS
+
+    assert dict(MOE_ACTIVATIONS) == {a.name: a.fn for a in ACTIVATIONS}
+    m = MoEFFN(d_model=8, expert_dim=4, num_experts=3, top_k=2, activation="quick_gelu")
+    assert m.act is MOE_ACTIVATIONS["quick_gelu"]
+    import pickle
+
+    back = pickle.loads(pickle.dumps(m))  # the table's lambdas are not stored on the module
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(back(x), m(x), rtol=0, atol=0)
+
+
+def _underflow_block(shared_dim: int) -> MoEFFN:
+    torch.manual_seed(3)
+    d, E = 16, 5
+    m = MoEFFN(d_model=d, expert_dim=8, num_experts=E, top_k=2, shared_dim=shared_dim,
+               gate="sigmoid")
+    with torch.no_grad():
+        m.router.weight.copy_(-torch.ones(E, d) + 0.01 * torch.randn(E, d))
+    return m
+
+
+@pytest.mark.parametrize("biased", [False, True])
+def test_sigmoid_renormalisation_survives_underflowed_scores(biased):
+    """sglang#31017: every selected sigmoid score underflows to 0 -> 0/0. With the 1e-20
+    epsilon the token's routed part is exactly 0 and the shared experts still apply; the other
+    tokens equal the float64 token loop; eager, exported and gradients are all finite."""
+    m = _underflow_block(shared_dim=8)
+    if biased:  # balancing pushed two experts up: their biased scores win, sigmoid still 0
+        with torch.no_grad():
+            m.expert_bias.copy_(torch.tensor([0.0, 5.0, 0.0, 5.0, 0.0]))
+    x = torch.randn(3, 16) * 0.1
+    x[0] = 7.0  # logits ~ -112: sigmoid underflows to 0 in fp32
+    with torch.no_grad():
+        assert (torch.sigmoid(m.router(x[:1])) == 0).all()
+        y = m(x)
+        idx, w, scores = m._route(x)
+    assert torch.isfinite(y).all() and torch.equal(w[0], torch.zeros(2))
+    assert torch.isfinite(scores).all()
+    if biased:
+        assert sorted(idx[0].tolist()) == [1, 3]
+    torch.testing.assert_close(y[0].double(), _shared_ref(m, x[0].double()), rtol=1e-5,
+                               atol=1e-6)
+    ref, _ = _loop_ref(m, x[1:])
+    assert _rel(y[1:], ref) < 1e-6
+    ep = torch.export.export(m, (x,), strict=False)
+    torch.testing.assert_close(ep.module()(x), y, rtol=1e-6, atol=1e-7)
+    xt = x.clone().requires_grad_(True)
+    m.train()
+    m(xt).sum().backward()
+    assert torch.isfinite(m.router.weight.grad).all() and torch.isfinite(xt.grad).all()
+    assert m.router.weight.grad.abs().sum() > 0  # tokens 1, 2 still train the router
+
+
+def _tie_reference(scores: torch.Tensor, k: int) -> list[list[int]]:
+    """Per row: the k indices of the largest scores, ties by lowest index (ONNX TopK)."""
+    return [sorted(sorted(range(len(r)), key=lambda e: (-r[e], e))[:k]) for r in scores.tolist()]
+
+
+def test_select_topk_lowest_index_wins_ties():
+    from rewriter.models.moe import select_topk, selection_order
+
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 4, (200, 13), generator=g).float() / 4  # many exact ties
+    s[0] = 0.5  # a whole row tied
+    s[1, 3] = float("inf")
+    for k in (1, 2, 5, 13):
+        got = select_topk(s, k)
+        assert [sorted(r) for r in got.tolist()] == _tie_reference(s, k)
+        assert [sorted(r) for r in selection_order(s)[:, :k].tolist()] == _tie_reference(s, k)
+    assert select_topk(s[:0], 3).shape == (0, 3)
+
+
+@pytest.mark.parametrize("gate", GATE_MODES)
+@pytest.mark.parametrize("bias_tie", [False, True])
+def test_routing_ties_are_the_same_in_eager_export_and_selection_order(gate, bias_tie):
+    """vllm#54403: exactly tied scores (a zero router, or bias-corrected scores that tie):
+    eager routing, selection_order and the exported program all pick the lowest indices."""
+    m = MoEFFN(d_model=12, expert_dim=8, num_experts=6, top_k=2, gate=gate).eval()
+    with torch.no_grad():
+        m.router.weight.zero_()  # every score equal
+        if bias_tie:  # biased scores tie among 1, 3, 4; expert 5 is out
+            m.expert_bias.copy_(torch.tensor([0.0, 0.25, -0.5, 0.25, 0.25, -1.0]))
+    x = torch.randn(2, 7, 12)
+    want = [1, 3] if bias_tie else [0, 1]
+    with torch.no_grad():
+        idx, w, _ = m._route(x.reshape(-1, 12))
+        y = m(x)
+        fixed = m._dispatch_sorted(x.reshape(-1, 12), torch.tensor([want] * 14), w)[0]
+    assert all(sorted(r) == want for r in idx.tolist())
+    assert all(r == want for r in m.selection_order(x)[:, :2].tolist())
+    torch.testing.assert_close(y.reshape(-1, 12), fixed, rtol=0, atol=0)
+    ep = torch.export.export(m, (x,), strict=False)
+    torch.testing.assert_close(ep.module()(x), y, rtol=1e-6, atol=1e-7)
+
+
+def test_router_and_expert_bias_stay_float32_under_dtype_casts():
+    """vllm#23640 / sglang#31213: .to(bf16) of a converted model must not round the router or
+    the balancing bias; they still move between devices; balancing still moves at 1e-3."""
+    torch.manual_seed(0)
+    m = MoEFFN(d_model=16, expert_dim=8, num_experts=4, top_k=2, shared_dim=8, gate="sigmoid")
+    with torch.no_grad():
+        m.expert_bias.copy_(torch.tensor([2.0, 2.0001, -1.0, 1e-3]))
+    router, bias = m.router.weight.detach().clone(), m.expert_bias.clone()
+    model = nn.Sequential(nn.Linear(16, 16), m)
+    for cast in (lambda t: t.to(torch.bfloat16), lambda t: t.half(), lambda t: t.bfloat16(),
+                 lambda t: t.double(), lambda t: t.float()):
+        cast(model)
+        assert m.router.weight.dtype == torch.float32 and m.expert_bias.dtype == torch.float32
+        assert torch.equal(m.router.weight, router) and torch.equal(m.expert_bias, bias)
+    model.to(torch.bfloat16)
+    assert m.w_up.dtype == torch.bfloat16 and m.shared.up.weight.dtype == torch.bfloat16
+    assert m.compute_dtype == torch.bfloat16 and model[0].weight.dtype == torch.bfloat16
+    fresh = MoEFFN(d_model=16, expert_dim=8, num_experts=4, top_k=2, shared_dim=8)
+    assert list(m.state_dict()) == list(fresh.state_dict())  # key order kept
+    x = torch.randn(5, 16, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y = model(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    before = m.expert_bias.clone()
+    for _ in range(5):
+        m.update_bias(1e-3)
+    assert ((m.expert_bias - before).abs().max() - 5e-3).abs() < 1e-6
+    meta = m.to(device="meta", dtype=torch.float16)  # moves, still float32
+    assert meta.router.weight.device.type == "meta" and meta.expert_bias.device.type == "meta"
+    assert meta.router.weight.dtype == torch.float32 and meta.w_up.dtype == torch.float16

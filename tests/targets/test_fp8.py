@@ -3,8 +3,10 @@ import math
 import pytest
 import torch
 from rewriter.targets.fp8 import (
+    AMAX_FLOOR,
     E4M3_MAX,
     FP8_DTYPE,
+    compute_scale,
     dequantize_blockwise,
     dequantize_rowwise,
     fake_quantize_rowwise,
@@ -76,7 +78,8 @@ def test_zero_tiles_nan_and_pow2():
     x = torch.zeros(3, 130)
     x[1, 129] = 5.0
     q, s = quantize_rowwise(x)
-    assert s[0].tolist() == [1.0, 1.0] and q.float().abs().sum() == 5.0 * 448 / 5.0
+    floor = (torch.tensor(AMAX_FLOOR, dtype=torch.float32) / E4M3_MAX).item()
+    assert s[0].tolist() == [floor, floor] and q.float().abs().sum() == 5.0 * 448 / 5.0
     y = _inputs("normal", (4, 256))
     y[2, 7] = float("nan")
     q, s = quantize_rowwise(y)
@@ -171,3 +174,50 @@ def test_zero_rows_quantize_and_multiply_to_empty_results():
         assert fake_quantize_rowwise(x).shape == (0, k)
         wq, ws = quantize_blockwise(torch.randn(96, k, generator=torch.Generator().manual_seed(k)))
         assert fp8_gemm_reference(q, s, wq, ws).shape == (0, 96)
+
+
+# ------------------------------------------------------------------ issue 12: the amax floor
+
+_TINY = [1e-8, 1e-20, 1e-30, 1e-37, 5e-38, 1e-39, 1e-41, 3e-43, 1e-44, 1.4e-45]
+
+
+def test_amax_floor_is_a_normal_fp32_scale():
+    """The floor: a normal fp32 scale whose reciprocal and dequantized multiples are normal."""
+    s = torch.tensor(AMAX_FLOOR, dtype=torch.float32) / E4M3_MAX
+    tiny_normal = torch.finfo(torch.float32).tiny
+    assert s.item() >= tiny_normal and math.isfinite(1 / s.item())
+    assert (s * 2.0**-9).item() >= tiny_normal  # smallest non-zero dequantized value
+    assert compute_scale(torch.tensor([0.0, 1e-40, float("nan"), 448.0])).tolist()[::3] == \
+        [s.item(), 1.0]
+    assert math.isnan(compute_scale(torch.tensor([float("nan")])).item())
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("amax", _TINY)
+def test_tiny_tiles_never_give_nan_and_keep_relative_error(amax, pow2):
+    """DeepGEMM#109 / pytorch/ao#1766: a tile of finite tiny values dequantizes close to x
+    (amax >= AMAX_FLOOR: the usual E4M3 relative error, <= 2^-4) or to exactly 0, never NaN."""
+    g = torch.Generator().manual_seed(int(-math.log10(amax) * 10))
+    x = torch.randn(3, 131, generator=g) * 7.0
+    x[1] = torch.randn(131, generator=g) * amax / 4
+    x[1, 5] = -amax  # row 1: first tile's amax is exactly `amax`
+    q, s = quantize_rowwise(x, pow2=pow2)
+    d = dequantize_rowwise(q, s)
+    fq = fake_quantize_rowwise(x, pow2=pow2)
+    assert torch.isfinite(d).all() and torch.equal(d, fq)
+    assert (s >= torch.finfo(torch.float32).tiny).all()  # every scale normal
+    big = x.double().abs() >= amax / 8  # elements with a normal E4M3 code
+    err = (d.double() - x.double()).abs()
+    if amax >= AMAX_FLOOR:
+        assert (err[1][big[1]] <= 2.0**-4 * x.double().abs()[1][big[1]]).all()
+        assert (d[1, 5].double() / -amax - 1).abs() <= 2.0**-4
+    else:
+        assert torch.equal(d[1, :128], torch.zeros(128))  # below the floor: 0, not NaN
+    # the other rows are untouched by the tiny one
+    ref_rows = dequantize_rowwise(*quantize_rowwise(x[[0, 2]], pow2=pow2))
+    assert torch.equal(d[[0, 2]], ref_rows)
+    w = torch.zeros(130, 129)
+    w[0, 0], w[129, 128] = amax, -amax / 3
+    qw, sw = quantize_blockwise(w, pow2=pow2)
+    assert torch.isfinite(dequantize_blockwise(qw, sw)).all()
+    assert (sw >= torch.finfo(torch.float32).tiny).all()

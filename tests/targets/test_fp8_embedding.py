@@ -13,6 +13,7 @@ import torch
 from onnx import numpy_helper
 from rewriter.models import hf
 from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.targets.fp8 import AMAX_FLOOR
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
 from rewriter.targets.onnx_export import export_onnx
 from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
@@ -39,9 +40,10 @@ def _e4m3_round(v: torch.Tensor) -> torch.Tensor:
 
 
 def _reference_rows(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, s) in float64: s = amax|row| / 448 as an fp32 number (zero row: 1)."""
+    """(q, s) in float64: s = max(amax|row|, AMAX_FLOOR) / 448 as an fp32 number."""
     amax = w.double().abs().amax(dim=1)
-    s = torch.where(amax == 0, torch.ones_like(amax), amax / 448.0).float().double()
+    floor = torch.tensor(AMAX_FLOOR, dtype=torch.float32).double()
+    s = (torch.maximum(amax.float().double(), floor).float() / 448.0).float().double()
     if pow2:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     return _e4m3_round(w.float().double() / s[:, None]), s
@@ -50,8 +52,10 @@ def _reference_rows(w: torch.Tensor, pow2: bool) -> tuple[torch.Tensor, torch.Te
 def _table(v: int = 301, d: int = 77, seed: int = 0) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(v, d, generator=gen) * torch.logspace(-4, 2, v)[:, None]  # row magnitudes
-    w[5] = 0.0  # zero row: scale 1
+    w[5] = 0.0  # zero row: the floor's scale
     w[7, 3] = 1e3  # outlier row
+    w[9] = torch.randn(d, generator=gen) * 1e-42  # subnormal row: below the amax floor -> 0
+    w[11] = torch.randn(d, generator=gen) * 1e-35  # tiny but above the floor
     return w
 
 

@@ -214,10 +214,13 @@ def test_shared_activation_memo_quantizes_a_shared_input_once_with_the_same_bits
     for _ in range(2):
         with torch.no_grad():
             assert all(torch.equal(m(x3), p(x3)) for m, p in zip((q, k, v), plain))
-        first = memo.fake_quantized(x3, False)
-        assert memo.fake_quantized(x3, False) is first  # computed once per input
-        x3.mul_(-0.5)  # in place: a new version, quantized again
-        assert memo.fake_quantized(x3, False) is not first
+        with memo.scope():  # one forward's worth of sharing
+            first = memo.fake_quantized(x3, False)
+            assert memo.fake_quantized(x3, False) is first  # computed once per input
+            x3.mul_(-0.5)  # in place: a new version, quantized again
+            assert memo.fake_quantized(x3, False) is not first
+        assert memo._entry is None and memo.fake_quantized(x3, False) is not \
+            memo.fake_quantized(x3, False)  # outside a scope: nothing kept
     assert torch.equal(memo.fake_quantized(x3, True),
                        fake_quantize_rowwise(x.reshape(7, 576), pow2=True))
     assert copy.deepcopy(memo)._entry is None  # copies start empty
@@ -234,3 +237,206 @@ def test_fp8_moe_with_memo_gives_the_uncached_bits():
     x = torch.randn(4, 9, 200)
     with torch.no_grad():
         assert torch.equal(memo(x), plain(x))
+
+
+# ---------------------------------------------------------------- issue 12 / 14
+
+
+def _w(seed, n=72, k=200):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * 0.1, torch.randn(5, k, generator=g)
+
+
+@pytest.mark.parametrize("how", ["data_copy", "numpy", "data_assign", "load_state_dict",
+                                 "no_grad_inplace"])
+def test_dequant_cache_sees_every_way_a_weight_changes(how):
+    """Megatron-LM#5641 / Primus#983: writes that bypass the version counter (``.data``,
+    NumPy views) must not leave a stale dequantized weight: output == a fresh module."""
+    from rewriter.targets.fp8 import quantize_blockwise
+
+    w1, x = _w(0)
+    w2, _ = _w(1)
+    m = FP8Linear(w1, mode="inference")
+    with torch.no_grad():
+        y1 = m(x)  # builds the cache
+    q2, s2 = quantize_blockwise(w2)
+    fresh = FP8Linear(w2, mode="inference", cache_dequantized=False)
+    if how == "data_copy":
+        m.weight_q.data.copy_(q2)
+        m.weight_scale.data.copy_(s2)
+    elif how == "numpy":
+        m.weight_q.view(torch.uint8).numpy()[:] = q2.view(torch.uint8).numpy()
+        m.weight_scale.numpy()[:] = s2.numpy()
+    elif how == "data_assign":
+        m.weight_q.data = q2.clone()
+        m.weight_scale.data = s2.clone()
+    elif how == "load_state_dict":
+        m.load_state_dict(fresh.state_dict())
+    else:
+        with torch.no_grad():
+            m.weight_q.copy_(q2)
+            m.weight_scale.copy_(s2)
+    with torch.no_grad():
+        y2 = m(x)
+    assert torch.equal(y2, fresh(x)) and not torch.equal(y2, y1)
+    assert torch.equal(m.dequantized_weight(), fresh.weight)
+
+
+def test_fp8_moe_expert_cache_sees_numpy_writes():
+    block = _moe_odd(True, False)
+    m = FP8MoEFFN(copy.deepcopy(block), mode="inference")
+    x = torch.randn(3, 5, 200)
+    with torch.no_grad():
+        m(x)
+        other = FP8MoEFFN(copy.deepcopy(block), mode="inference", cache_dequantized=False)
+        other.w_up_scale.mul_(0.5)
+    m.w_up_scale.numpy()[:] = other.w_up_scale.numpy()
+    with torch.no_grad():
+        assert torch.equal(m(x), other(x))
+
+
+def test_activation_memo_is_never_reused_across_forward_calls():
+    """An input buffer refilled through NumPy keeps identity and version: the memo must not
+    return the previous batch's quantized input, standalone or in a converted model."""
+    import numpy as np
+    from rewriter.targets.fp8_linear import ActivationMemo
+
+    import rewriter
+    from rewriter import FP8Config
+
+    w, _ = _w(2, k=256)
+    rng = np.random.default_rng(0)
+    buf = rng.standard_normal((3, 256)).astype(np.float32)
+    xb = torch.from_numpy(buf)
+    m = FP8Linear(w, mode="inference", activation_memo=ActivationMemo())
+    with torch.no_grad():
+        first = m(xb).clone()
+        buf[:] = rng.standard_normal((3, 256)).astype(np.float32)
+        second = m(xb)
+        expect = FP8Linear(w, mode="inference", cache_dequantized=False)(xb.clone())
+    assert torch.equal(second, expect) and not torch.equal(second, first)
+
+    class Clf(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k = torch.nn.Linear(256, 128), torch.nn.Linear(256, 128)
+            self.head = torch.nn.Linear(128, 4)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.q(x)) * self.k(x))
+
+    torch.manual_seed(0)
+    clf = Clf().eval()
+    conv = rewriter.convert(clf, fp8=FP8Config(), example_inputs=(torch.randn(2, 256),))
+    memo = conv.q._activation_memo
+    assert memo is conv.k._activation_memo
+    seen = []
+    conv.k.register_forward_pre_hook(lambda mod, a: seen.append(memo._entry is not None))
+    buf = rng.standard_normal((5, 256)).astype(np.float32)
+    xb = torch.from_numpy(buf)
+    with torch.no_grad():
+        p1 = conv(xb).clone()
+        assert seen == [True]  # q's quantized input is there for k within the call
+        assert memo._entry is None  # and gone after it
+        buf[:] = rng.standard_normal((5, 256)).astype(np.float32)
+        p2 = conv(xb)
+        assert torch.equal(p2, conv(xb.clone())) and not torch.equal(p2, p1)
+
+
+def test_fp8_tensors_keep_their_dtype_under_casts_and_move():
+    """Invariant 5: FP8 weights (float8_e4m3fn) and their fp32 scales survive .to(bf16) /
+    .half() / .double(); the compute dtype, bias and master weights follow the cast."""
+    from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead
+
+    w, x = _w(3)
+    b = torch.randn(72)
+    inf = FP8Linear(w, b, mode="inference")
+    q, s = inf.weight_q.clone(), inf.weight_scale.clone()
+    ref = inf(x)
+    for cast, dt in ((lambda t: t.to(torch.bfloat16), torch.bfloat16),
+                     (lambda t: t.half(), torch.float16), (lambda t: t.double(), torch.float64)):
+        cast(inf)
+        assert inf.weight_q.dtype == torch.float8_e4m3fn and inf.weight_scale.dtype == torch.float32
+        assert torch.equal(inf.weight_q.view(torch.uint8), q.view(torch.uint8))
+        assert torch.equal(inf.weight_scale, s)
+        assert inf.compute_dtype == dt and inf.bias.dtype == dt and inf.weight.dtype == dt
+        y = inf(x.to(dt))
+        assert y.dtype == dt and sqnr_db(ref, y) > 35
+    tr = FP8Linear(w.clone(), None, mode="training").to(torch.bfloat16)
+    assert tr.weight.dtype == torch.bfloat16 and tr.compute_dtype == torch.bfloat16
+    block = FP8MoEFFN(_moe_odd(True, False), mode="inference").to(torch.bfloat16)
+    assert block.w_up_q.dtype == torch.float8_e4m3fn and block.w_up_scale.dtype == torch.float32
+    assert block.router.weight.dtype == torch.float32 and block.expert_bias.dtype == torch.float32
+    assert block.compute_dtype == torch.bfloat16
+    with torch.no_grad():
+        assert block(torch.randn(2, 3, 200, dtype=torch.bfloat16)).dtype == torch.bfloat16
+    emb = FP8Embedding(torch.randn(50, 16))
+    head = FP8TiedHead(emb)
+    torch.nn.ModuleList([emb, head]).half()
+    assert emb.weight_q.dtype == torch.float8_e4m3fn and emb.weight_scale.dtype == torch.float32
+    assert head.weight_q is emb.weight_q and emb.compute_dtype == torch.float16
+    assert emb(torch.tensor([[1, 2]])).dtype == torch.float16
+    meta = FP8Linear(w, b, mode="inference").to(device="meta", dtype=torch.bfloat16)
+    assert meta.weight_q.device.type == "meta" and meta.weight_q.dtype == torch.float8_e4m3fn
+
+
+def test_fp8_linear_keeps_the_nn_linear_attribute_surface():
+    """Issue 14 (case 23): model code reads ``self.wo.weight.dtype``, ``in_features``..."""
+    from rewriter.targets.fp8 import dequantize_blockwise
+
+    w, x = _w(4)
+    b = torch.randn(72)
+    for mode in ("inference", "training"):
+        m = FP8Linear(w.to(torch.bfloat16), b.to(torch.bfloat16), mode=mode)
+        assert (m.in_features, m.out_features) == (200, 72)
+        assert m.weight.shape == (72, 200) and m.weight.dtype == torch.bfloat16
+        assert m.bias.dtype == torch.bfloat16
+        assert "weight" not in m._buffers and ("weight" in m.state_dict()) == (mode == "training")
+    m = FP8Linear(w, None, mode="inference")
+    assert torch.equal(m.weight, dequantize_blockwise(m.weight_q, m.weight_scale))
+    assert m.bias is None
+
+    class DenseActDense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wi, self.wo = torch.nn.Linear(200, 136, bias=False), torch.nn.Linear(136, 200)
+
+        def forward(self, x):
+            h = torch.relu(self.wi(x))
+            if h.dtype != self.wo.weight.dtype:  # as T5 does
+                h = h.to(self.wo.weight.dtype)
+            assert self.wo.in_features == h.shape[-1]
+            return self.wo(h)
+
+    import rewriter
+    from rewriter import FP8Config
+
+    torch.manual_seed(0)
+    dense = torch.nn.Sequential(DenseActDense(), torch.nn.Linear(200, 8)).eval()  # + a head
+    conv = rewriter.convert(dense, fp8=FP8Config(), example_inputs=(x,))
+    assert isinstance(conv[0].wo, FP8Linear)  # the block's own forward reads wo.weight
+    with torch.no_grad():
+        assert sqnr_db(dense(x), conv(x)) > 25
+
+
+def test_tiny_activations_and_gradients_stay_finite_through_the_modules():
+    """Case 01 through FP8Linear: a token with 2e-43 activations, and output gradients of
+    2e-43 in training (Dgrad/Wgrad quantize dy per 1x128): finite, close to float64."""
+    w, _ = _w(5, n=128, k=128)
+    m = FP8Linear(w, mode="inference")
+    x = torch.randn(3, 128)
+    x[0] = 0
+    x[0, :4] = 2e-43
+    with torch.no_grad():
+        y = m(x)
+    assert torch.isfinite(y).all() and torch.equal(y[0], torch.zeros(128))
+    assert sqnr_db(x[1:].double() @ w.double().T, y[1:]) > 25
+    tr = FP8Linear(w.clone(), mode="training")
+    xt = torch.randn(4, 128, requires_grad=True)
+    g = torch.randn(4, 128) * 1e-3
+    g[0] = 0
+    g[0, :3] = 2e-43
+    (tr(xt) * g).sum().backward()
+    assert torch.isfinite(xt.grad).all() and torch.isfinite(tr.weight.grad).all()
+    assert sqnr_db(g.double() @ w.double(), xt.grad) > 20
+    assert sqnr_db(g.double().T @ xt.detach().double(), tr.weight.grad) > 20

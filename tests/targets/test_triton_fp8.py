@@ -152,7 +152,17 @@ def _nans(m, k):
     return x
 
 
-DATA = [_normal, _log_uniform, _outliers, _subnormal, _ties, _binade_carry, _zero_tiles, _nans]
+def _tiny(m, k):
+    # tiles whose amax sits near or below AMAX_FLOOR (fp32 subnormal range included): the
+    # scale is floored to a normal fp32, never 0 / subnormal (no inf reciprocal, no NaN)
+    x = torch.randn(m, k)
+    amax = torch.tensor([1e-8, 1e-30, 3e-31, 1e-38, 1e-42, 1.4e-45])
+    x = x * amax[torch.arange(m) % amax.numel()][:, None]
+    return x
+
+
+DATA = [_normal, _log_uniform, _outliers, _subnormal, _ties, _binade_carry, _zero_tiles, _nans,
+        _tiny]
 SHAPES = [(1, 200), (7, 1000), (130, 129)]
 
 
