@@ -339,7 +339,7 @@ def read_checkpoint(directory: str | Path, *, verify: bool = True
         raise CheckpointError(f"{weights}: sha256 differs from {MANIFEST}: the file was "
                               "changed or truncated after it was written")
     try:
-        tensors = load_file(str(weights))
+        tensors = {k: v.clone() for k, v in load_file(str(weights)).items()}  # own, aligned
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights} is not a readable safetensors file: {exc}") from exc
 

@@ -160,17 +160,17 @@ def hf_plan(model: nn.Module) -> dict[str, Any]:
     first = blocks[moe[0]].config
     for i in moe:
         c = blocks[i].config
+        if c.top_k != first.top_k:
+            raise _refuse(f"per-block top_k (layer {moe[0]}: {first.top_k}, layer {i}: "
+                          f"{c.top_k}) from MoEConfig(allocation='calibrated')",
+                          "convert with MoEConfig(allocation='uniform') (recipe "
+                          "'deepseek-v3-hf')")
         for field in ("num_experts", "expert_dim", "shared_dim", "gate", "renormalize",
                       "route_scale", "activation", "glu", "bias", "router_bias"):
             if getattr(c, field) != getattr(first, field):
                 raise _refuse(f"MoE blocks differ in {field} (layer {moe[0]}: "
                               f"{getattr(first, field)!r}, layer {i}: {getattr(c, field)!r})",
                               "convert every FFN with one MoEConfig")
-        if c.top_k != first.top_k:
-            raise _refuse(f"per-block top_k (layer {moe[0]}: {first.top_k}, layer {i}: "
-                          f"{c.top_k}) from MoEConfig(allocation='calibrated')",
-                          "convert with MoEConfig(allocation='uniform') (recipe option "
-                          "exportable=True)")
     if first.gate == "hard":
         raise _refuse("hard gates (every selected expert weighs exactly 1.0) exist in no "
                       "published MoE architecture", "convert with gate='sigmoid' (recipe "
@@ -392,7 +392,7 @@ def write_hf_checkpoint(model: nn.Module, directory: str | Path, *, pad_to: int 
         config.quantization_config = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": [BLOCK, BLOCK],
-            "modules_to_not_convert": _dense_names(weights) + ["lm_head"]}
+            "modules_to_not_convert": sorted(set(_dense_names(weights)) | {"lm_head"})}
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("model*.safetensors*"):

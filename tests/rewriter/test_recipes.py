@@ -32,8 +32,8 @@ def _ffn_sizes(case, model):
 _DEFAULT_FP8 = {"llama-tiny", "gpt-tiny", "bert-tiny", "hf:gpt2"}
 MATRIX = [
     pytest.param(case, recipe, id=f"{case.name}-{recipe}",
-                 marks=[pytest.mark.slow] if recipe == "deepseek-v3"
-                 and case.name not in _DEFAULT_FP8 else [])
+                 marks=[pytest.mark.slow] if recipe == "deepseek-v3-hf" or (
+                     recipe == "deepseek-v3" and case.name not in _DEFAULT_FP8) else [])
     for recipe in RECIPES for case in RECIPE_CASES
 ]
 
