@@ -6,16 +6,16 @@ import json
 
 import pytest
 import torch
-from torch import nn
-
-import rewriter
-from rewriter import FP8Config, MoEConfig
-from rewriter.errors import CheckpointError
 from rewriter.models import build_model, example_inputs
 from rewriter.models.moe import MoEFFN
 from rewriter.passes.allocation import apply_top_k
 from rewriter.targets.checkpoint import MANIFEST, WEIGHTS, read_checkpoint, write_checkpoint
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
+from torch import nn
+
+import rewriter
+from rewriter import FP8Config, MoEConfig
+from rewriter.errors import CheckpointError
 
 MOE = MoEConfig(num_experts=8, top_k=3, shared_width=44, gate="sigmoid", route_scale=3.0)
 
