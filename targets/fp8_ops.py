@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from rewriter.capture import activation_quantization_enabled
+
 from . import fp8 as ref
 
 __all__ = [
@@ -133,6 +135,8 @@ def linear_dequantized(x: Tensor, w: Tensor, bias: Tensor | None, pow2: bool, *,
     fp8_gemm_reference in fewer passes. ``x_fq``: ``fake_quantize_rowwise`` of x flattened to
     (M, K), when the caller has it already (projections sharing an input)."""
     xd = ref.fake_quantize_rowwise(_flatten(x), pow2=pow2) if x_fq is None else x_fq  # (M, K)
+    if not activation_quantization_enabled():  # a check comparing two runtimes (capture)
+        xd = _flatten(x).float()
     y = F.linear(xd, w, None if bias is None else bias.float())  # (M, N)
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
@@ -151,6 +155,8 @@ def grouped_linear_dequantized(x: Tensor, weight_of: Callable[[int], Tensor], of
     tiles never straddle rows: each slice holds what dequantize_rowwise would give it).
     ``x_fq``: x fake-quantized already (as in linear_dequantized). -> (T, N) in x's dtype."""
     xd = ref.fake_quantize_rowwise(x, pow2=pow2) if x_fq is None else x_fq  # (T, K)
+    if not activation_quantization_enabled():  # a check comparing two runtimes (capture)
+        xd = x.float()
     out = x.new_empty((x.shape[0], out_features), dtype=torch.float32)  # (T, N)
     bounds = offsets.tolist()
     for e in range(len(bounds) - 1):
@@ -174,6 +180,8 @@ def _(x, w_q, w_s, bias, pow2):
 
 @fp8_linear.register_kernel("cuda")
 def _(x, w_q, w_s, bias, pow2):
+    if not activation_quantization_enabled():  # a check comparing two runtimes (capture)
+        return linear_dequantized(x, ref.dequantize_blockwise(w_q, w_s), bias, pow2)
     t = _triton()
     xq, xs = t.triton_quantize_rowwise(_flatten(x), pow2=pow2)
     out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
@@ -208,6 +216,9 @@ def _(x, w_q, w_s, offsets, pow2):
 
 @fp8_grouped_linear.register_kernel("cuda")
 def _(x, w_q, w_s, offsets, pow2):
+    if not activation_quantization_enabled():  # a check comparing two runtimes (capture)
+        return grouped_linear_dequantized(x, lambda e: ref.dequantize_blockwise(w_q[e], w_s[e]),
+                                          offsets[:w_q.shape[0] + 1], w_q.shape[1], pow2)
     t = _triton()
     xq, xs = t.triton_quantize_rowwise(x, pow2=pow2)
     return t.triton_fp8_grouped_gemm(xq, xs, w_q, w_s, offsets).to(x.dtype)
@@ -219,6 +230,9 @@ def _(x, w_q, w_s, offsets, pow2):
 @torch.library.custom_op(f"{_LIB}::fp8_linear_hp", mutates_args=())
 def fp8_linear_hp(x: Tensor, weight: Tensor, bias: Tensor | None, pow2: bool) -> Tensor:
     """Training linear: y = x @ W^T (+ bias) with both operands quantized on the fly."""
+    if not activation_quantization_enabled():  # a check comparing two runtimes (capture)
+        w = ref.dequantize_blockwise(*fp8_quantize_blockwise(weight, pow2))
+        return linear_dequantized(x, w, bias, pow2)
     x2 = _flatten(x)
     xq, xs = fp8_quantize_rowwise(x2, pow2)
     wq, ws = fp8_quantize_blockwise(weight, pow2)
