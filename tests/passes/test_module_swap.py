@@ -1,13 +1,19 @@
+import copy
+import pickle
+
 import pytest
 import torch
-import torch.nn.functional as F
-from rewriter.passes.module_swap import plan_module_swap
+import transformers
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.module_swap import InlineRewrite, plan_module_swap, plan_module_swaps
+from rewriter.targets.fp8_linear import FP8MoEFFN
 from torch import nn
 
-from rewriter import InputError, capture, find_ffns
-from tests._zoo import CASES
+from rewriter import FP8Config, InputError, MoEConfig, capture, convert, find_ffns
+from tests._zoo import CASES, FORMS, form_inputs
 
 BY_NAME = {c.name: c for c in CASES}
+FORM = {f.name: f for f in FORMS}
 
 
 @pytest.mark.parametrize("name, block, identity", [
@@ -22,18 +28,135 @@ def test_swap_plans(captured, name, block, identity):
     assert (swap.block, swap.identity) == (block, identity)
 
 
-class InlineBlock(nn.Module):
-    """The FFN's activation runs inline in a module that also does the residual and norm."""
+def test_first_module_called_is_swapped_whole():
+    """torch.export's _guards_fn node carries the stack of the first module the model calls;
+    it computes nothing, so the FFN module still computes exactly the block."""
+    form = FORM["first-called"]
+    model = form.build().eval()
+    gm = capture(model, (form_inputs(form, 2, 5),))
+    assert any(n.target == "_guards_fn" for n in gm.graph.nodes if n.op == "call_module")
+    swap = plan_module_swap(gm, find_ffns(gm)[0])
+    assert (swap.block, swap.identity) == ("mlp", None)
 
-    def __init__(self, d=8):
-        super().__init__()
-        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, 20), nn.Linear(20, d)
 
-    def forward(self, x):
-        return x + self.down(F.gelu(self.up(self.norm(x))))
+@pytest.mark.parametrize("name, owners", [
+    ("inline", {"layers.0", "layers.1"}),
+    ("raw-params", {"layers.0", "layers.1"}),
+    ("two-branches", {"0", "1"}),
+    ("whole-forward", {""}),
+    ("matmul-spellings", {""}),
+])
+def test_inline_ffns_plan_an_owner_rewrite(name, owners):
+    form = FORM[name]
+    model = form.build().eval()
+    x = form_inputs(form, 2, 5)
+    gm = capture(model, (x,))
+    matches = find_ffns(gm)
+    plans = plan_module_swaps(model, gm, matches, (x,))
+    assert all(isinstance(p, InlineRewrite) for p in plans)
+    assert {p.owner for p in plans} == owners
+    with pytest.raises(InputError, match="no module computes exactly this block"):
+        plan_module_swap(gm, matches[0])
 
 
-def test_unswappable_ffn_suggests_graph_mode():
-    gm = capture(InlineBlock(), (torch.randn(2, 3, 8),))
-    with pytest.raises(InputError, match="use mode='graph'"):
-        plan_module_swap(gm, find_ffns(gm)[0])
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.mark.parametrize("name", [f.name for f in FORMS])
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+def test_module_mode_is_exact_with_every_expert_active(name, dtype, tol):
+    form = FORM[name]
+    torch.manual_seed(3)
+    model = form.build().to(dtype).eval()
+    before = copy.deepcopy(model.state_dict())
+    x = form_inputs(form, 2, 5, dtype=dtype)
+    out = convert(model, moe=MoEConfig(num_experts=2, top_k=2, gate="hard"),
+                  example_inputs=(x,))
+    # the model keeps its class and API; the source is untouched
+    assert type(out).__name__ == type(model).__name__ and isinstance(out, type(model))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    moes = [m for m in out.modules() if isinstance(m, MoEFFN)]
+    assert len(moes) == form.count
+    assert sum(p.numel() for p in out.parameters()) == (
+        sum(p.numel() for p in model.parameters())
+        + sum(m.router.weight.numel() for m in moes))  # dense FFN weights were removed
+    y = form_inputs(form, 3, 11, seed=7, dtype=dtype)  # a fresh, odd shape
+    with torch.no_grad():
+        ref, got = model(y), out(y)
+    assert ref.abs().max() > 0.1
+    assert _rel(got, ref) <= tol
+
+
+@pytest.mark.parametrize("name", ["inline", "raw-params", "whole-forward", "two-branches"])
+@pytest.mark.parametrize("mode", ["module", "graph"])
+def test_inline_ffn_with_fp8(name, mode):
+    form = FORM[name]
+    torch.manual_seed(4)
+    model = form.build().eval()
+    x = form_inputs(form, 2, 5)
+    out = convert(model, moe=MoEConfig(num_experts=2, top_k=2), fp8=FP8Config(),
+                  example_inputs=(x,), mode=mode)
+    if mode == "module":
+        assert sum(isinstance(m, FP8MoEFFN) for m in out.modules()) == form.count
+    else:  # the re-captured graph runs the FP8 ops
+        assert any("fp8" in str(n.target) for n in out.graph.nodes)
+    y = form_inputs(form, 3, 11, seed=5)
+    with torch.no_grad():
+        ref, got = model(y), out(y)
+    assert 1e-5 < _rel(got, ref) < 0.1  # FP8 W8A8 on a tiny random model: a few percent
+
+
+def test_rewritten_owner_deepcopies_and_reconverts():
+    form = FORM["inline"]
+    model = form.build().eval()
+    x = form_inputs(form, 2, 5)
+    out = convert(model, moe=MoEConfig(num_experts=2, top_k=2), example_inputs=(x,))
+    twin = copy.deepcopy(out)
+    y = form_inputs(form, 2, 6, seed=9)
+    with torch.no_grad():
+        assert torch.equal(twin(y), out(y))
+    fp8 = convert(out, fp8=FP8Config(activations="none"), example_inputs=(x,))
+    with torch.no_grad():
+        assert _rel(fp8(y), out(y)) < 0.05
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        pickle.dumps(out)  # the owner's class is made at conversion: save state_dicts instead
+
+
+def test_rewritten_owner_refuses_arguments_it_was_not_traced_with():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 8)
+
+        def forward(self, x, scale=None):
+            y = x + self.fc2(torch.relu(self.fc1(x)))
+            return y if scale is None else y * scale
+
+    model = nn.Sequential(Layer()).eval()
+    out = convert(model, moe=MoEConfig(num_experts=2, top_k=2),
+                  example_inputs=(torch.randn(2, 3, 8),))
+    with pytest.raises(InputError, match="scale"):
+        out[0](torch.randn(2, 3, 8), scale=torch.tensor(2.0))
+
+
+def test_hf_decoder_layer_with_inline_ffn_keeps_generate_and_kv_cache():
+    """OPT's decoder layer calls fc1 / activation / fc2 itself: its graph is rewritten, the
+    attention (and its KV cache) stays a module call."""
+    torch.manual_seed(0)
+    cfg = transformers.OPTConfig(vocab_size=97, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                 num_attention_heads=4, word_embed_proj_dim=32,
+                                 max_position_embeddings=64)
+    model = transformers.OPTForCausalLM(cfg).eval()
+    ids = torch.randint(0, 97, (2, 7))
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4), example_inputs={"input_ids": ids})
+    layer = out.model.decoder.layers[0]
+    assert isinstance(layer, transformers.models.opt.modeling_opt.OPTDecoderLayer)
+    assert not hasattr(layer, "fc1") and isinstance(layer.moe_0, MoEFFN)
+    x = torch.randint(0, 97, (3, 11))
+    with torch.no_grad():
+        assert _rel(out(input_ids=x).logits, model(input_ids=x).logits) < 1e-6
+    prompt = x[:1, :5]
+    dense = model.generate(prompt, max_new_tokens=6, do_sample=False)
+    moe = out.generate(prompt, max_new_tokens=6, do_sample=False)  # KV cache on
+    assert torch.equal(dense, moe)

@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from rewriter import CaptureError, InputError, capture, capture_info
+from rewriter import CaptureError, FP8Config, InputError, capture, capture_info, convert, models
+from rewriter.capture import activation_quantization_bypassed, quantizes_activations
 from tests._zoo import CASES, case_ids
 
 capture_mod = importlib.import_module("rewriter.capture")  # the package re-exports capture()
@@ -166,3 +167,63 @@ def test_first_float_output_skips_integer_leaves():
     assert first_float_output({"ids": ids, "logits": logits, "h": torch.randn(2)}) is logits
     assert first_float_output((ids, [logits])) is logits
     assert first_float_output({"ids": ids}) is None
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+
+    def forward(self, a, b):
+        return self.fc(a) - 2 * b
+
+
+def test_symbolic_trace_takes_keyword_inputs_by_name_not_dict_order(monkeypatch):
+    monkeypatch.setattr(capture_mod, "_export", lambda *a, **k: (_ for _ in ()).throw(
+        RuntimeError("simulated export failure")))
+    model = TwoInputs().eval()
+    a, b = torch.randn(2, 3, 6), torch.randn(2, 3, 6)
+    gm = capture(model, {"b": b, "a": a})  # not the signature's order
+    assert capture_info(gm).method == "torch.fx.symbolic_trace"
+    a2, b2 = torch.randn(4, 5, 6), torch.randn(4, 5, 6)
+    torch.testing.assert_close(gm(b=b2, a=a2), model(a2, b2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("make", [
+    lambda data: data[:2, :16],  # a slice
+    lambda data: data[0, :32].reshape(2, 16),  # a reshape of a slice
+    lambda data: data[:16, :2].t(),  # a transposed (non-contiguous) view
+    lambda data: data.as_strided((2, 16), (1, 2)),  # any strides
+])
+def test_example_input_that_is_a_view_gives_a_graph_for_any_fresh_tensor(make):
+    case = {c.name: c for c in CASES}["hf:llama"]
+    model = case.build()
+    data = torch.randint(0, model.config.vocab_size, (8, 32))
+    example = make(data)
+    gm = capture(model, {"input_ids": example})
+    assert example._base is data  # the user's tensor is untouched
+    fresh = torch.randint(0, model.config.vocab_size, (3, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(_logits(gm(input_ids=fresh)), model(input_ids=fresh).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_model_is_checked_with_activation_quantization_bypassed():
+    """A W8A8 model is a step function: the capture check compares eager and graph with
+    activation quantization bypassed on both sides (fp32 tolerance then holds)."""
+    model = models.build_model("llama-tiny", seed=2)
+    x = models.example_inputs(model, 2, 9, seed=1)
+    w8a8 = convert(model, fp8=FP8Config(activations="fp8"), example_inputs=x)
+    assert quantizes_activations(w8a8) and not quantizes_activations(model)
+    gm = capture(w8a8, x)
+    info = capture_info(gm)
+    assert info.check == "activations bypassed"
+    assert info.max_abs_error <= 1e-5 and info.quantized_max_abs_error is not None
+    with torch.no_grad():
+        on = w8a8(*x)
+        with activation_quantization_bypassed():
+            off_eager, off_graph = w8a8(*x), gm(*x)
+    torch.testing.assert_close(off_graph, off_eager, rtol=1e-6, atol=1e-6)
+    assert (on - off_eager).abs().max() > 1e-4  # the bypass really bypasses
+    w8a16 = convert(model, fp8=FP8Config(activations="none"), example_inputs=x)
+    assert capture_info(capture(w8a16, x)).check == "exact"
