@@ -173,7 +173,7 @@ def test_moe_block_sparse_and_dense_forms(tmp_path, fp8, glu, bias, dense_moe):
     r = export_onnx(block, tmp_path / "moe.onnx", example_inputs=(torch.randn(2, 7, 40),),
                     dense_moe=dense_moe)
     ops = r.op_counts
-    assert ops["TopK"] == 1
+    assert ops["TopK"] >= 1  # routing (the tie rule may add a TopK: models.moe.select_topk)
     if dense_moe:
         assert "NonZero" not in ops and "ScatterND" not in ops
         assert r.metadata["rewriter.onnx.moe_dispatch"] == "dense"
@@ -194,7 +194,7 @@ def test_moe_block_sparse_and_dense_forms(tmp_path, fp8, glu, bias, dense_moe):
 def test_dense_moe_whole_models(exported, name, variant):
     model, inputs, report = exported(name, variant, dense_moe=True)
     ops = op_counts(report.path)
-    assert "NonZero" not in ops and "ScatterND" not in ops and ops["TopK"] == 2
+    assert "NonZero" not in ops and "ScatterND" not in ops and ops["TopK"] >= 2
     _check_parity(model, inputs, report, variant)
 
 
@@ -220,7 +220,7 @@ def _check_graph(model, report, variant: str):
     blocks = [m for m in model.modules() if isinstance(m, MoEFFN)]
     if variant != "dense":  # sparse routing: TopK, then per expert NonZero/gather/scatter-add
         E = blocks[0].config.num_experts
-        assert ops["TopK"] == len(blocks)
+        assert ops["TopK"] >= len(blocks)  # one or two per block (select_topk's tie rule)
         assert ops["NonZero"] == E * len(blocks)
         assert ops.get("GatherND", 0) + ops.get("Gather", 0) >= E * len(blocks)
         scatters = [n for n in proto.graph.node if n.op_type == "ScatterND"]
