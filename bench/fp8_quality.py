@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _timing import median_ratios, time_interleaved  # noqa: E402
 from rewriter.models.hf import load_smollm2  # noqa: E402
 from rewriter.models.text import perplexity, split_ids, token_ids  # noqa: E402
 
@@ -44,21 +45,14 @@ from rewriter.graph_ops import weight_bytes  # noqa: E402
 def _time_interleaved(models: dict, ids, repeats: int) -> dict[str, tuple[float, float]]:
     """name -> (median seconds, median per-round ratio vs the first model), interleaved: one
     warm-up forward each, then ``repeats`` rounds of one forward per model, order rotating."""
-    names = list(models)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    with torch.no_grad():
-        for n in names:
-            models[n](input_ids=ids)
-        for r in range(repeats):
-            for n in names[r % len(names):] + names[:r % len(names)]:
-                t = time.perf_counter()
-                models[n](input_ids=ids)
-                times[n].append(time.perf_counter() - t)
-            print(f"round {r + 1}/{repeats}: " + ", ".join(
-                f"{n} {ts[-1]:.2f} s" for n, ts in times.items()), flush=True)
-    base = times[names[0]]
-    return {n: (statistics.median(ts), statistics.median(t / b for t, b in zip(ts, base)))
-            for n, ts in times.items()}
+    def progress(r: int, times: dict[str, list[float]]) -> None:
+        print(f"round {r + 1}/{repeats}: " + ", ".join(
+            f"{n} {ts[-1]:.2f} s" for n, ts in times.items()), flush=True)
+
+    times = time_interleaved({n: (lambda m=m: m(input_ids=ids)) for n, m in models.items()},
+                             repeats=repeats, rotate=True, on_round=progress)
+    ratios = median_ratios(times, next(iter(models)))
+    return {n: (statistics.median(ts), ratios[n]) for n, ts in times.items()}
 
 
 def _load() -> str:

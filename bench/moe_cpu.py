@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from _timing import medians_ms, time_interleaved  # noqa: E402
 from rewriter.models.moe import MoEFFN  # noqa: E402
 from torch import nn
 
@@ -46,22 +45,6 @@ def split_dense(dense: DenseSwiGLU, experts: int, top_k: int) -> MoEFFN:
     moe.w_up.copy_(dense.w3.weight.view(experts, f, d_model))  # (E, F, d)
     moe.w_down.copy_(dense.w2.weight.view(d_model, experts, f).permute(1, 0, 2))  # (E, d, F)
     return moe.eval()
-
-
-@torch.no_grad()
-def time_interleaved(fns: dict, x: torch.Tensor, warmup: int, repeats: int) -> dict:
-    """Median ms of each fn; one call of every fn per round, so that a slow phase of the
-    machine (other processes, clock changes) hits all of them alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn(x)
-    times: dict = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn(x)
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,7 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     blocks = {k: split_dense(dense, args.experts, k) for k in args.top_k}
     for tokens in args.tokens:
         x = torch.randn(tokens, args.d_model)
-        ms = time_interleaved({"dense": dense, **blocks}, x, args.warmup, args.repeats)
+        fns = {name: (lambda f=f, x=x: f(x)) for name, f in {"dense": dense, **blocks}.items()}
+        ms = medians_ms(time_interleaved(fns, repeats=args.repeats, warmup=args.warmup))
         for k in args.top_k:
             print(f"| {tokens:>6} | {f'{k}/{args.experts}':>6} | {k:>5} | {ms['dense']:>9.2f} | "
                   f"{ms[k]:>8.2f} | {ms['dense'] / ms[k]:>7.2f}x | {args.experts / k:>4.1f}x |")

@@ -29,11 +29,11 @@ import os
 # (libgomp's default busy-wait and onnxruntime's spinning made the other 2-10x slower here).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
+from _timing import medians_ms, time_interleaved  # noqa: E402
 from rewriter.targets.onnx_export import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import (  # noqa: E402
     check_parity,
@@ -102,21 +102,6 @@ def self_agreement(model, ids: torch.Tensor, fraction: float = 0.01) -> tuple[fl
         handle.remove()
     agree = float((moved.argmax(-1) == ref.argmax(-1)).float().mean())
     return agree, float((moved - ref).abs().max() / ref.abs().max())
-
-
-@torch.inference_mode()
-def time_interleaved(fns: dict, warmup: int, repeats: int) -> dict[str, float]:
-    """Median ms of each zero-argument fn; one call of each per round."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -196,10 +181,10 @@ def main(argv: list[str] | None = None) -> None:
                  if forced else ""), flush=True)
         for shape, ids in batches.items():
             feeds = {"input_ids": ids.numpy()}
-            ms = time_interleaved(
+            ms = medians_ms(time_interleaved(
                 {"eager": lambda ids=ids, m=model: m(input_ids=ids),
                  "ort": lambda feeds=feeds, s=session: run_onnx(s, feeds)},
-                args.warmup, args.repeats)
+                warmup=args.warmup, repeats=args.repeats))
             row["latency"][f"{shape[0]}x{shape[1]}"] = ms
             print(f"  {shape}: eager {ms['eager']:.1f} ms, onnxruntime {ms['ort']:.1f} ms, "
                   f"ort/eager {ms['ort'] / ms['eager']:.2f}", flush=True)

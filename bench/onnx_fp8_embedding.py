@@ -35,11 +35,11 @@ import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # torch and onnxruntime share the cores
-import statistics  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
+from _timing import medians_ms, time_interleaved  # noqa: E402
 from rewriter.models.hf import load_smollm2  # noqa: E402
 from rewriter.models.text import perplexity, pydoc_text, split_ids, token_ids  # noqa: E402
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead  # noqa: E402
@@ -61,15 +61,8 @@ def _ort_latency(paths: dict, ids: torch.Tensor, repeats: int) -> dict[str, floa
     sessions = {k: make_session(p, ["CPUExecutionProvider"], spinning=False)
                 for k, p in paths.items()}
     feeds = {"input_ids": ids.numpy()}
-    for s in sessions.values():
-        s.run(None, feeds)
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k, s in sessions.items():
-            t = time.perf_counter()
-            s.run(None, feeds)
-            times[k].append(time.perf_counter() - t)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return medians_ms(time_interleaved(
+        {k: (lambda s=s: s.run(None, feeds)) for k, s in sessions.items()}, repeats=repeats))
 
 
 def _dense_variant(dense, key: str, example):

@@ -175,7 +175,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.report:
         out = Path(args.report)
         report.write_picture(out / "graph.html")
-        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2, default=str))
+        (out / "report.json").write_text(json.dumps(report.to_dict(), indent=2))
         print(f"\nreport: {out}/graph.html, {out}/report.json")
     if args.onnx:
         exported = export_onnx(converted, args.onnx, example_inputs=resolved.example_inputs)

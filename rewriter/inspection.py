@@ -7,7 +7,7 @@ pass-manager result and returns a :class:`Report`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, is_dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from torch.fx import GraphModule, Node
 from .capture import CaptureInfo, capture, capture_info
 from .errors import InputError
 from .graph_ops import GROUP_META_KEY, op_name, owning_module, target_str, tensor_meta
+from .jsonable import jsonable
 from .model_stats import model_stats
 from .pass_manager import HISTORY_META_KEY, PassRecord, PipelineResult
 from .patterns import FFNAnalysis, analyze_ffns
@@ -399,7 +400,9 @@ class Report:
             f", {moe} rewritten blocks" if moe else "")
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        """The report as plain JSON types, through :func:`rewriter.jsonable.jsonable` (the
+        conversion info is written as everywhere else; ``json.dumps`` needs no ``default=``)."""
+        return jsonable({
             "model": self.capture.model_class if self.capture else None,
             "capture_method": self.capture.method if self.capture else None,
             "nodes": len(self.graph_module.graph.nodes),
@@ -415,9 +418,9 @@ class Report:
                  "diff": diff_graphs(r.before, r.after).summary()}
                 for r in self.history
             ],
-            "stats": self.stats.to_dict() if self.stats is not None else None,
-            "conversion": _conversion_dict(self.conversion),
-        }
+            "stats": self.stats,
+            "conversion": self.conversion,
+        })
 
     def __str__(self) -> str:
         head = []
@@ -443,26 +446,6 @@ class Report:
         if self.history:
             parts += ["Passes", self.history_table()]
         return "\n\n".join(p for p in parts if p)
-
-
-def _conversion_dict(info: Any) -> dict[str, Any] | None:
-    """A JSON-ready view of a ConversionInfo (configs as dicts, FP8 decisions as rows)."""
-    if info is None:
-        return None
-
-    def plain(x: Any) -> Any:
-        return asdict(x) if is_dataclass(x) else x
-
-    return {
-        "recipe": getattr(info, "recipe", None), "mode": info.mode,
-        "moe": plain(info.moe), "fp8": plain(info.fp8), "modules": list(info.modules),
-        "skipped": list(info.skipped), "calibration_tokens": info.calibration_tokens,
-        "blocks": [dict(b) for b in info.blocks],
-        "fp8_decisions": [plain(d) for d in info.fp8_decisions],
-        "source_stats": plain(getattr(info, "source_stats", None)),
-        "split_error": getattr(info, "split_error", None),
-        "output_error": getattr(info, "output_error", None),
-    }
 
 
 def _default_inputs(model: nn.Module) -> Any:

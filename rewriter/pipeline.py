@@ -42,6 +42,7 @@ from rewriter.targets.onnx_runtime import compare_with_torch
 from .conversion import convert
 from .errors import InputError, RewriterError
 from .inspection import format_table, inspect
+from .jsonable import jsonable
 from .model_stats import model_stats
 from .recipes import get_recipe
 from .training import TextData, TrainConfig, evaluate, save_model, train
@@ -163,7 +164,7 @@ class _Writer:
         if self.out is None:
             return
         with open(self.out / name, "a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
             f.flush()
             os.fsync(f.fileno())
 
@@ -196,7 +197,7 @@ class _Writer:
         self.report.files["json"] = str(self.out / "report.json")
         self.report.files["report"] = str(self.out / "report.html")
         self._write("report.json", json.dumps(
-            {**self.report.to_dict(), "conversion": self.conversion}, indent=1, default=str))
+            jsonable({**self.report.to_dict(), "conversion": self.conversion}), indent=1))
         self._write("report.html", _report_html(self.report, self.converted_text, self.title))
 
 

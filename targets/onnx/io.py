@@ -3,7 +3,6 @@ handed to ``torch.export``, and the string metadata props written into the file.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import json
 import re
@@ -15,6 +14,7 @@ from torch import Tensor, nn
 
 from rewriter.capture import normalize_inputs
 from rewriter.errors import ExportInputError, InputError
+from rewriter.jsonable import jsonable
 
 from ..fp8_embedding import FP8Embedding
 from ..fp8_linear import FP8Linear, FP8MoEFFN
@@ -133,25 +133,10 @@ def fp8_tables(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if isinstance(m, FP8Embedding))
 
 
-def _jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if not f.name.startswith("_")}
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.dtype):
-        return str(value).replace("torch.", "")
-    return repr(value)
-
-
 def _conversion_meta(config: Mapping[str, Any]) -> dict[str, str]:
     if not isinstance(config, Mapping):
         raise ExportInputError(f"config must be a dict, got {type(config).__name__}")
-    conf = _jsonable(dict(config))
+    conf = jsonable(dict(config))
     meta = {"rewriter.conversion": json.dumps(conf, sort_keys=True)}
     moe, fp8 = conf.get("moe"), conf.get("fp8")
     if isinstance(moe, Mapping):

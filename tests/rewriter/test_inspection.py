@@ -1,13 +1,23 @@
 import json
 import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
 
 import networkx as nx
+import numpy as np
 import pytest
 import torch
+from rewriter.models import build_model, example_inputs
 from rewriter.passes import eliminate_dead_code
+from rewriter.passes.ffn_to_moe import MoEConfig
+from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.targets.onnx import io as onnx_io
 
+import rewriter
 from rewriter import InputError, PassManager, capture, inspect, to_networkx
+from rewriter.conversion import conversion_info
 from rewriter.inspection import format_table
+from rewriter.jsonable import jsonable
 from tests.rewriter.test_pass_manager import _gelu_written_out
 
 
@@ -115,3 +125,46 @@ def test_picture_of_a_converted_fp8_model_boxes_each_moe_block():
     boxes = sorted(d["module"] for _, d in g.nodes(data=True) if d.get("op") == "collapsed")
     assert "layers.0.feed_forward" in boxes and "layers.1.feed_forward" in boxes
     assert "layers.0.attention" in boxes
+
+
+# ---------------------------------------------------------------- one JSON form
+
+
+@dataclass(frozen=True)
+class _Cfg:
+    name: str
+    dtype: torch.dtype
+    ks: tuple[int, ...]
+    _private: int = 0
+
+
+def test_jsonable_writes_plain_json_types():
+    value = {"cfg": _Cfg("x", torch.bfloat16, (1, 2)), 3: {2, 1}, "nan": float("nan"),
+             "inf": np.float32("inf"), "n": np.int64(7), "f": np.float64(0.5),
+             "t": torch.tensor(2.5), "path": Path("out/x"), "dev": torch.device("cpu"),
+             "other": object}
+    got = jsonable(value)
+    assert got == {"cfg": {"name": "x", "dtype": "bfloat16", "ks": [1, 2]}, "3": [1, 2],
+                   "nan": None, "inf": None, "n": 7, "f": 0.5, "t": 2.5, "path": "out/x",
+                   "dev": "cpu", "other": repr(object)}
+    assert type(got["n"]) is int and type(got["f"]) is float
+    json.dumps(got, allow_nan=False)
+
+
+@pytest.mark.slow
+def test_report_json_and_onnx_metadata_write_the_conversion_the_same_way():
+    """One function (rewriter.jsonable) for the conversion info in report.json, the CLI's
+    --json and the ONNX file's rewriter.conversion metadata (there were three)."""
+    model = build_model("llama-tiny", seed=0)
+    x = example_inputs(model)
+    conv = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), fp8=FP8Config(),
+                            example_inputs=x)
+    report = inspect(conv, x).to_dict()
+    text = json.dumps(report, allow_nan=False)  # no default=str needed
+    info = conversion_info(conv)
+    assert json.loads(text)["conversion"] == jsonable(info)
+    assert report["conversion"]["fp8_decisions"][0] == jsonable(info.fp8_decisions[0])
+    meta = json.loads(onnx_io.metadata(conv, None, activations=None, dense_moe=False,
+                                       opset=20)["rewriter.conversion"])
+    assert meta["moe"] == report["conversion"]["moe"] == jsonable(info.moe)
+    assert meta["fp8"] == report["conversion"]["fp8"]
