@@ -1,14 +1,24 @@
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import onnx
 import pytest
+import torch
+from rewriter.models.text import model_batches
 from torch import nn
 
-from rewriter import models
+import rewriter
+from rewriter import models, pipeline
 from rewriter.cli import main
 from rewriter.errors import InputError
-from rewriter.pipeline import run_pipeline
+from rewriter.pipeline import PipelineError, run_pipeline
+from rewriter.training import TextData, evaluate, load_model
 
 
 def test_pipeline_converts_measures_trains_reports_and_exports(tmp_path):
@@ -75,3 +85,93 @@ def test_train_cli_runs_resumes_and_fails_cleanly(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["train", "llama-tiny", "--out", str(blocker / "x")]) == 2
     assert "cannot write" in capsys.readouterr().err
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def test_a_failing_stage_leaves_the_finished_stages_on_disk(tmp_path, monkeypatch):
+    """Training fails after its first step: the error names the stage; the rows, pictures,
+    report and the converted model (loadable, giving the row's perplexity) are on disk, and
+    so is the history of the step that finished."""
+    def broken_train(model, data, config, *, log, **kw):
+        log({"step": 1, "loss": 5.0})
+        raise RuntimeError("simulated failure in step 2")
+
+    monkeypatch.setattr(pipeline, "train", broken_train)
+    model = models.build_model("llama-tiny", seed=0)
+    out = tmp_path / "rep"
+    with pytest.raises(PipelineError, match=r"stage 'train' failed: RuntimeError: simulated "
+                       r"failure in step 2; the finished stages' results are in .*rep") as info:
+        run_pipeline(model, recipe="deepseek-v3", calibration_seqs=4, eval_tokens=512,
+                     train_steps=3, report_dir=out)
+    assert info.value.stage == "train" and isinstance(info.value.__cause__, RuntimeError)
+    rows = _rows(out)
+    assert [r["name"] for r in rows] == ["dense", "MoE", "MoE + FP8"]
+    assert "MoE + FP8" in (out / "results.txt").read_text()
+    report = json.loads((out / "report.json").read_text())
+    assert report["stages"] == ["dense", "MoE", "FP8", "save converted"]
+    assert report["failed_stage"] == "train"
+    assert "stage train failed" in (out / "report.html").read_text()
+    assert (out / "graph_dense.html").stat().st_size > 1000
+    assert json.loads((out / "train_history.jsonl").read_text()) == {"step": 1, "loss": 5.0}
+    # the converted model file holds the measured model: the same conversion (the pipeline's
+    # calibration: 4 training sequences of max_seq_len tokens) + the file = the same ppl
+    data = TextData.from_corpus(None, eval_tokens=512, eval_len=64)
+    calib = model_batches(data.train_ids[:4 * 64].reshape(4, 64), hf=False)  # seq: 64
+    fresh = rewriter.convert(model, recipe="deepseek-v3", calibration=calib)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.add_(1.0)  # whatever was there, the file replaces it
+    load_model(out / "converted.safetensors", fresh)
+    assert evaluate(fresh, data) == pytest.approx(rows[-1]["perplexity"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_the_job_is_deterministic_for_a_seed_and_keeps_the_callers_rng(tmp_path):
+    model = models.build_model("llama-tiny", seed=0)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = run_pipeline(model, recipe="deepseek-v3", calibration_seqs=4, eval_tokens=512)
+    assert torch.equal(torch.rand(3), expected)  # the caller's RNG stream is untouched
+    b = run_pipeline(model, recipe="deepseek-v3", calibration_seqs=4, eval_tokens=512)
+    assert [r.perplexity for r in a.rows] == [r.perplexity for r in b.rows]
+
+
+_KILLED_JOB = textwrap.dedent("""
+    import sys
+    from rewriter import models
+    from rewriter.pipeline import run_pipeline
+    run_pipeline(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3",
+                 calibration_seqs=4, eval_tokens=512, train_steps=100000,
+                 report_dir=sys.argv[1], progress=False)
+""")
+
+
+@pytest.mark.slow
+def test_a_job_killed_during_training_leaves_the_finished_stages(tmp_path):
+    """SIGKILL while training (no cleanup code runs): every finished stage's file is whole."""
+    out = tmp_path / "rep"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED_JOB, str(out)],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 600
+        history = out / "train_history.jsonl"
+        while not (history.exists() and history.read_text().count("\n") >= 2):
+            assert proc.poll() is None, "the job ended before training"
+            assert time.monotonic() < deadline, "no training step within 600 s"
+            time.sleep(0.5)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert [r["name"] for r in _rows(out)] == ["dense", "MoE", "MoE + FP8"]
+    assert json.loads((out / "report.json").read_text())["stages"][-1] == "save converted"
+    data = TextData.from_corpus(None, eval_tokens=512, eval_len=64)
+    calib = model_batches(data.train_ids[:4 * 64].reshape(4, 64), hf=False)  # seq: 64
+    fresh = rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3",
+                             calibration=calib)
+    load_model(out / "converted.safetensors", fresh)  # a whole file, every tensor
+    assert not list(out.glob("*.partial")) or all(  # at most the file being written
+        p.name == "trained.safetensors.partial" for p in out.glob("*.partial"))
