@@ -390,8 +390,9 @@ def split_error(block: MoEFFN, weights: DenseFFNWeights, *, tokens: int = 64,
                 seed: int = 0) -> float:
     """Relative error, in float64 on seeded probes, of the block with every routed expert
     active (weight 1: the hard-gate split) against the dense FFN it came from. ~1e-16 when
-    the experts and shared neurons partition the dense neurons exactly (DESIGN.md's invariant
-    1); anything larger means weights were lost or duplicated."""
+    the experts and shared neurons partition the dense neurons exactly (for disjoint neuron
+    sets S_i, ``W2 act(W1 x + b1) + b2 = sum_i W2[:, S_i] act(W1[S_i] x + b1[S_i]) + b2``);
+    anything larger means weights were lost or duplicated."""
     act = MOE_ACTIVATIONS[block.config.activation]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, block.d_model, generator=g, dtype=torch.float64)  # (T, d)

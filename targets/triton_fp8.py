@@ -11,7 +11,9 @@ one lives here). The custom ops / autograd sit on top of the wrappers elsewhere.
   2^ceil(log2 s), computed exactly with integer ops), ``q =
   round_e4m3(x / s)`` with IEEE division (``div_rn``) and a rounding done in fp32 by bit tricks
   (round to nearest even, saturate at +-448, subnormals on the 2^-9 grid, NaN kept) before the
-  cast, because the interpreter's own fp32 -> fp8 cast is wrong (see DESIGN.md).
+  cast, because the Triton interpreter's own fp32 -> fp8 cast is wrong (no saturation:
+  500 -> 256; wrong when rounding carries into the exponent; ties away from even; subnormals
+  flushed).
 - ``triton_fp8_gemm(a_q, a_s, b_q, b_s)``: C = A @ B^T; A (M, K) rowwise-scaled, B (N, K)
   block-scaled (weights) or rowwise-scaled (``b_layout="row"``, Wgrad). Per K-block of 128:
   ``acc += dot(a, b^T) * (s_a[:, None] * s_b[None, :])``: the FP32 accumulator is promoted

@@ -180,8 +180,8 @@ def test_load_smollm2():
 
 @needs_hf
 def test_perplexity_reads_the_logits_of_an_hf_output():
-    """models.text.perplexity takes the logits through capture.first_float_output (one helper
-    for 'the logits of a model output'), from an HF ModelOutput or a plain tensor alike."""
+    """rewriter.models.text.perplexity reads the logits with capture.first_float_output (the
+    one helper for 'the logits of a model output'), from an HF output or a plain tensor."""
     model = build_hf("llama")
     ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

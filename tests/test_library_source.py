@@ -1,6 +1,11 @@
-"""Every third-party package the library imports is declared in pyproject.toml: a module-level
-import in ``dependencies`` (a plain ``pip install`` must import it), one inside a function or a
-``try`` in ``dependencies`` or an optional extra (``hf``, ``gpu``, ...; not ``dev``)."""
+"""Checks on the library's source text.
+
+* Every third-party package the library imports is declared in pyproject.toml: a module-level
+  import in ``dependencies`` (a plain ``pip install`` must import it), one inside a function or
+  a ``try`` in ``dependencies`` or an optional extra (``hf``, ``gpu``, ...; not ``dev``).
+* Docstrings stand on their own and use the installed names: no "see DESIGN.md" (not shipped),
+  no "(to come)", no ``passes.x`` / ``models.x`` / ``targets.x`` cross-references.
+"""
 
 from __future__ import annotations
 
@@ -77,3 +82,38 @@ def test_the_onnx_stack_dependencies_are_declared(module):
     assert _third_party().get(module) is True
     assert md.packages_distributions()[module][0].lower().replace("_", "-") in \
         _dist_names(_project()["dependencies"])
+
+
+STALE = [
+    (re.compile(r"DESIGN\.md"), "refers to DESIGN.md, which is not shipped"),
+    (re.compile(r"\(to come\)"), "promises work that is done or dropped"),
+    (re.compile(r"(?<![\w./])~?(passes|models|targets)\.(?!py\b)[a-z_]\w*"),
+     "names a module without its rewriter. root"),
+]
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every docstring and comment of ``path``."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                out.append((node.body[0].lineno, doc))
+    out += [(i, line.split("#", 1)[1]) for i, line in enumerate(text.splitlines(), 1)
+            if "#" in line]
+    return out
+
+
+def test_docstrings_are_self_contained_and_use_the_installed_names():
+    found = []
+    for folder in LIBRARY:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for line, text in _strings(path):
+                for pattern, why in STALE:
+                    m = pattern.search(text)
+                    if m:
+                        found.append(f"{path.relative_to(ROOT)}:{line}: {m.group(0)!r} {why}")
+    assert not found, "\n".join(found)
