@@ -1,0 +1,230 @@
+"""Standard Hugging Face checkpoints (targets/hf_checkpoint.py), each loaded by vanilla
+transformers in a fresh process that never imports the project."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from rewriter.models.hf import build_hf, hf_example_inputs
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.allocation import apply_top_k
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import rewriter
+from rewriter import FP8Config, MoEConfig
+from rewriter.errors import CheckpointError
+
+pytest.importorskip("transformers")
+
+_WORKER = r"""
+import json, sys
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+directory, io, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+ids = load_file(io + "/in.safetensors")["input_ids"]
+model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+with torch.no_grad():
+    logits = model(input_ids=ids, use_cache=False).logits
+    gen = model.generate(ids[:1], max_new_tokens=new_tokens, do_sample=False,
+                         min_new_tokens=new_tokens)
+save_file({"logits": logits.contiguous(), "gen": gen.contiguous()}, io + "/out.safetensors")
+print(json.dumps({"class": type(model).__name__, "imported": sorted(
+    k for k in sys.modules if k == "rewriter" or k.startswith("rewriter."))}))
+"""
+
+
+def vanilla_run(directory: Path, input_ids: torch.Tensor, new_tokens: int = 8) -> dict:
+    """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` in a fresh ``python
+    -I`` process (no project import, no trust_remote_code): its logits on ``input_ids``, its
+    greedy continuation of the first row, its class."""
+    io = Path(directory).parent / (Path(directory).name + "-io")
+    io.mkdir(exist_ok=True)
+    save_file({"input_ids": input_ids.contiguous()}, str(io / "in.safetensors"))
+    r = subprocess.run([sys.executable, "-I", "-c", _WORKER, str(directory), str(io),
+                        str(new_tokens)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    info = json.loads(r.stdout.strip().splitlines()[-1])
+    assert info["imported"] == [], info  # vanilla transformers only
+    return {**load_file(str(io / "out.safetensors")), "class": info["class"]}
+
+
+def ours(model, input_ids: torch.Tensor, new_tokens: int = 8) -> dict:
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits
+        gen = model.generate(input_ids[:1], max_new_tokens=new_tokens, do_sample=False,
+                             min_new_tokens=new_tokens)
+    return {"logits": logits, "gen": gen}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+def _moe(gate: str, **kw) -> MoEConfig:
+    return MoEConfig(num_experts=16, top_k=4, shared_width=44, gate=gate,
+                     route_scale=4.0 if gate == "sigmoid" else 1.0, **kw)
+
+
+@pytest.mark.parametrize("family,gate,arch", [
+    ("llama", "sigmoid", "Glm4MoeForCausalLM"),
+    ("qwen2", "softmax", "Qwen2MoeForCausalLM"),
+    ("qwen2", "sigmoid", "Glm4MoeForCausalLM"),  # q/k/v biases: Glm4Moe's attention_bias
+])
+def test_vanilla_transformers_loads_the_moe_checkpoint(family, gate, arch, tmp_path):
+    model = build_hf(family)
+    x = hf_example_inputs(model, 2, 11)
+    conv = rewriter.convert(model, moe=_moe(gate), example_inputs=x)
+    block = conv.model.layers[1].mlp
+    with torch.no_grad():  # balancing state, as training leaves it (selection only)
+        if gate == "sigmoid":
+            block.expert_bias.copy_(torch.linspace(-0.05, 0.05, block.num_experts))
+    path = rewriter.save(conv, tmp_path / "hf", format="hf")
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == [arch] and "quantization_config" not in config
+    if arch == "Glm4MoeForCausalLM":
+        # 44 shared neurons padded with zeros to 6 experts of 8
+        assert (config["n_routed_experts"], config["num_experts_per_tok"],
+                config["moe_intermediate_size"], config["n_shared_experts"],
+                config["first_k_dense_replace"], config["routed_scaling_factor"]) == (
+            16, 4, 8, 6, 0, 4.0)
+        assert config["attention_bias"] is (family == "qwen2")
+    got, want = vanilla_run(path, x["input_ids"]), ours(conv, x["input_ids"])
+    assert got["class"] == arch
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+    assert torch.equal(got["gen"], want["gen"])
+
+
+def test_dense_layers_first(tmp_path):
+    model = build_hf("llama", num_hidden_layers=3)
+    x = hf_example_inputs(model, 2, 11)
+    keep = lambda module, fqn: not fqn.startswith("model.layers.0.")
+    conv = rewriter.convert(model, moe=_moe("sigmoid"), example_inputs=x, filter_fn=keep)
+    path = rewriter.save(conv, tmp_path / "hf", format="hf")
+    config = json.loads((path / "config.json").read_text())
+    assert config["first_k_dense_replace"] == 1 and config["intermediate_size"] == 172
+    got, want = vanilla_run(path, x["input_ids"]), ours(conv, x["input_ids"])
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+    assert torch.equal(got["gen"], want["gen"])
+
+
+@pytest.mark.parametrize("pad_to", [None, 128])
+def test_block_fp8_checkpoint_matches_our_w8a16(pad_to, tmp_path):
+    model = build_hf("llama", hidden_size=128, intermediate_size=344)
+    x = hf_example_inputs(model, 2, 11)
+    moe = MoEConfig(num_experts=16, top_k=4, shared_width=88, gate="sigmoid", route_scale=4.0)
+    conv = rewriter.convert(model, recipe="deepseek-v3-hf", moe=moe, example_inputs=x)
+    # the W8A16 reference: the same master weights stored FP8 once, activations unquantized
+    ref = rewriter.convert(model, moe=moe, fp8=FP8Config(mode="inference", activations="none"),
+                           example_inputs=x)
+    path = rewriter.save(conv, tmp_path / "hf", format="hf", pad_to=pad_to)
+    config = json.loads((path / "config.json").read_text())
+    q = config["quantization_config"]
+    assert (q["quant_method"], q["fmt"], q["activation_scheme"], q["weight_block_size"]) == (
+        "fp8", "e4m3", "dynamic", [128, 128])
+    assert "lm_head" in q["modules_to_not_convert"]
+    assert config["moe_intermediate_size"] == (128 if pad_to else 16)
+    assert config["n_shared_experts"] * config["moe_intermediate_size"] == (128 if pad_to
+                                                                          else 96)
+
+    # scales exactly ours; weight bytes ~ half of bf16 for the lowered weights
+    blk = ref.model.layers[0].mlp
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        w = f.get_tensor("model.layers.0.mlp.experts.3.up_proj.weight")
+        s = f.get_tensor("model.layers.0.mlp.experts.3.up_proj.weight_scale_inv")
+        assert w.dtype == torch.float8_e4m3fn and s.dtype == torch.float32
+        assert torch.equal(w[:16].view(torch.uint8), blk.w_up_q[3].view(torch.uint8))
+        assert torch.equal(s[:1], blk.w_up_scale[3]) and not w[16:].float().any()
+        fp8_bytes = bf16_bytes = 0
+        for name in f.keys():
+            t = f.get_tensor(name)
+            if t.dtype == torch.float8_e4m3fn:
+                scale = f.get_tensor(name + "_scale_inv")
+                fp8_bytes += t.numel() + scale.numel() * 4
+                bf16_bytes += 2 * t.numel()
+    assert 0.5 <= fp8_bytes / bf16_bytes < 0.52
+
+    got, want = vanilla_run(path, x["input_ids"]), ours(ref, x["input_ids"])
+    assert got["class"] == "Glm4MoeForCausalLM"
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+    assert torch.equal(got["gen"], want["gen"])
+
+
+def test_fp8_only_model_keeps_its_architecture(tmp_path):
+    model = build_hf("qwen2", hidden_size=128, intermediate_size=256)
+    x = hf_example_inputs(model, 2, 11)
+    conv = rewriter.convert(model, fp8=FP8Config(mode="inference"), example_inputs=x)
+    ref = rewriter.convert(model, fp8=FP8Config(mode="inference", activations="none"),
+                           example_inputs=x)
+    path = rewriter.save(conv, tmp_path / "hf", format="hf")
+    config = json.loads((path / "config.json").read_text())
+    assert config["architectures"] == ["Qwen2ForCausalLM"]
+    got, want = vanilla_run(path, x["input_ids"]), ours(ref, x["input_ids"])
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------- refusals
+
+
+@pytest.fixture(scope="module")
+def llama():
+    model = build_hf("llama")
+    return model, hf_example_inputs(model, 2, 7)
+
+
+def _refused(model, tmp_path, *patterns):
+    with pytest.raises(CheckpointError) as err:
+        rewriter.save(model, tmp_path / "hf", format="hf")
+    for p in patterns:
+        assert p in str(err.value), str(err.value)
+    assert not (tmp_path / "hf").exists()  # nothing written
+
+
+def test_refuses_hard_gates(llama, tmp_path):
+    model, x = llama
+    conv = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=x)
+    _refused(conv, tmp_path, "hard gates", "gate='sigmoid'")
+
+
+def test_refuses_per_block_top_k_and_non_suffix_moe(llama, tmp_path):
+    model, x = llama
+    conv = rewriter.convert(model, moe=_moe("sigmoid"), example_inputs=x)
+    blocks = [m for m in conv.modules() if isinstance(m, MoEFFN)]
+    apply_top_k(blocks[0], 2, blocks[0].top_k)
+    _refused(conv, tmp_path, "per-block top_k", "allocation='uniform'", "deepseek-v3-hf")
+    first = lambda module, fqn: fqn.startswith("model.layers.0.")
+    conv = rewriter.convert(model, moe=_moe("sigmoid"), example_inputs=x, filter_fn=first)
+    _refused(conv, tmp_path, "dense layers first", "[0]", "filter_fn")
+
+
+def test_refuses_softmax_with_bias_or_route_scale(llama, tmp_path):
+    model, x = llama
+    conv = rewriter.convert(model, moe=_moe("softmax"), example_inputs=x)
+    with torch.no_grad():
+        conv.model.layers[1].mlp.expert_bias[0] = 0.1
+    _refused(conv, tmp_path, "layer 1 has a non-zero expert_bias", "gate='sigmoid'")
+    conv = rewriter.convert(model, moe=MoEConfig(num_experts=16, top_k=4, shared_width=44,
+                                                 gate="softmax", route_scale=2.0),
+                            example_inputs=x)
+    _refused(conv, tmp_path, "route_scale=2.0", "route_scale=1.0")
+
+
+def test_refuses_unsupported_sources(tmp_path):
+    from rewriter.models import build_model
+
+    gpt2 = build_hf("gpt2")
+    x = hf_example_inputs(gpt2)
+    conv = rewriter.convert(gpt2, moe=MoEConfig(num_experts=4, top_k=2, gate="sigmoid"),
+                            example_inputs=x)
+    _refused(conv, tmp_path, "GPT2LMHeadModel", "format='rewriter'")
+    ref = build_model("llama-tiny")
+    _refused(ref, tmp_path, "Llama", "format='rewriter'")
+    tied = build_hf("llama", tie_word_embeddings=True)
+    conv = rewriter.convert(tied, fp8=FP8Config(embeddings="fp8"), example_inputs=x)
+    _refused(conv, tmp_path, "FP8 embedding tables", "embeddings='keep'")
