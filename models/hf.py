@@ -27,6 +27,8 @@ from torch import nn
 
 from rewriter.errors import MissingDependencyError
 
+from . import example_inputs
+
 __all__ = [
     "HF_FAMILIES",
     "MissingDependencyError",
@@ -144,8 +146,6 @@ def hf_example_inputs(
     model: nn.Module, batch: int = 2, seq: int = 7, *, seed: int = 0
 ) -> dict[str, torch.Tensor]:
     """``{"input_ids": (batch, seq)}``: seeded random ids in [1, vocab_size)."""
-    from . import example_inputs
-
     (ids,) = example_inputs(model, batch, seq, seed=seed)
     return {"input_ids": ids}
 

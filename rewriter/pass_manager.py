@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch.fx import GraphModule
+from torch.utils import _pytree as pytree
 
 from .capture import capture_info, outputs_close
 from .errors import PassError
@@ -75,8 +76,6 @@ InputFactory = Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]]
 
 
 def _relative_error(reference: Any, actual: Any) -> float:
-    from torch.utils import _pytree as pytree
-
     abs_err = outputs_close(reference, actual)
     leaves = [x for x in pytree.tree_leaves(reference) if isinstance(x, torch.Tensor)]
     scale = max((x.double().abs().max().item() for x in leaves if x.numel()), default=0.0)
