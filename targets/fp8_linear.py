@@ -14,8 +14,9 @@ lives: the fp32 copy and a snapshot of the FP8 bytes), dropped by ``.to()``/``de
 pickling, and validated on every use by comparing the FP8 weight and scale tensors with the
 snapshot it was built from, bit for bit: any change (``load_state_dict``, ``.data.copy_``,
 writes through a NumPy view, ``.data`` assignment, none of which a version counter sees
-reliably) rebuilds it. The check reads 1 byte per weight (a memcmp): ~2-5% of a small-batch
-forward, far less than dequantizing anew. Modules given one :class:`ActivationMemo` (the
+reliably) rebuilds it. The check reads 1 byte per weight (NumPy compare; measured on this
+2-core CPU under load, a 1536x576 weight at M=1 token: ~0.1-0.5 ms of a ~1 ms forward, vs
+~40 ms with no cache, since dequantizing anew costs ~30 ms; at M >= 16 it is a few %). Modules given one :class:`ActivationMemo` (the
 lowering pass gives one per model and scopes it to the model's forward call) also share a
 fake-quantized activation: projections reading the same tensor in one forward (attention's
 q/k/v, a GLU's gate/up) quantize it once; nothing is reused across forward calls. The
@@ -32,6 +33,7 @@ import weakref
 from collections.abc import Callable
 from functools import partial
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rewriter.models.moe import MoEFFN, apply_pinned
@@ -80,8 +82,8 @@ def _stamp(t: Tensor) -> tuple | None:
 
 
 def _bits(t: Tensor) -> Tensor:
-    """t's bytes as a flat integer tensor, 8 bytes a word when they divide evenly (exact
-    compare, NaN == NaN; wide words compare ~1.3x faster than bytes)."""
+    """t's bytes as a flat integer tensor, 8 bytes a word when they divide evenly (an exact
+    compare: NaN == NaN, -0 != +0)."""
     raw = t.detach().contiguous().reshape(-1).view(torch.uint8)
     if raw.numel() % 8 == 0 and raw.storage_offset() % 8 == 0:
         return raw.view(torch.int64)
@@ -89,8 +91,14 @@ def _bits(t: Tensor) -> Tensor:
 
 
 def _same(snapshot: Tensor, t: Tensor) -> bool:
-    return (snapshot.shape == t.shape and snapshot.dtype == t.dtype
-            and snapshot.device == t.device and torch.equal(_bits(snapshot), _bits(t)))
+    """``snapshot`` and ``t`` hold the same bytes (same shape, dtype, device). On the CPU
+    through NumPy: ~6x faster than ``torch.equal`` here (90 us vs 600 us for 885 KB)."""
+    if snapshot.shape != t.shape or snapshot.dtype != t.dtype or snapshot.device != t.device:
+        return False
+    a, b = _bits(snapshot), _bits(t)
+    if a.device.type == "cpu":
+        return bool(np.array_equal(a.numpy(), b.numpy()))
+    return torch.equal(a, b)
 
 
 class _DequantCache:
