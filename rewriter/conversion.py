@@ -32,7 +32,12 @@ from rewriter.passes.ffn_to_moe import (
 from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, plan_fp8
 from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
 
-from .capture import capture, first_float_output
+from .capture import (
+    activation_quantization_bypassed,
+    capture,
+    first_float_output,
+    quantizes_activations,
+)
 from .errors import InputError, NoFFNError
 from .inspection import CONVERSION_ATTR, _default_inputs
 from .model_stats import model_stats
@@ -61,6 +66,11 @@ class ConversionInfo:
     source_stats: Any = None  # rewriter.model_stats.ModelStats of the model before conversion
     split_error: float | None = None  # max over blocks: all experts on vs dense, float64
     output_error: float | None = None  # converted vs source on the example inputs (relative)
+    # W8A8 conversions are step functions of the input, so output_error is information about
+    # quantization, not a check of the rewrite: the same comparison with activation
+    # quantization bypassed (weights FP8, activations unquantized) is continuous and measures
+    # what the rewrite and the weight format cost. None when nothing quantizes activations.
+    output_error_bypassed: float | None = None
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -147,7 +157,7 @@ def convert(
     prior = conversion_info(model)
     if prior is not None and moe is None:  # FP8 on top of an earlier MoE conversion
         base = replace(prior, mode=mode, recipe=base.recipe or prior.recipe,
-                       output_error=None)
+                       output_error=None, output_error_bypassed=None)
     if moe is None:
         return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace, base)
     config = moe.resolved(calibrated=bool(calibration))
@@ -199,15 +209,14 @@ def convert(
     if graph_pass:
         result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
         out = result.graph_module
-        out.meta[CONVERSION_ATTR] = replace(info, output_error=_rel_error(reference, out, inputs))
+        out.meta[CONVERSION_ATTR] = replace(info, **_errors(reference, out, inputs))
         return out
     target = model if inplace else _copy(model)
     apply_module_swaps(target, swaps, blocks, reports)
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
                            True, info, reference)
-    setattr(target, CONVERSION_ATTR, replace(info, output_error=_rel_error(reference, target,
-                                                                            inputs)))
+    setattr(target, CONVERSION_ATTR, replace(info, **_errors(reference, target, inputs)))
     return target
 
 
@@ -253,6 +262,18 @@ def _rel_error(reference: torch.Tensor | None, model: nn.Module, inputs: Any) ->
     return float(diff / reference.double().abs().max().clamp_min(1e-300))
 
 
+def _errors(reference: torch.Tensor | None, model: nn.Module,
+            inputs: Any) -> dict[str, float | None]:
+    """output_error, and for a model that quantizes activations (W8A8: a step function of its
+    input) output_error_bypassed, the same comparison with activation quantization
+    bypassed (the source model has none, so only the converted side changes)."""
+    out = {"output_error": _rel_error(reference, model, inputs), "output_error_bypassed": None}
+    if quantizes_activations(model):
+        with activation_quantization_bypassed():
+            out["output_error_bypassed"] = _rel_error(reference, model, inputs)
+    return out
+
+
 def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                 filter_fn: Callable[[nn.Module, str], bool] | None, mode: str, inplace: bool,
                 info: ConversionInfo, reference: torch.Tensor | None = None) -> nn.Module:
@@ -268,7 +289,7 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
     target = model if inplace else _copy(model)
     apply_fp8(target, decisions, fp8)
     info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions),
-                   output_error=_rel_error(reference, target, inputs))
+                   **_errors(reference, target, inputs))
     if mode == "graph":
         out = capture(target, inputs)
         out.meta[CONVERSION_ATTR] = info

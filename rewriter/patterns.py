@@ -509,18 +509,29 @@ def _identify(
     return None
 
 
+_SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel"})
+
+
+def _is_size_query(node: Node) -> bool:
+    """``h.shape`` / ``h.size(0)`` / ``h.dim()``: reads metadata, not the values."""
+    if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
+        return node.args[1] in ("shape", "dtype", "device", "ndim")
+    return op_name(node) in _SIZE_QUERIES
+
+
 def _escapes(region: _Region, down: Projection) -> tuple[Node, Node] | None:
-    """(node, outside user) for an intermediate or projection output used outside the block."""
+    """(node, outside user) for an intermediate or projection output used outside the block
+    (a shape query is no use of the values: ``expand(h.shape[0], ...)`` of a bmm weight)."""
     inside = set(region.nodes) | set(down.nodes)
     for node in region.nodes:
         if node.op == "get_attr":
             continue
         for user in node.users:
-            if user not in inside:
+            if user not in inside and not _is_size_query(user):
                 return node, user
     for src in region.sources:
         for user in src.output.users:
-            if user not in inside:
+            if user not in inside and not _is_size_query(user):
                 return src.output, user
     return None
 

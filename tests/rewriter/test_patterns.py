@@ -7,7 +7,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from rewriter import NoFFNError, analyze_ffns, capture, find_ffns, require_ffns
+from rewriter import (
+    MoEConfig,
+    NoFFNError,
+    analyze_ffns,
+    capture,
+    convert,
+    find_ffns,
+    require_ffns,
+)
+from rewriter.patterns import find_projections
 from tests._zoo import case_ids, ffn_weight_names
 
 
@@ -282,3 +291,94 @@ def test_property_random_ffn_shapes(d, d_ff, act, glu, bias, batch):
     m = analysis.matches[0]
     assert (m.kind, m.activation, m.d_model, m.d_ff, m.has_bias) == (
         "glu" if glu else "mlp", expected, d, d_ff, bias)
+
+
+# ----------------------------------------------------------------------------- matmul spellings
+
+
+class Spelled(nn.Module):
+    """One FFN whose up and down projections are spelled ``up`` / ``down`` (functions of x
+    and a parameter), plus attention written with matmuls of activations."""
+
+    SPELLINGS = {
+        # name: (fn(x, W) with W stored as (out, in), weight stored transposed?)
+        "x @ W.T": (lambda x, w: x @ w.T, False),
+        "matmul(x, W.t())": (lambda x, w: torch.matmul(x, w.t()), False),
+        "matmul(x, W.transpose(-1, -2))": (lambda x, w: torch.matmul(x, w.transpose(-1, -2)),
+                                          False),
+        "x @ W (in, out)": (lambda x, w: x @ w, True),
+        "x @ W.T.T (in, out)": (lambda x, w: x @ w.T.T, True),
+        "einsum W (out, in)": (lambda x, w: torch.einsum("btd,fd->btf", x, w), False),
+        "einsum W first": (lambda x, w: torch.einsum("fd,btd->btf", w, x), False),
+        "einsum W (in, out)": (lambda x, w: torch.einsum("...d,df->...f", x, w), True),
+        "bmm broadcast W.T": (lambda x, w: torch.bmm(
+            x, w.t().unsqueeze(0).expand(x.shape[0], -1, -1)), False),
+        "mm of flattened x": (lambda x, w: torch.mm(x.reshape(-1, x.shape[-1]), w.t()).view(
+            *x.shape[:-1], w.shape[0]), False),
+        "F.linear of W.T.T": (lambda x, w: F.linear(x, w.T.T), False),
+        "permute(1, 0)": (lambda x, w: x @ w.permute(1, 0), False),
+    }
+
+    def __init__(self, spelling, d=20, f=36, bias=True):
+        super().__init__()
+        self.fn, transposed = self.SPELLINGS[spelling]
+        shape_up, shape_down = ((d, f), (f, d)) if transposed else ((f, d), (d, f))
+        self.w_up = nn.Parameter(torch.randn(*shape_up) / 4)
+        self.w_down = nn.Parameter(torch.randn(*shape_down) / 6)
+        self.b_up = nn.Parameter(torch.randn(f) / 3) if bias else None
+        self.b_down = nn.Parameter(torch.randn(d) / 3) if bias else None
+        self.wq = nn.Parameter(torch.randn(d, d) / 4)
+
+    def forward(self, x):
+        q = x @ self.wq.T
+        att = torch.softmax(q @ x.transpose(-1, -2) / 4.0, -1) @ x  # activations only
+        h = self.fn(x + att, self.w_up)
+        h = F.gelu(h + self.b_up if self.b_up is not None else h)
+        y = self.fn(h, self.w_down)
+        return x + (y + self.b_down if self.b_down is not None else y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("spelling", list(Spelled.SPELLINGS))
+def test_projections_are_found_by_what_they_compute(spelling, bias):
+    torch.manual_seed(5)
+    model = Spelled(spelling, bias=bias).eval()
+    x = torch.randn(3, 7, 20)
+    gm = capture(model, (x,))
+    projections = find_projections(gm)
+    assert sorted(p.weight.fqn for p in projections) == ["w_down", "w_up", "wq"]
+    layout = "conv1d" if Spelled.SPELLINGS[spelling][1] else "linear"
+    assert {p.layout for p in projections if p.weight.fqn != "wq"} == {layout}
+    ffns = find_ffns(gm)
+    assert [(f.kind, f.activation, f.d_model, f.d_ff, f.has_bias) for f in ffns] == [
+        ("mlp", "gelu", 20, 36, bias)]
+    assert ffns[0].weights["up.weight"].fqn == "w_up"
+    if bias:
+        assert ffns[0].weights["down.bias"].fqn == "b_down"
+
+
+@pytest.mark.parametrize("spelling", ["x @ W.T", "einsum W (in, out)", "bmm broadcast W.T"])
+@pytest.mark.parametrize("mode", ["module", "graph"])
+def test_matmul_spelled_ffn_converts_exactly(spelling, mode):
+    torch.manual_seed(6)
+    model = Spelled(spelling).double().eval()
+    x = torch.randn(2, 5, 20, dtype=torch.float64)
+    out = convert(model, moe=MoEConfig(num_experts=3, top_k=3, gate="hard"),
+                  example_inputs=(x,), mode=mode)
+    y = torch.randn(3, 11, 20, dtype=torch.float64)
+    with torch.no_grad():
+        ref, got = model(y), out(y)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-12
+
+
+def test_a_permute_that_is_not_a_transpose_is_no_projection():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(4, 5, 6))
+
+        def forward(self, x):  # (B, 6, 5) @ W.permute(0, 2, 1) -> batched, 3-D weight
+            return torch.relu(x @ self.w.permute(0, 2, 1))
+
+    gm = capture(Odd(), (torch.randn(4, 3, 6),))
+    assert find_projections(gm) == []

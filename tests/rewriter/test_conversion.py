@@ -1,0 +1,50 @@
+"""convert(): the checks it reports are valid for discontinuous (W8A8) models; inline FFNs in
+the default mode; fresh calibration batches after a sliced example input."""
+
+import pytest
+import torch
+import transformers
+
+from rewriter import FP8Config, MoEConfig, conversion_info, convert, models
+from rewriter.capture import activation_quantization_bypassed
+
+
+def _rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def test_w8a8_output_error_is_reported_with_and_without_activation_quantization():
+    model = models.build_model("llama-tiny", seed=3)
+    x = models.example_inputs(model, 2, 9, seed=2)
+    w8a8 = convert(model, moe=MoEConfig(num_experts=4, top_k=4), fp8=FP8Config(),
+                   example_inputs=x)
+    info = conversion_info(w8a8)
+    with torch.no_grad():
+        ref = model(*x)
+        with activation_quantization_bypassed():
+            bypassed = w8a8(*x)
+    # the continuous figure: MoE split (exact) + FP8 weights only
+    assert info.output_error_bypassed == pytest.approx(
+        float((bypassed - ref).abs().max() / ref.abs().max()), rel=1e-6)
+    assert 0 < info.output_error_bypassed < info.output_error < 0.2
+    w8a16 = convert(model, fp8=FP8Config(activations="none"), example_inputs=x)
+    assert conversion_info(w8a16).output_error_bypassed is None  # nothing to bypass
+    moe = convert(model, moe=MoEConfig(num_experts=4, top_k=4), example_inputs=x)
+    assert conversion_info(moe).output_error < 1e-6
+    assert conversion_info(moe).output_error_bypassed is None
+
+
+def test_sliced_example_and_fresh_calibration_batches():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    data = torch.randint(0, 128, (8, 32))
+    calib = [{"input_ids": torch.randint(0, 128, (3, 17))} for _ in range(2)]
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4), calibration=calib,
+                  example_inputs={"input_ids": data[:2, :16]})
+    fresh = torch.randint(0, 128, (3, 11))
+    with torch.no_grad():
+        assert _rel(out(input_ids=fresh).logits, model(input_ids=fresh).logits) < 1e-6
+    assert conversion_info(out).calibration_tokens == 2 * 3 * 17
