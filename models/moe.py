@@ -30,7 +30,8 @@ renormalisation of selected scores divides by ``sum + RENORM_EPS`` (1e-20, as Hu
 DeepSeek-V3 router): a token whose selected sigmoid scores all underflow to 0 gets routed
 weights 0 (the shared experts still apply), never 0/0 = NaN, in the output or the gradients.
 
-Pinned precision: ``router`` and ``expert_bias`` keep float32 under ``.to(dtype)``, ``.half()``,
+Pinned precision: ``router``, ``expert_bias`` and ``last_load`` (token counts: bf16 holds
+integers exactly only up to 256) keep float32 under ``.to(dtype)``, ``.half()``,
 ``.bfloat16()``, ``.double()`` of the block or of a model holding it (they still move between
 devices; see :func:`apply_pinned`): a bf16 bias cannot take 1e-3 balancing steps at O(1).
 
@@ -318,9 +319,9 @@ class MoEFFN(nn.Module):
         return MOE_ACTIVATIONS[self.config.activation]
 
     def _apply(self, fn, recurse=True):
-        """``.to()``/``.half()``/...: the router and ``expert_bias`` keep float32 (they still
-        move between devices); the experts follow."""
-        return apply_pinned(self, fn, recurse, super()._apply, buffers=("expert_bias",),
+        """``.to()``/``.half()``/...: the router, ``expert_bias`` and ``last_load`` keep
+        float32 (they still move between devices); the experts follow."""
+        return apply_pinned(self, fn, recurse, super()._apply, buffers=("expert_bias", "last_load"),
                             children=("router",))
 
     @torch.no_grad()

@@ -16,11 +16,11 @@ snapshot it was built from, bit for bit: any change (``load_state_dict``, ``.dat
 writes through a NumPy view, ``.data`` assignment, none of which a version counter sees
 reliably) rebuilds it. The check reads 1 byte per weight (NumPy compare; measured on this
 2-core CPU under load, a 1536x576 weight at M=1 token: ~0.1-0.5 ms of a ~1 ms forward, vs
-~40 ms with no cache, since dequantizing anew costs ~30 ms; at M >= 16 it is a few %). Modules given one :class:`ActivationMemo` (the
-lowering pass gives one per model and scopes it to the model's forward call) also share a
-fake-quantized activation: projections reading the same tensor in one forward (attention's
-q/k/v, a GLU's gate/up) quantize it once; nothing is reused across forward calls. The
-registered ops run instead (no caches) under
+~40 ms with no cache, since dequantizing anew costs ~30 ms; at M >= 16 it is a few %).
+Modules given one :class:`ActivationMemo` (the lowering pass gives one per model and scopes
+it to the model's forward call) also share a fake-quantized activation: projections reading the
+same tensor in one forward (attention's q/k/v, a GLU's gate/up) quantize it once; nothing is
+reused across forward calls. The registered ops run instead (no caches) under
 ``torch.export``/``torch.compile``/JIT tracing, dispatch modes and autocast, on other devices
 (CUDA: Triton), and when autograd would record the input (``torch.is_grad_enabled() and
 x.requires_grad``).
@@ -393,7 +393,8 @@ class FP8MoEFFN(MoEFFN):
         _clear(self)
         self._compute_dtype = _cast_dtype(fn, self._compute_dtype)
         return apply_pinned(self, fn, recurse, partial(nn.Module._apply, self),
-                            buffers=("expert_bias",) + _PINNED_EXPERTS, children=("router",))
+                            buffers=("expert_bias", "last_load") + _PINNED_EXPERTS,
+                            children=("router",))
 
     def dequantized_experts(self, name: str, x: Tensor | None = None) -> list[Tensor] | None:
         """Cached fp32 weights of every expert of projection ``name`` ("w_up", "w_gate",

@@ -561,6 +561,7 @@ def test_router_and_expert_bias_stay_float32_under_dtype_casts():
                  lambda t: t.double(), lambda t: t.float()):
         cast(model)
         assert m.router.weight.dtype == torch.float32 and m.expert_bias.dtype == torch.float32
+        assert m.last_load.dtype == torch.float32  # counts > 256 are not bf16 integers
         assert torch.equal(m.router.weight, router) and torch.equal(m.expert_bias, bias)
     model.to(torch.bfloat16)
     assert m.w_up.dtype == torch.bfloat16 and m.shared.up.weight.dtype == torch.bfloat16
