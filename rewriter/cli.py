@@ -34,6 +34,7 @@ from .errors import InputError, RewriterError, exit_code
 from .inspection import inspect
 from .pipeline import check_writable, run_pipeline
 from .recipes import RECIPES
+from .serialization import FORMATS, save
 from .training import TextData, TrainConfig, train
 
 __all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
@@ -165,6 +166,7 @@ def _check_output(path: str | None, kind: str) -> None:
 
 def _cmd_convert(args: argparse.Namespace) -> int:
     _check_output(args.report, "directory")
+    _check_output(args.save, "directory")
     _check_output(args.onnx, "file")
     if args.eval or args.train_steps:
         return _run_pipeline(args)
@@ -180,12 +182,21 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.onnx:
         exported = export_onnx(converted, args.onnx, example_inputs=resolved.example_inputs)
         print(f"ONNX: {exported.path} ({exported.file_bytes:,} bytes, checker passed)")
+    if args.save:
+        path = save(converted, args.save, format=args.format, tokenizer=resolved.tokenizer,
+                    pad_to=args.pad_to)
+        print(f"saved ({args.format}): {path}" + (
+            f"  (load: AutoModelForCausalLM.from_pretrained({str(path)!r}))"
+            if args.format == "hf" else f"  (load: rewriter.load({str(path)!r}))"))
     return 0
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     """convert --eval / --train-steps: the end-to-end job with its results table."""
 
+    if args.save:
+        raise InputError("--save applies to a plain convert (without --eval/--train-steps); "
+                         "the pipeline writes its models under --report DIR")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     recipe, moe, fp8 = _conversion_configs(args, training=bool(args.train_steps))
     if recipe is None and moe is None and fp8 is None:
@@ -416,6 +427,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report", default=None,
                    help="directory for the graph picture(s), report.json (and report.html)")
     p.add_argument("--onnx", default=None, help="also export the result to this .onnx file")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also save the converted model to this directory")
+    p.add_argument("--format", default="rewriter", choices=FORMATS,
+                   help="--save format: rewriter (lossless, rewriter.load) or hf (a standard "
+                   "Hugging Face checkpoint: Glm4Moe / Qwen2-MoE; refused with the reason "
+                   "when the model is not representable)")
+    p.add_argument("--pad-to", type=_positive, default=None,
+                   help="--format hf: pad expert widths with zero neurons to a multiple "
+                   "(128 for vLLM's block-FP8 MoE)")
     p.add_argument("--eval", action="store_true",
                    help="measure perplexity on held-out real text at every stage")
     p.add_argument("--eval-tokens", type=_positive, default=8192,

@@ -174,7 +174,7 @@ def hf_plan(model: nn.Module) -> dict[str, Any]:
     if first.gate == "hard":
         raise _refuse("hard gates (every selected expert weighs exactly 1.0) exist in no "
                       "published MoE architecture", "convert with gate='sigmoid' (recipe "
-                      "'deepseek-v3': Glm4Moe) or gate='softmax' (Qwen2-MoE)")
+                      "'deepseek-v3-hf': Glm4Moe) or gate='softmax' (Qwen2-MoE)")
     if not first.glu or first.bias or first.router_bias:
         raise _refuse("experts without GLU, or with biases / a router bias",
                       "use the own format")

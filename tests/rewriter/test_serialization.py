@@ -101,3 +101,19 @@ def test_smollm2_saves_as_glm4_moe(tmp_path):
     back = rewriter.load(rewriter.save(conv, tmp_path / "own"))
     with torch.no_grad():
         assert torch.equal(back(**x).logits, want["logits"])
+
+
+def test_cli_convert_save(tmp_path, capsys):
+    from rewriter.cli import main
+
+    out = tmp_path / "hf"
+    assert main(["convert", "hf:llama", "--recipe", "deepseek-v3-hf", "--calib-seqs", "0",
+                 "--save", str(out), "--format", "hf"]) == 0
+    assert "AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Glm4MoeForCausalLM"]
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    assert main(["convert", "hf:llama", "--recipe", "moe-only", "--calib-seqs", "0",
+                 "--save", str(tmp_path / "hard"), "--format", "hf"]) == 2
+    assert "hard gates" in capsys.readouterr().err
+    assert not (tmp_path / "hard" / "config.json").exists()  # nothing written
