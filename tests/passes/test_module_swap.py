@@ -63,8 +63,12 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-@pytest.mark.parametrize("name", [f.name for f in FORMS])
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
+F64 = [pytest.param(f.name, torch.float64, 1e-12, id=f"{f.name}-f64") for f in FORMS]
+F32 = [pytest.param(f.name, torch.float32, 1e-6, id=f"{f.name}-f32",
+                    marks=() if f.name == "inline" else pytest.mark.slow) for f in FORMS]
+
+
+@pytest.mark.parametrize("name, dtype, tol", F64 + F32)
 def test_module_mode_is_exact_with_every_expert_active(name, dtype, tol):
     form = FORM[name]
     torch.manual_seed(3)
@@ -88,8 +92,12 @@ def test_module_mode_is_exact_with_every_expert_active(name, dtype, tol):
     assert _rel(got, ref) <= tol
 
 
-@pytest.mark.parametrize("name", ["inline", "raw-params", "whole-forward", "two-branches"])
-@pytest.mark.parametrize("mode", ["module", "graph"])
+@pytest.mark.parametrize("name, mode", [
+    ("inline", "module"), ("raw-params", "graph"),
+    *(pytest.param(n, m, marks=pytest.mark.slow) for n, m in [
+        ("inline", "graph"), ("raw-params", "module"), ("whole-forward", "module"),
+        ("whole-forward", "graph"), ("two-branches", "module"), ("two-branches", "graph")]),
+])
 def test_inline_ffn_with_fp8(name, mode):
     form = FORM[name]
     torch.manual_seed(4)
