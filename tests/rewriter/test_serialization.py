@@ -96,7 +96,12 @@ def test_smollm2_saves_as_glm4_moe(tmp_path):
     assert (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
     got, want = vanilla_run(path, x["input_ids"], 12), ours(conv, x["input_ids"], 12)
     assert got["class"] == "Glm4MoeForCausalLM"
-    assert rel(got["logits"], want["logits"]) <= 1e-5
+    # every layer's output (the residual stream) within fp32 tolerance: measured 1.3e-6, each
+    # MoE block 2e-7 on the same input (Glm4Moe weighs expert outputs after down_proj, we
+    # before: summation order only). The final norm and head amplify it in the logits:
+    # measured 1.8e-5 relative, so logits are checked at 1e-4 and by the greedy tokens.
+    assert max(rel(g, w) for g, w in zip(got["hidden"], want["hidden"])) <= 1e-5
+    assert rel(got["logits"], want["logits"]) <= 1e-4
     assert torch.equal(got["gen"], want["gen"])
     back = rewriter.load(rewriter.save(conv, tmp_path / "own"))
     with torch.no_grad():

@@ -31,10 +31,13 @@ directory, io, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = load_file(io + "/in.safetensors")["input_ids"]
 model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
 with torch.no_grad():
-    logits = model(input_ids=ids, use_cache=False).logits
+    out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    logits = out.logits
+    hidden = torch.stack(out.hidden_states)
     gen = model.generate(ids[:1], max_new_tokens=new_tokens, do_sample=False,
                          min_new_tokens=new_tokens)
-save_file({"logits": logits.contiguous(), "gen": gen.contiguous()}, io + "/out.safetensors")
+save_file({"logits": logits.contiguous(), "gen": gen.contiguous(), "hidden": hidden.contiguous()},
+          io + "/out.safetensors")
 print(json.dumps({"class": type(model).__name__, "imported": sorted(
     k for k in sys.modules if k == "rewriter" or k.startswith("rewriter."))}))
 """
@@ -42,8 +45,9 @@ print(json.dumps({"class": type(model).__name__, "imported": sorted(
 
 def vanilla_run(directory: Path, input_ids: torch.Tensor, new_tokens: int = 8) -> dict:
     """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` in a fresh ``python
-    -I`` process (no project import, no trust_remote_code): its logits on ``input_ids``, its
-    greedy continuation of the first row, its class."""
+    -I`` process (no project import, no trust_remote_code): its logits and hidden states
+    (embeddings + every layer's output) on ``input_ids``, its greedy continuation of the
+    first row, its class."""
     io = Path(directory).parent / (Path(directory).name + "-io")
     io.mkdir(exist_ok=True)
     save_file({"input_ids": input_ids.contiguous()}, str(io / "in.safetensors"))
@@ -57,10 +61,11 @@ def vanilla_run(directory: Path, input_ids: torch.Tensor, new_tokens: int = 8) -
 
 def ours(model, input_ids: torch.Tensor, new_tokens: int = 8) -> dict:
     with torch.no_grad():
-        logits = model(input_ids=input_ids).logits
+        out = model(input_ids=input_ids, output_hidden_states=True)
+        logits = out.logits
         gen = model.generate(input_ids[:1], max_new_tokens=new_tokens, do_sample=False,
                              min_new_tokens=new_tokens)
-    return {"logits": logits, "gen": gen}
+    return {"logits": logits, "gen": gen, "hidden": torch.stack(out.hidden_states)}
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
