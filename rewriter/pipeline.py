@@ -37,7 +37,7 @@ from rewriter import models
 from rewriter.models.text import model_batches, token_ids
 from rewriter.passes.freeze_fp8 import freeze_fp8
 from rewriter.targets.onnx_export import export_onnx
-from rewriter.targets.onnx_runtime import compare_with_torch
+from rewriter.targets.onnx_runtime import check_parity
 
 from .conversion import convert
 from .errors import InputError, RewriterError
@@ -66,6 +66,16 @@ class PipelineError(RewriterError, RuntimeError):
         self.exit_code = getattr(cause, "exit_code", 1)
 
 
+
+def _parity_text(onnx: dict[str, Any]) -> str:
+    """One line on an ONNX parity check (:func:`check_parity`'s figures)."""
+    if onnx["mode"] == "bypassed":  # W8A8: judged with activation quantization bypassed
+        return (f"activation quantization bypassed: max rel. error {onnx['rel']:.1e}, FP8 "
+                f"codes teacher-forced per layer; as quantized (information): next-token "
+                f"agreement {onnx['agreement']:.2%}, max rel. error {onnx['quantized_rel']:.1e}")
+    return (f"max rel. error {onnx['rel']:.1e}, next-token agreement "
+            f"{onnx['agreement']:.2%}")
+
 @dataclass(frozen=True)
 class PipelineRow:
     name: str
@@ -93,8 +103,8 @@ class PipelineReport:
         if self.onnx:
             o = self.onnx
             text += (f"\nONNX: {o['path']} ({o['bytes'] / 1e6:.1f} MB, opset {o['opset']}); "
-                     f"onnxruntime vs PyTorch on {o['shape']} held-out tokens: next-token "
-                     f"agreement {o['agreement']:.2%}, max rel. error {o['rel']:.1e}")
+                     f"onnxruntime vs PyTorch on {o['shape']} held-out tokens: "
+                     f"{'passed' if o['passed'] else 'FAILED'} ({_parity_text(o)})")
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -372,13 +382,18 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
         with stage("ONNX"):
             exported = export_onnx(deploy, onnx_path, example_inputs=example_inputs)
             held = data.eval_ids[:2, :128]
-            diff = compare_with_torch(deploy, exported.path,
-                                      {"input_ids": held} if hf else (held,))
+            parity = check_parity(deploy, exported.path, {"input_ids": held} if hf else (held,))
+            quantized = parity["quantized"] or parity
             report.onnx = {"path": str(exported.path), "bytes": exported.file_bytes,
                            "opset": exported.opset, "shape": tuple(held.shape),
-                           "agreement": diff["argmax_agreement"], "rel": diff["rel"],
-                           "max_abs": diff["max_abs"]}
+                           "passed": parity["passed"], "mode": parity["mode"],
+                           "rel": parity["rel"], "max_abs": parity["max_abs"],
+                           "agreement": quantized["argmax_agreement"],
+                           "quantized_rel": quantized["rel"]}
             writer.table()
+            if not parity["passed"]:
+                raise RuntimeError("onnxruntime differs from PyTorch: "
+                                   + "; ".join(parity["failures"]))
         say(f"ONNX: {exported.path} ({exported.file_bytes / 1e6:.1f} MB), onnxruntime parity "
-            f"{diff['argmax_agreement']:.2%} next-token agreement")
+            f"passed ({_parity_text(report.onnx)})")
     return report
