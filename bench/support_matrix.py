@@ -61,6 +61,10 @@ TINY = {  # attribute -> value, set where the config class has the attribute
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "n_shared_experts": 1,
     "first_k_dense_replace": 0, "use_cache": False,
+    # multi-head latent attention (DeepSeek-V2/V3 style) and linear-attention head sizes
+    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "qk_head_dim": 16, "v_head_dim": 16,
+    "kv_lora_rank": 16, "q_lora_rank": 32, "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16, "linear_num_key_heads": 2, "linear_num_value_heads": 4,
 }
 TOKEN_IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2, "sep_token_id": 2,
              "cls_token_id": 1, "decoder_start_token_id": 1, "mask_token_id": 3}
@@ -80,14 +84,46 @@ def _architectures() -> list[tuple[str, str, str]]:
     return sorted(out)
 
 
-def _tiny_config(model_type: str):
+# Tiers of overrides, tried in order until the model runs: every width, then without the
+# head sizes (models that derive them: MLA, partial rotary), then layers / vocab / experts only.
+_HEAD_KEYS = ("head_dim", "kv_channels", "num_key_value_heads")
+_TIERS = (
+    TINY,
+    {k: v for k, v in TINY.items() if k not in _HEAD_KEYS},
+    {k: v for k, v in TINY.items() if k in ("num_hidden_layers", "n_layer", "num_layers",
+                                            "n_layers", "decoder_layers", "encoder_layers",
+                                            "vocab_size", "num_experts", "num_local_experts",
+                                            "n_routed_experts", "num_experts_per_tok",
+                                            "use_cache")},
+)
+
+
+def _tiny_model(model_type: str, class_name: str):
+    """The first tier of overrides whose model builds and runs a forward; the errors of each."""
+    errors = []
+    for tier in _TIERS:
+        try:
+            torch.manual_seed(0)
+            config = _tiny_config(model_type, tier)
+            model = getattr(transformers, class_name)(config).eval()
+            if sum(p.numel() for p in model.parameters()) > 60_000_000:
+                raise RuntimeError("default widths too large for a tiny model")
+            with torch.no_grad():
+                model(input_ids=torch.randint(4, 200, (1, 5)))
+            return config, model
+        except Exception as exc:
+            errors.append(f"{type(exc).__name__}: {exc}")
+    raise RuntimeError(" | ".join(dict.fromkeys(errors)))
+
+
+def _tiny_config(model_type: str, tiny: dict):
     cls = CONFIG_MAPPING[model_type]
     default = cls()
     known = set(vars(default)) | set(getattr(cls, "attribute_map", {}))
     if any(k in known for k in ("text_config", "vision_config", "audio_config")) and \
             not any(k in known for k in ("hidden_size", "n_embd", "d_model")):
         raise RuntimeError("composite config (text + other modalities): no tiny text model")
-    kw = {k: v for k, v in TINY.items() if k in known}
+    kw = {k: v for k, v in tiny.items() if k in known}
     for k, v in TOKEN_IDS.items():
         if k in known and isinstance(getattr(default, k, None), int):
             kw[k] = v
@@ -149,8 +185,7 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
     torch.manual_seed(0)
     warnings.simplefilter("ignore")
     try:
-        config = _tiny_config(model_type)
-        model = getattr(transformers, class_name)(config).eval()
+        config, model = _tiny_model(model_type, class_name)
         row["steps"]["config"] = "ok"
         row["params"] = sum(p.numel() for p in model.parameters())
     except Exception as exc:
@@ -160,6 +195,8 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
     layers = next((getattr(config, k) for k in ("num_hidden_layers", "n_layer", "num_layers",
                                                  "decoder_layers") if hasattr(config, k)), None)
     vocab = getattr(config, "vocab_size", 256) or 256
+    row["hidden"] = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model")
+                          if isinstance(getattr(config, k, None), int)), None)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(4, min(vocab, 256), (2, 9), generator=g)
     fresh = {"input_ids": torch.randint(4, min(vocab, 256), (3, 11), generator=g)}

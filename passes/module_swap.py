@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from rewriter.capture import kv_cache_off, normalize_inputs
+from rewriter.capture import kv_cache_off, normalize_inputs, outputs_close
 from rewriter.errors import InputError
 from rewriter.graph_ops import common_module, module_stack, owning_module
 from rewriter.patterns import FFNMatch, analyze_ffns
@@ -67,6 +67,7 @@ class InlineRewrite:
     graph: Graph = field(repr=False)  # the owner's traced forward (targets relative to it)
     signature: inspect.Signature = field(repr=False)  # the owner's forward, without self
     names: tuple[str, ...]  # graph placeholders, in order: forward parameters it receives
+    baked: Mapping[str, Any] = field(default_factory=dict, repr=False)  # traced as constants
 
 
 # ----------------------------------------------------------------------------- what it matches
@@ -189,22 +190,41 @@ class _OwnerTracer(torch.fx.Tracer):
 _WRAPPED = "owner"
 
 
-def _calling_wrapper(owner: nn.Module, names: Sequence[str], positional: int) -> nn.Module:
-    """A module whose forward(self, <names>) calls ``owner.forward`` with them: the first
-    ``positional`` by position, the rest by keyword (so a ``**kwargs`` parameter receives its
-    recorded entries one by one, each a placeholder of its own)."""
-    params = ", ".join(names)
-    call = ", ".join([*names[:positional], *(f"{n}={n}" for n in names[positional:])])
+def _calling_wrapper(owner: nn.Module, names: Sequence[str], positional: int,
+                     baked: Mapping[str, Any]) -> nn.Module:
+    """A module whose forward(self, <names - baked>) calls ``owner.forward``: the first
+    ``positional`` names by position, the rest by keyword (so a ``**kwargs`` parameter
+    receives its recorded entries one by one); a ``baked`` name passes its recorded value."""
+
+    def ref(n: str) -> str:
+        return f"self._baked[{n!r}]" if n in baked else n
+
+    params = ", ".join(n for n in names if n not in baked)
+    call = ", ".join([*(ref(n) for n in names[:positional]),
+                      *(f"{n}={ref(n)}" for n in names[positional:])])
     src = f"def forward(self, {params}):\n    return self.{_WRAPPED}.forward({call})\n"
     scope: dict[str, Any] = {}
     exec(compile(src, f"<rewriter inline {type(owner).__name__}>", "exec"), scope)  # noqa: S102
     wrapper = type("_CallOwner", (nn.Module,), {"forward": scope["forward"]})()
     setattr(wrapper, _WRAPPED, owner)
+    wrapper._baked = dict(baked)
     return wrapper
 
 
+def _same_output(a: Any, b: Any) -> bool:
+    error = outputs_close(a, b)
+    leaves = [x for x in torch.utils._pytree.tree_leaves(a) if isinstance(x, torch.Tensor)]
+    scale = max((float(x.double().abs().max()) for x in leaves if x.numel()), default=1.0)
+    return error <= 1e-5 * max(scale, 1.0)
+
+
 def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
-                 block_modules: set[str]) -> tuple[Graph, inspect.Signature, tuple[str, ...]]:
+                 block_modules: set[str]) -> tuple[Graph, inspect.Signature, tuple[str, ...],
+                                                   dict[str, Any]]:
+    """The owner's forward as a graph of its recorded call. First every argument is a
+    placeholder; if the graph then disagrees with the owner on the recorded call (Python
+    decided something on an argument, ``if cache is not None``, which a placeholder cannot
+    carry), the non-tensor arguments are baked in instead, and calls must pass the same."""
     signature = inspect.signature(owner.forward)
     params = list(signature.parameters.values())
     positional = [p.name for p in params
@@ -214,18 +234,49 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
     names = (*positional, *kwargs)
     if len(set(names)) != len(names) or not all(n.isidentifier() for n in names):
         raise InputError(f"{type(owner).__name__}.forward: unusable argument names {names}")
-    wrapper = _calling_wrapper(owner, names, len(positional))
+    values = dict(zip(positional, args)) | dict(kwargs)
     keep_open = {_WRAPPED} | {f"{_WRAPPED}.{m}" if m else _WRAPPED for m in block_modules}
-    graph = _OwnerTracer(keep_open).trace(wrapper)
+    with torch.no_grad():
+        expected = owner(*args, **kwargs)
+
+    def attempt(baked: dict[str, Any]) -> Graph | BaseException:
+        wrapper = _calling_wrapper(owner, names, len(positional), baked)
+        try:
+            graph = _OwnerTracer(keep_open).trace(wrapper)
+            with torch.no_grad():
+                got = GraphModule(wrapper, graph)(*(values[n] for n in names if n not in baked))
+        except Exception as exc:
+            return exc
+        if not _same_output(expected, got):
+            return InputError(f"the traced forward of {type(owner).__name__} differs from it "
+                              "on the recorded call")
+        return graph
+
+    baked: dict[str, Any] = {}
+    found = attempt(baked)
+    if not isinstance(found, Graph):  # bake the non-tensor arguments, then free each we can
+        baked = {n: v for n, v in values.items() if not isinstance(v, torch.Tensor)}
+        found = attempt(baked)
+        if not isinstance(found, Graph):
+            raise found
+        for name in list(baked):
+            trial = {k: v for k, v in baked.items() if k != name}
+            again = attempt(trial)
+            if isinstance(again, Graph):
+                baked, found = trial, again
+    graph = found
     prefix = _WRAPPED + "."
     for node in graph.nodes:  # targets relative to the owner
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
+            if target.startswith("_baked"):
+                raise InputError(f"{type(owner).__name__}: a baked argument is read as a tensor")
             if not target.startswith(prefix):
                 raise InputError(f"{type(owner).__name__}: traced graph reads {target!r} outside "
                                  "the module")
             node.target = target[len(prefix):]
-    return graph, signature.replace(parameters=params), tuple(names)
+    traced = tuple(n for n in names if n not in baked)
+    return graph, signature.replace(parameters=params), traced, dict(baked)
 
 
 def _ancestors(fqns: set[str]) -> set[str]:
@@ -265,7 +316,8 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
         block_modules = {b for b in _ancestors(block_modules) if b}
         args, kwargs = recorded[owner]
         try:
-            graph, signature, names = _trace_owner(module, args, kwargs, block_modules)
+            graph, signature, names, baked = _trace_owner(module, args, kwargs,
+                                                          block_modules)
         except InputError:
             raise
         except Exception as exc:
@@ -283,7 +335,7 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
                 f"{where}: the traced forward of its owner {owner or '<root>'} does not hold "
                 f"the FFN reading {missing[0]!r} as one block; use mode='graph'")
         for (i, _m), w in zip(here, wanted):
-            plans[i] = InlineRewrite(owner, w, graph, signature, names)
+            plans[i] = InlineRewrite(owner, w, graph, signature, names, baked)
     return plans  # type: ignore[return-value]
 
 
@@ -329,7 +381,7 @@ def _put(root: nn.Module, fqn: str, value: Any) -> None:
 
 
 def _graph_forward(graph_fn: Callable[..., Any], signature: inspect.Signature,
-                   names: tuple[str, ...]) -> Callable[..., Any]:
+                   names: tuple[str, ...], baked: Mapping[str, Any]) -> Callable[..., Any]:
     """forward(self, *args, **kwargs) with the owner's own signature: binds the call as the
     original forward would, passes the traced arguments to the graph's code, and refuses an
     argument the graph was not traced with (it would otherwise be dropped silently)."""
@@ -337,11 +389,22 @@ def _graph_forward(graph_fn: Callable[..., Any], signature: inspect.Signature,
     var_kw = next((p.name for p in params.values() if p.kind is p.VAR_KEYWORD), None)
     traced = set(names)
 
+    def default(name: str) -> Any:
+        p = params.get(name)
+        return None if p is None or p.default is inspect.Parameter.empty else p.default
+
     def forward(self, *args, **kwargs):
         bound = signature.bind(*args, **kwargs)
         given = dict(bound.arguments)
         if var_kw:
             given.update(given.pop(var_kw, None) or {})
+        for name, value in baked.items():
+            now = given.pop(name, default(name))
+            if not (now is value or (type(now) is type(value) and now == value)):
+                raise InputError(
+                    f"{type(self).__name__}: its FFN was rewritten from a graph traced with "
+                    f"{name}={value!r}; this call passes {name}={now!r}. Convert with example "
+                    "inputs that make the same call")
         extra = sorted(k for k, v in given.items() if k not in traced and v is not None)
         if extra:
             raise InputError(
@@ -380,7 +443,7 @@ def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
             _delete(owner, target)
     cls = type(owner)
     base = getattr(cls, "_rewriter_base", cls)
-    forward = _graph_forward(type(new).forward, first.signature, first.names)
+    forward = _graph_forward(type(new).forward, first.signature, first.names, first.baked)
     owner.__class__ = type(base.__name__, (base,), {
         "forward": forward, "_rewriter_base": base, "__module__": base.__module__,
         "__qualname__": base.__qualname__, "_rewriter_code": new.code,

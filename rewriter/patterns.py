@@ -509,11 +509,13 @@ def _identify(
     return None
 
 
-_SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel"})
+_SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel",
+                           "_assert_tensor_metadata", "_assert_scalar"})
 
 
 def _is_size_query(node: Node) -> bool:
-    """``h.shape`` / ``h.size(0)`` / ``h.dim()``: reads metadata, not the values."""
+    """``h.shape`` / ``h.size(0)`` / ``h.dim()`` / torch.export's metadata asserts: reads
+    metadata, not the values."""
     if node.op == "call_function" and node.target is getattr and len(node.args) == 2:
         return node.args[1] in ("shape", "dtype", "device", "ndim")
     return op_name(node) in _SIZE_QUERIES

@@ -168,3 +168,41 @@ def test_hf_decoder_layer_with_inline_ffn_keeps_generate_and_kv_cache():
     dense = model.generate(prompt, max_new_tokens=6, do_sample=False)
     moe = out.generate(prompt, max_new_tokens=6, do_sample=False)  # KV cache on
     assert torch.equal(dense, moe)
+
+
+def test_python_decision_on_an_argument_is_baked_and_guarded():
+    """``if enc is not None`` cannot be carried by a placeholder: the traced graph would take
+    the branch for a None argument. Such arguments are traced as their recorded value, and a
+    call that passes another value is refused; arguments that only flow into child modules
+    (a KV cache) stay arguments."""
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cross, self.fc1, self.fc2 = nn.Linear(8, 8), nn.Linear(8, 20), nn.Linear(20, 8)
+            self.attn = nn.Identity()
+
+        def forward(self, x, enc=None, cache=None):
+            x = self.attn(x) if cache is None else x
+            if enc is not None:
+                x = x + self.cross(enc)
+            return x + self.fc2(torch.relu(self.fc1(x)))
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Layer()
+
+        def forward(self, x):
+            return self.layer(x, enc=None, cache=None)
+
+    torch.manual_seed(2)
+    model = Parent().double().eval()
+    x = torch.randn(2, 3, 8, dtype=torch.float64)
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4), example_inputs=(x,))
+    y = torch.randn(3, 5, 8, dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(out(y), model(y)) <= 1e-12
+        assert _rel(out.layer(y, enc=None), model.layer(y)) <= 1e-12
+    with pytest.raises(InputError, match="enc=None"):
+        out.layer(y, enc=torch.randn(3, 5, 8, dtype=torch.float64))
