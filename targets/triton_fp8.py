@@ -162,18 +162,21 @@ if triton is not None:
 
     @triton.jit
     def _gemm_tile(
-        a_ptr, as_ptr, b_ptr, bs_ptr, rm, rn, K, KB, k_iters,
+        a_ptr, as_ptr, b_ptr, bs_ptr, rm, rn, n0, K, KB, k_iters,
         B_ROW: tl.constexpr, EVEN_K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """acc (BM, BN) fp32 = sum over K-blocks of dot(a, b^T) * s_a s_b for rows rm of A and
-        rows rn of B (both already valid indices: callers wrap or clamp them)."""
+        rows rn of B (both already valid indices: callers wrap or clamp them); n0 = the tile's
+        first row of B (a valid index)."""
         rk = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]  # (BM, BK)
         b_ptrs = b_ptr + rn.to(tl.int64)[None, :] * K + rk[:, None]  # (BK, BN): B^T, K-major
         as_ptrs = as_ptr + rm.to(tl.int64) * KB  # (BM,)
         if B_ROW:
             bs_ptrs = bs_ptr + rn.to(tl.int64) * KB  # (BN,): one scale per row of B
+        elif BLOCK_K % BLOCK_N == 0:  # the tile lies in one 128-row block of B: a scalar
+            bs_ptrs = bs_ptr + (n0 // BLOCK_K).to(tl.int64) * KB  # (wrapped rows are unused)
         else:
             bs_ptrs = bs_ptr + (rn // BLOCK_K).to(tl.int64) * KB  # (BN,): per 128x128 block
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -188,8 +191,13 @@ if triton is not None:
             sa = tl.load(as_ptrs + kb)
             sb = tl.load(bs_ptrs + kb)
             # promotion: the tensor-core partial sum of one 128-deep block is scaled and added
-            # to the fp32 accumulator
-            acc += tl.dot(a, b, out_dtype=tl.float32) * (sa[:, None] * sb[None, :])
+            # to the fp32 accumulator. A scalar sb (one weight block per tile) makes the scale
+            # a (BM, 1) column: the same products, without a register per column of the tile
+            if B_ROW or BLOCK_K % BLOCK_N != 0:
+                scale = sa[:, None] * sb[None, :]
+            else:
+                scale = sa[:, None] * sb
+            acc += tl.dot(a, b, out_dtype=tl.float32) * scale
             a_ptrs += BLOCK_K
             b_ptrs += BLOCK_K
         return acc
@@ -213,8 +221,8 @@ if triton is not None:
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         # wrapped indices load valid (unused) data instead of masking every load
-        acc = _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows % M, cols % N, K, KB, KB,
-                         B_ROW, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
+        acc = _gemm_tile(a_ptr, as_ptr, b_ptr, bs_ptr, rows % M, cols % N, pid_n * BLOCK_N,
+                         K, KB, KB, B_ROW, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -252,7 +260,7 @@ if triton is not None:
         rmask = rows < row_end
         ex = tl.maximum(expert, 0).to(tl.int64)
         acc = _gemm_tile(a_ptr, as_ptr, b_ptr + ex * N * K, bs_ptr + ex * NB * KB,
-                         tl.where(rmask, rows, row0), cols % N, K, KB,
+                         tl.where(rmask, rows, row0), cols % N, pid_n * BLOCK_N, K, KB,
                          tl.where(found, KB, 0), False, EVEN_K, BLOCK_M, BLOCK_N, BLOCK_K)
         mask = rmask[:, None] & (cols < N)[None, :]
         c_ptrs = c_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :]
