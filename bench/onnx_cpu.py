@@ -5,7 +5,7 @@
 
 For each variant the model is converted (MoE: 16 routed experts of 72 neurons, top 4, 384
 shared neurons, ~44% of the FFN active; FP8: DeepSeek-V3 recipe, inference), exported with
-``rewriter.targets.onnx_export.export_onnx`` (checker included) into ``--out``, and checked on real
+``rewriter.targets.onnx.export_onnx`` (checker included) into ``--out``, and checked on real
 text (Python's language reference, ``pydoc_data.topics``): the verdict is ``check_parity`` (W8A8:
 the file with its activation quantization bypassed vs PyTorch likewise, plus the FP8 layers
 teacher-forced, ``check_fp8_linears``); onnxruntime vs PyTorch of the quantized model itself, max
@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from _timing import medians_ms, time_interleaved  # noqa: E402
-from rewriter.targets.onnx_export import export_onnx  # noqa: E402
+from rewriter.targets.onnx import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import (  # noqa: E402
     check_parity,
     compare_with_torch,

@@ -43,7 +43,7 @@ from _timing import medians_ms, time_interleaved  # noqa: E402
 from rewriter.models.hf import load_smollm2  # noqa: E402
 from rewriter.models.text import perplexity, pydoc_text, split_ids, token_ids  # noqa: E402
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead  # noqa: E402
-from rewriter.targets.onnx_export import export_onnx  # noqa: E402
+from rewriter.targets.onnx import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import (  # noqa: E402
     check_parity,
     make_session,

@@ -44,7 +44,7 @@ from rewriter.passes.calibration import calibrate
 from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import FP8Config
 from rewriter.serialization import load, save
-from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx import export_onnx
 
 __version__ = "0.1.0"
 

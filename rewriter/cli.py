@@ -27,7 +27,7 @@ from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import FP8Config
 from rewriter.targets.fp8_linear import ACTIVATION_MODES
 from rewriter.targets.fp8_linear import MODES as FP8_MODES
-from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx import export_onnx
 
 from .conversion import convert
 from .errors import InputError, RewriterError, exit_code

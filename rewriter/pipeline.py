@@ -36,7 +36,7 @@ from torch import nn
 from rewriter import models
 from rewriter.models.text import model_batches, token_ids
 from rewriter.passes.freeze_fp8 import freeze_fp8
-from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_parity
 
 from .conversion import convert

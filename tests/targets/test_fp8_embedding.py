@@ -15,7 +15,7 @@ from rewriter.models import hf
 from rewriter.passes.lower_fp8 import FP8Config
 from rewriter.targets.fp8 import AMAX_FLOOR
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
-from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
 from torch import nn
 

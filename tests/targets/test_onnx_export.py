@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from rewriter.models import hf
 from rewriter.models.moe import MoEFFN
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
-from rewriter.targets.onnx_export import (
+from rewriter.targets.onnx import (
     ExportInputError,
     OnnxExportError,
     export_onnx,

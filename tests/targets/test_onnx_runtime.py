@@ -15,7 +15,7 @@ import torch
 from onnx import numpy_helper
 from rewriter.targets.fp8 import dequantize_blockwise
 from rewriter.targets.fp8_linear import FP8Linear
-from rewriter.targets.onnx_export import export_onnx
+from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import (
     OnnxRuntimeError,
     activations_bypassed,
