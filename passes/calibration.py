@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import Graph, GraphModule
+from tqdm.auto import tqdm
 
 from rewriter.capture import capture_info, first_float_output, normalize_inputs
 from rewriter.errors import InputError
@@ -227,8 +228,6 @@ def _progress(iterable: Iterable[Any], total: int | None, desc: str, show: bool 
         show = sys.stderr.isatty()
     if not show:
         return iterable
-    from tqdm.auto import tqdm
-
     return tqdm(iterable, total=total, desc=desc, unit="batch")
 
 

@@ -33,7 +33,7 @@ from torch.fx import GraphModule, Node
 
 from rewriter.errors import InputError
 from rewriter.graph_ops import is_reshape, module_stack, op_name
-from rewriter.patterns import find_projections
+from rewriter.projections import find_projections
 
 from .cleanup import is_identity_op
 

@@ -16,7 +16,7 @@ from rewriter import (
     find_ffns,
     require_ffns,
 )
-from rewriter.patterns import find_projections
+from rewriter.projections import find_projections
 from tests._zoo import case_ids, ffn_weight_names
 
 
