@@ -432,7 +432,7 @@ def bypass_activation_quantization(proto: onnx.ModelProto) -> int:
 
 
 def check_parity(model: nn.Module, path: str | os.PathLike, inputs: Any, *, tol: float = 1e-5,
-                 fp8_tol: float = 1e-6) -> dict[str, Any]:
+                 fp8_tol: float = 1e-5) -> dict[str, Any]:
     """onnxruntime-vs-PyTorch parity of an exported model, valid for discontinuous models.
 
     A W8A8 model (FP8 activation quantization) is a step function of its input: a one-ulp
@@ -448,6 +448,9 @@ def check_parity(model: nn.Module, path: str | os.PathLike, inputs: Any, *, tol:
     2. :func:`check_fp8_linears` on the file: every FP8 code and 1x128 scale of the
        activations equals :mod:`rewriter.targets.fp8` on the layer's own input, the layer's
        output matches to ``max_rel <= fp8_tol``, and every FP8 weight is the model's.
+       ``fp8_tol`` covers the fp32 summation order of one matmul (onnxruntime vs torch): it
+       grows with K; SmolLM2's layers (K = 576 and 1536) measured 1.12e-6, so 1e-5, the
+       export-parity tolerance of the whole model, not 1e-6.
 
     The quantized graph's end-to-end difference and next-token agreement are reported
     (``"quantized"``), never judged. A graph without activation QDQ, or a model without
