@@ -157,8 +157,8 @@ def dense_row(m: int, n: int, k: int, dev: str, cuda: bool) -> dict:
     fn, why = scaled_mm_fn(a, w)
     row["scaled_mm_ms"] = bench_ms(fn, cuda) if fn else None
     row["scaled_mm_note"] = why
-    if cuda and hasattr(tf, "_TUNED") and "gemm" in tf._TUNED:
-        row["config"] = str(tf._TUNED["gemm"].best_config)
+    if cuda and hasattr(tf, "_TUNED") and ("gemm", True) in tf._TUNED:
+        row["config"] = str(tf._TUNED["gemm", True].best_config)
     return row
 
 
@@ -206,8 +206,8 @@ def grouped_row(name: str, counts: list, n: int, k: int, dev: str, cuda: bool) -
             fns.append(fn)
     row["scaled_mm_ms"] = bench_ms(lambda: [f() for f in fns], cuda) if fns else None
     row["scaled_mm_note"] = why or "loop over experts"
-    if cuda and "grouped" in getattr(tf, "_TUNED", {}):
-        row["config"] = str(tf._TUNED["grouped"].best_config)
+    if cuda and ("grouped", True) in getattr(tf, "_TUNED", {}):
+        row["config"] = str(tf._TUNED["grouped", True].best_config)
     return row
 
 

@@ -29,6 +29,7 @@ must be set before the first ``import triton`` of the process.
 """
 
 import math
+import os
 
 import torch
 from rewriter.targets.fp8 import AMAX_FLOOR, BLOCK, FP8_DTYPE, fp8_gemm_reference
@@ -59,9 +60,9 @@ if triton is not None:
     _AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)  # kernels read globals only as constexpr
 
     @triton.jit
-    def _round_e4m3(y):
-        """fp32 -> the nearest E4M3 value as fp32 (RNE, saturating at +-448, NaN kept)."""
-        a = tl.abs(y)
+    def _round_e4m3_abs(a):
+        """|y| (fp32, >= 0 or NaN) -> the nearest E4M3 magnitude as fp32 (RNE, saturating at
+        448, Inf too); NaN comes out as some number (the caller writes NaN's code)."""
         small = a < 0.015625  # below 2^-6: E4M3 subnormals (False for NaN)
         # normal range: round to nearest even on the 3 kept mantissa bits (20 dropped); a carry
         # into the exponent is the right answer. Inf's bits bound the magnitude so NaN cannot
@@ -71,20 +72,24 @@ if triton is not None:
         # subnormal range: fp32 numbers in [2^14, 2^15) are spaced 2^-9 apart, so the addition
         # rounds |y| to the E4M3 subnormal grid (nearest even); the subtraction is exact
         sub = (tl.where(small, a, 0.0) + 16384.0) - 16384.0
-        r = tl.minimum(tl.where(small, sub, normal), 448.0)  # saturate (Inf too)
-        r = tl.where(y.to(tl.int32, bitcast=True) < 0, -r, r)  # sign, -0.0 included
-        return tl.where(y != y, y, r)
+        return tl.minimum(tl.where(small, sub, normal), 448.0)
 
     @triton.jit
     def _to_e4m3(y, dtype: tl.constexpr):
-        """fp32 -> E4M3 (``dtype``), bit-identical to torch's ``.to(torch.float8_e4m3fn)``.
+        """fp32 -> E4M3 (``dtype``), bit-identical to ``rewriter.targets.fp8``'s rounding
+        (RNE, saturating at +-448, -0.0 kept, NaN -> 0x7F | sign).
 
-        The cast sees only values already on the E4M3 grid, which every backend converts
-        exactly; NaN is written as torch does (0x7F, 0xFF with the sign bit), since the
-        interpreter's cast turns it into a number."""
-        q = _round_e4m3(y).to(dtype).to(tl.uint8, bitcast=True)
-        nan = tl.where(y.to(tl.int32, bitcast=True) < 0, 0xFF, 0x7F).to(tl.uint8)
-        return tl.where(y != y, nan, q).to(dtype, bitcast=True)
+        The magnitude is rounded on the E4M3 grid in fp32 and cast (every backend converts
+        grid values exactly); the sign bit is OR-ed into the byte, not applied as a float
+        negation: compiled for an H200 (Triton 3.6), ``where(y < 0, -r, r)`` lost the sign of
+        zero (-6.3e-5 came out +0x00, torch's -0 is 0x80), and the interpreter's cast turns NaN
+        into a number, so NaN's code is written as bits too."""
+        bits = y.to(tl.int32, bitcast=True)
+        sign = ((bits >> 24) & 0x80).to(tl.uint8)  # 0x80 for a set sign bit
+        a = (bits & 0x7FFFFFFF).to(tl.float32, bitcast=True)  # |y|, NaN stays NaN
+        mag = _round_e4m3_abs(a).to(dtype).to(tl.uint8, bitcast=True)
+        mag = tl.where(a != a, 0x7F, mag).to(tl.uint8)
+        return (mag | sign).to(dtype, bitcast=True)
 
     @triton.jit
     def _tile_scale(amax, has_nan, POW2: tl.constexpr, FLOOR: tl.constexpr):
@@ -312,20 +317,28 @@ def _gemm_configs() -> list:
             for bm, bn, w, s in shapes]
 
 
-_TUNED: dict = {}  # kernel name -> autotuned wrapper (built on first GPU use)
+AUTOTUNE_ENV = "REWRITER_FP8_AUTOTUNE"
+"""Set to ``0`` to launch every GEMM with its first config (128x128, 8 warps, 3 stages)
+instead of benchmarking all six per new shape key. Autotuning compiles each config once per
+key: a model's first FP8 training step on a GPU compiles ~6x as many kernels (minutes); the
+tuned choice is at most a few percent faster at large shapes (BENCHMARKS.md)."""
+
+_TUNED: dict = {}  # (kernel name, autotune on) -> autotuned wrapper (built on first GPU use)
 
 
 def _tuned(name: str):
-    if name not in _TUNED:
+    autotune = os.environ.get(AUTOTUNE_ENV, "1") != "0"
+    if (name, autotune) not in _TUNED:
+        configs = _gemm_configs() if autotune else _gemm_configs()[:1]  # one: no benchmarking
         if name == "gemm":
-            _TUNED[name] = triton.autotune(
-                configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "B_ROW", "HAS_BIAS"],
+            _TUNED[name, autotune] = triton.autotune(
+                configs=configs, key=["M_BUCKET", "N", "K", "B_ROW", "HAS_BIAS"],
             )(_fp8_gemm_kernel)
         else:
-            _TUNED[name] = triton.autotune(
-                configs=_gemm_configs(), key=["N", "K", "E"],
+            _TUNED[name, autotune] = triton.autotune(
+                configs=configs, key=["N", "K", "E"],
             )(_fp8_grouped_gemm_kernel)
-    return _TUNED[name]
+    return _TUNED[name, autotune]
 
 
 # ------------------------------------------------------------------------------------ wrappers
