@@ -534,7 +534,8 @@ def main() -> int:
     checks = RESULT.get("checks")
     failed = ([c for c in checks if not c["ok"]] if isinstance(checks, list)
               else [dict(section="checks", error=checks)])
-    failed += [dict(section=s, error=RESULT[s]["error"]) for s in ("mma_precision", "dense", "grouped", "e2e")
+    failed += [dict(section=s, error=RESULT[s]["error"])
+               for s in ("mma_precision", "dense", "grouped", "e2e")
                if isinstance(RESULT.get(s), dict) and "error" in RESULT[s]]
     RESULT["failed"] = failed
     RESULT["ok"] = not failed
@@ -542,7 +543,13 @@ def main() -> int:
     if isinstance(checks, list):
         worst = max((c.get("rel_err", 0.0) for c in checks), default=0.0)
         print(f"checks: {sum(c['ok'] for c in checks)}/{len(checks)} ok, worst GEMM rel err "
-              f"{worst:.2e}")
+              f"{worst:.2e} (--gemm-tol {ARGS.gemm_tol:g})")
+        floor = [r["rel_err"] for r in RESULT.get("mma_precision") or []
+                 if isinstance(r, dict) and "use_fast_accum=False" in r.get("gemm", "")
+                 and "rel_err" in r]
+        if floor:
+            print(f"FP8 tensor-core floor on this device: cuBLAS _scaled_mm (accurate mode) "
+                  f"rel err {floor[0]:.2e} on the mma_precision operands")
         for c in checks:
             if not c["ok"]:
                 brief = {k: v for k, v in c.items() if k not in ("ok",)}

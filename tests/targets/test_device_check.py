@@ -57,3 +57,29 @@ def test_dry_run_end_to_end(tmp_path):
     e2e = res["e2e"]
     assert e2e["loss_finite"] and len(e2e["train_steps"]) == 1
     assert e2e["generate"]["new_tokens"] == 4
+
+
+def test_e4m3_oracle_is_the_spec():
+    """The oracle the GPU cast is judged by decodes E4M3 from its bits: it must equal torch's
+    saturating cast here (torch 2.13) on seeded values spanning subnormals, ties, the
+    saturation boundary, signed zeros, Inf and NaN."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import device_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(50_001, generator=gen) * torch.logspace(-5, 3, 50_001)
+    grid = device_check._e4m3_grid().float()
+    ties = (grid[:-1] + grid[1:]) / 2  # exactly between two codes: ties to even
+    special = torch.tensor([0.0, -0.0, 448.0, 464.0, 479.9, 480.0, 1e6, -1e6, float("inf"),
+                            -float("inf"), float("nan"), 2.0**-10, -(2.0**-10), 2.0**-9 * 1.5])
+    x = torch.cat([x, ties, -ties, special])
+    got = device_check.e4m3_oracle(x)
+    want = x.to(torch.float8_e4m3fn).view(torch.uint8)
+    nan = x.isnan()
+    assert torch.equal(got[~nan], want[~nan])
+    assert set(got[nan].tolist()) <= {0x7F, 0xFF}
+    assert got[-14 + 1] == 0x80 and got[-14] == 0x00  # -0.0 keeps its sign bit

@@ -361,3 +361,14 @@ def test_grouped_gemm_errors():
             tf.triton_fp8_grouped_gemm(*args, torch.tensor([0, 4, 4], dtype=torch.int32))
     with pytest.raises(ValueError, match="b_q must have 3 dims"):
         tf.triton_fp8_grouped_gemm(args[0], args[1], args[2][0], args[3], offsets.to(DEV))
+
+
+def test_autotune_env_off_gives_one_config(monkeypatch):
+    """REWRITER_FP8_AUTOTUNE=0: every GEMM launches with one config, so Triton skips
+    benchmarking (a model's first FP8 step on a GPU compiles each kernel once, not six times)."""
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "0")
+    one = tf._tuned("gemm")
+    monkeypatch.setenv(tf.AUTOTUNE_ENV, "1")
+    all_ = tf._tuned("gemm")
+    assert len(one.configs) == 1 and len(all_.configs) == len(tf._gemm_configs()) > 1
+    assert one.configs[0].kwargs == tf._gemm_configs()[0].kwargs
