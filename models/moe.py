@@ -413,8 +413,10 @@ class MoEFFN(nn.Module):
             h = self.act(F.linear(xe, w_gate, b_gate)) * up  # (n, F)
         else:
             h = self.act(up)  # (n, F)
-        h = h * we.unsqueeze(-1)  # (n, F): weighting before down is cheaper (F <= d)
-        return F.linear(h, w_down)  # (n, d)
+        # weighted after down_proj, as HF's DeepSeek-V3 / Glm4Moe / Qwen2-MoE experts do: the
+        # same function, and the same rounding as the checkpoints we save for them (weighting
+        # h first measured 1.8e-5 rel on SmolLM2's logits vs vanilla Glm4Moe)
+        return F.linear(h, w_down) * we.unsqueeze(-1)  # (n, d)
 
     def _dispatch_sorted(
         self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor

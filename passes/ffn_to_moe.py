@@ -60,6 +60,9 @@ class MoEConfig:
     ``allocation``: ``"uniform"`` (every block routes to top_k) or ``"calibrated"`` (the
     blocks share the same budget of active neurons, each with its own top_k, chosen by a
     Fisher estimate of the loss; see :mod:`rewriter.passes.allocation`).
+    ``router_bias``: the calibrated router fits a per-expert logit bias (True) or passes
+    through the origin (False: Hugging Face's DeepSeek-V3 / Glm4Moe / Qwen2-MoE routers have
+    no bias, so a model meant for ``rewriter.save(format="hf")`` needs False).
     ``calibration_samples``: calibration tokens kept per FFN (a uniform sample) to fit the
     router and the allocation; memory ~ samples x (2 d + d_ff) x 4 bytes per FFN. More fit
     better (bench/moe_quality.py: 4096 -> 16384 moved SmolLM2 at 75% active from +13.3% to
@@ -84,6 +87,7 @@ class MoEConfig:
     seed: int = 0
     kmeans_iters: int = 15
     calibration_samples: int = 4096
+    router_bias: bool = True
 
     def __post_init__(self) -> None:
         for name in ("num_experts", "top_k", "shared_experts", "seed", "kmeans_iters",
@@ -126,6 +130,8 @@ class MoEConfig:
                     f"MoEConfig.{name} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, name)!r}"
                 )
+        if not isinstance(self.router_bias, bool):
+            raise ValueError(f"MoEConfig.router_bias must be a bool, got {self.router_bias!r}")
         for name in ("route_scale", "aux_loss_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -263,13 +269,14 @@ def build_moe_block(
         seed=config.seed, iters=config.kmeans_iters,
     )
     calibrated_router = config.router_init == "calibrated"
+    router_bias = calibrated_router and config.router_bias
     dtype = weights.up.dtype
     block = MoEFFN(
         match.d_model, plan.expert_dim, plan.num_experts, config.top_k,
         shared_dim=plan.shared_dim, activation=match.activation,
         glu=weights.gate is not None, bias=match.has_bias, gate=config.gate,
         renormalize=config.renormalize, route_scale=config.route_scale,
-        router_bias=calibrated_router, aux_loss_coef=config.aux_loss_coef, dtype=dtype,
+        router_bias=router_bias, aux_loss_coef=config.aux_loss_coef, dtype=dtype,
     )
     report: dict[str, Any] = {
         "module": match.module, "experts": plan.num_experts, "expert_dim": plan.expert_dim,
@@ -307,9 +314,11 @@ def build_moe_block(
             if stats is None or stats.sample_x is None:
                 raise InputError("MoEConfig.router_init='calibrated' needs calibration data")
             contrib = expert_contributions(stats.sample_h, weights.down, groups)
-            w, b = fit_router(stats.sample_x, contrib, top_k=config.top_k)  # the measured winner
+            w, b = fit_router(stats.sample_x, contrib, top_k=config.top_k,  # measured winner
+                              intercept=router_bias)
             block.router.weight.copy_(w)
-            block.router.bias.copy_(b)
+            if router_bias:
+                block.router.bias.copy_(b)
             scores = stats.sample_x.double() @ w.double().T + b.double()
             report["router_recall"] = topk_recall(scores, contrib, config.top_k)
         else:

@@ -72,9 +72,11 @@ def fit_router(
     *,
     ridge: float = 0.3,
     top_k: int | None = None,
+    intercept: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Ridge regression x (N, d) -> :func:`router_target` (N, E). ``ridge`` is relative to the
-    mean per-feature variance of x. Returns (weight (E, d), bias (E,)) in float32;
+    mean per-feature variance of x. ``intercept=False`` fits through the origin (a router
+    without bias; the bias returned is zeros). Returns (weight (E, d), bias (E,)) in float32;
     deterministic for given inputs."""
     if x.dim() != 2 or contributions.dim() != 2 or x.shape[0] != contributions.shape[0]:
         raise ValueError(
@@ -91,12 +93,13 @@ def fit_router(
         raise ValueError(f"top_k must be in [1, {num_experts}], got {top_k!r}")
     target = router_target(contributions, top_k)  # (N, E)
     xd = x.double()
-    mean = xd.mean(0)
+    mean = xd.mean(0) if intercept else torch.zeros(d, dtype=xd.dtype)
     xc = xd - mean
     gram = xc.T @ xc  # (d, d)
     lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
     w = torch.linalg.solve(gram + lam * torch.eye(d, dtype=gram.dtype), xc.T @ target)  # (d, E)
-    bias = target.mean(0) - mean @ w  # (E,)
+    bias = target.mean(0) - mean @ w if intercept else torch.zeros(num_experts,
+                                                                     dtype=w.dtype)  # (E,)
     return w.T.float().contiguous(), bias.float()
 
 

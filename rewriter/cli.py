@@ -193,10 +193,6 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _run_pipeline(args: argparse.Namespace) -> int:
     """convert --eval / --train-steps: the end-to-end job with its results table."""
-
-    if args.save:
-        raise InputError("--save applies to a plain convert (without --eval/--train-steps); "
-                         "the pipeline writes its models under --report DIR")
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     recipe, moe, fp8 = _conversion_configs(args, training=bool(args.train_steps))
     if recipe is None and moe is None and fp8 is None:
@@ -208,7 +204,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         resolved.model, tokenizer=resolved.tokenizer, recipe=recipe, moe=moe, fp8=fp8,
         calibration_seqs=args.calib_seqs, eval_tokens=args.eval_tokens,
         train_steps=args.train_steps, onnx_path=args.onnx, report_dir=args.report,
-        echo=lambda line: print("  " + line, flush=True))
+        save_dir=args.save, save_format=args.format, pad_to=args.pad_to, echo=lambda line: print("  " + line, flush=True))
     print()
     print(result.table())
     if args.report:
@@ -428,7 +424,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory for the graph picture(s), report.json (and report.html)")
     p.add_argument("--onnx", default=None, help="also export the result to this .onnx file")
     p.add_argument("--save", default=None, metavar="DIR",
-                   help="also save the converted model to this directory")
+                   help="also save the converted model to this directory (with --eval / "
+                   "--train-steps: the final model, frozen for inference)")
     p.add_argument("--format", default="rewriter", choices=FORMATS,
                    help="--save format: rewriter (lossless, rewriter.load) or hf (a standard "
                    "Hugging Face checkpoint: Glm4Moe / Qwen2-MoE; refused with the reason "

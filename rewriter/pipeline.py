@@ -40,12 +40,13 @@ from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_parity
 
 from .conversion import convert
-from .errors import InputError, RewriterError
+from .errors import CheckpointError, InputError, RewriterError
 from .inspection import format_table, inspect
 from .jsonable import jsonable
 from .model_stats import model_stats
 from .recipes import get_recipe
-from .training import TextData, TrainConfig, evaluate, save_model, train
+from .serialization import save
+from .training import TextData, TrainConfig, evaluate, train
 
 __all__ = ["PipelineRow", "PipelineReport", "PipelineError", "run_pipeline", "check_writable"]
 
@@ -151,8 +152,8 @@ def _report_html(report: PipelineReport, converted_text: str, title: str) -> str
 class _Writer:
     """Writes each stage's result into ``report_dir`` the moment it exists (nothing when
     there is no ``report_dir``): rows appended to results.jsonl and the table to results.txt,
-    report.json rewritten after every stage, models as safetensors, the training history a
-    line per step. Files are written whole (a temporary file renamed into place), so a job
+    report.json rewritten after every stage, models with :func:`rewriter.save`, the training
+    history a line per step. Files are written whole (a temporary file renamed into place), so a job
     killed at any point leaves complete files of every finished stage."""
 
     def __init__(self, report: PipelineReport, out: Path | None, title: str):
@@ -193,8 +194,23 @@ class _Writer:
         self._append(HISTORY_FILE, record)
 
     def model(self, label: str, name: str, model: nn.Module) -> None:
+        """The model in the own lossless format (``rewriter.load(directory)`` gives it back)."""
         if self.out is not None:
-            self.report.files[label] = str(save_model(model, self.out / name, {"model": label}))
+            self.report.files[label] = str(save(model, self.out / name))
+
+    def hf_checkpoint(self, name: str, model: nn.Module, tokenizer: Any) -> str:
+        """A standard Hugging Face checkpoint where the model is representable as one; else
+        the reason (nothing written). Returns the line to print."""
+        if self.out is None:
+            return ""
+        try:
+            path = save(model, self.out / name, format="hf", tokenizer=tokenizer)
+        except CheckpointError as exc:
+            self.report.files["hf checkpoint"] = f"not written: {exc}"
+            return f"Hugging Face checkpoint: not written: {exc}"
+        self.report.files["hf checkpoint"] = str(path)
+        return (f"Hugging Face checkpoint: {path} (transformers.AutoModelForCausalLM"
+                f".from_pretrained({str(path)!r}))")
 
     def picture(self, label: str, name: str, inspected: Any) -> None:
         if self.out is not None:
@@ -267,6 +283,9 @@ def run_pipeline(
     train_config: Any = None,
     onnx_path: str | Path | None = None,
     report_dir: str | Path | None = None,
+    save_dir: str | Path | None = None,
+    save_format: str = "rewriter",
+    pad_to: int | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     seed: int = 0,
@@ -278,16 +297,22 @@ def run_pipeline(
 
     With ``report_dir`` every stage's result is written there as soon as it exists
     (results.jsonl / results.txt: a row per measured model; report.json / report.html after
-    every stage; graph_dense.html, graph_converted.html; converted.safetensors and
-    trained.safetensors: the state dicts, loadable with :func:`rewriter.training.load_model`
-    into the same conversion; train_history.jsonl: a line per step). A stage that fails
+    every stage; graph_dense.html, graph_converted.html; converted/ and trained/: the models
+    in the own lossless format, ``rewriter.load(directory)``; hf/: the final model (frozen
+    for inference) as a standard Hugging Face checkpoint when it is representable as one, else
+    report.json says why not; train_history.jsonl: a line per step). A stage that fails
     raises :class:`PipelineError` naming it, with the finished stages' files on disk.
+    ``save_dir``: the final model (frozen for inference) written there with
+    :func:`rewriter.save` in ``save_format`` ("rewriter" or "hf", ``pad_to`` for "hf"); a
+    model "hf" cannot represent fails the "save" stage with the reason (nothing written).
     ``seed``: the job is deterministic for a seed (the caller's RNG state is restored)."""
 
     if onnx_path is not None:
         check_writable(Path(onnx_path), "file")
     if report_dir is not None:
         check_writable(Path(report_dir), "directory")
+    if save_dir is not None:
+        check_writable(Path(save_dir), "directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{type(model).__name__} has no tokenizer and vocab_size={vocab}: the "
@@ -295,12 +320,13 @@ def run_pipeline(
     with torch.random.fork_rng(devices=[]), _quiet_dependencies():
         torch.manual_seed(seed)
         return _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs,
-                    eval_tokens, train_steps, train_config, onnx_path, report_dir, progress,
-                    echo or (lambda line: None))
+                    eval_tokens, train_steps, train_config, onnx_path, report_dir,
+                    (save_dir, save_format, pad_to), progress, echo or (lambda line: None))
 
 
 def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, eval_tokens,
-         train_steps, train_config, onnx_path, report_dir, progress, say) -> PipelineReport:
+         train_steps, train_config, onnx_path, report_dir, saving, progress,
+         say) -> PipelineReport:
     hf = hasattr(getattr(model, "config", None), "model_type")
     longest = models.max_seq_len(model) or 256
     seq = min(128, longest)
@@ -345,7 +371,7 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
         say(f"{label}: perplexity {report.rows[-1].perplexity:.2f}")
     if out is not None:
         with stage("save converted"):
-            writer.model("model (converted)", "converted.safetensors", final)
+            writer.model("model (converted)", "converted", final)
 
     if train_steps:
         config = train_config or TrainConfig(steps=train_steps, batch_size=4, seq_len=seq,
@@ -359,7 +385,7 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
             report.train_history = result.history
             final.eval()
             writer.row(_row(name, final, result.history[-1].get("eval_ppl")))
-            writer.model("model (trained)", "trained.safetensors", final)
+            writer.model("model (trained)", "trained", final)
         say(f"{name}: perplexity {report.rows[-1].perplexity:.2f} "
             f"({report.seconds['train']:.0f} s)")
 
@@ -369,6 +395,20 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
             deploy = copy.deepcopy(final)
             freeze_fp8(deploy)  # FP8 weights stored once: the file holds FP8 initializers
             writer.row(_row(report.rows[-1].name + ", frozen for inference", deploy, None))
+
+    save_dir, save_format, pad_to = saving
+    if save_dir is not None:
+        with stage("save"):
+            path = save(deploy, save_dir, format=save_format, tokenizer=tokenizer,
+                        pad_to=pad_to)
+            report.files["saved"] = str(path)
+        say(f"saved ({save_format}): {path}  (load: " + (
+            f"AutoModelForCausalLM.from_pretrained({str(path)!r}))" if save_format == "hf"
+            else f"rewriter.load({str(path)!r}))"))
+    if out is not None and hf:
+        with stage("save hf"):
+            line = writer.hf_checkpoint("hf", deploy, tokenizer)
+        say(line)
 
     if out is not None:
         with stage("report"):

@@ -10,7 +10,8 @@ deepseek-v3    fine-grained routed + shared experts (a quarter of each FFN's neu
                sigmoid gates normalised over the selected experts with DeepSeek-V3's
                auxiliary-loss-free bias balancing, FP8 E4M3 1x128 / 128x128 in training mode
                (all three GEMMs FP8, master weights kept: ready for continued training)
-deepseek-v3-hf the same with one top_k for every block (no per-block allocation), so
+deepseek-v3-hf the same with one top_k for every block (no per-block allocation) and
+               routers without bias (``MoEConfig.router_bias=False``), so
                ``rewriter.save(m, d, format="hf")`` writes a Glm4MoeForCausalLM checkpoint
 moe-only       the same experts with hard gates (exact when every expert is active), no FP8
 fp8-only       FP8 inference lowering only (weights stored FP8, W8A8)
@@ -46,6 +47,7 @@ class Recipe:
     fp8_mode: str | None = None  # "training" | "inference" | None (no FP8)
     fp8_activations: str = "fp8"
     allocation: str = "auto"  # MoEConfig.allocation; "uniform" keeps a Hugging Face export
+    router_bias: bool = True  # MoEConfig.router_bias; False keeps a Hugging Face export
 
     def configs(self, d_ffs: Sequence[int]) -> tuple[object | None, object | None]:
         """(MoEConfig or None, FP8Config or None) for a model whose FFNs have widths
@@ -63,6 +65,7 @@ class Recipe:
             # mean of 1 per selected expert, the weight every neuron had in the dense FFN
             moe = MoEConfig(num_experts=experts, top_k=top_k, shared_width=shared,
                             gate=self.gate, allocation=self.allocation,
+                            router_bias=self.router_bias,
                             route_scale=float(top_k) if self.gate == "sigmoid" else 1.0)
         return moe, self.fp8_config()
 
@@ -95,8 +98,9 @@ RECIPES = MappingProxyType({
         Recipe("deepseek-v3", "routed + shared experts, sigmoid gates with bias balancing, "
                "FP8 training (1x128 / 128x128)", gate="sigmoid", fp8_mode="training"),
         Recipe("deepseek-v3-hf", "deepseek-v3 with one top_k for every block (no per-block "
-               "allocation): saves as a standard Hugging Face Glm4Moe checkpoint",
-               gate="sigmoid", fp8_mode="training", allocation="uniform"),
+               "allocation) and routers without bias: saves as a standard Hugging Face "
+               "Glm4Moe checkpoint",
+               gate="sigmoid", fp8_mode="training", allocation="uniform", router_bias=False),
         Recipe("moe-only", "routed + shared experts with hard gates, no FP8"),
         Recipe("fp8-only", "FP8 inference lowering only (weights FP8, W8A8)",
                num_experts=None, fp8_mode="inference"),

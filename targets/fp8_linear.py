@@ -443,7 +443,7 @@ class FP8MoEFFN(MoEFFN):
         up = self._linear(xe, w_up, b_up)  # (n, F)
         h = self.act(self._linear(xe, w_gate, b_gate)) * up if w_gate is not None else \
             self.act(up)
-        return self._linear(h * we.unsqueeze(-1), w_down, None)  # (n, d)
+        return self._linear(h, w_down, None) * we.unsqueeze(-1)  # (n, d): after down_proj (HF)
 
     def _dispatch_sorted(self, x: Tensor, topk_idx: Tensor, weights: Tensor):
         if self.mode == "training" or self.activations != "fp8":
@@ -474,8 +474,7 @@ class FP8MoEFFN(MoEFFN):
             h = self.act(gate) * up  # (T*K, F)
         else:
             h = self.act(up)
-        h = h * ws.unsqueeze(-1).to(h.dtype)
-        y = self._grouped(h, "w_down", offsets)
+        y = self._grouped(h, "w_down", offsets) * ws.unsqueeze(-1).to(h.dtype)  # after down
         out = x.new_zeros(x.shape).index_add_(0, token, y.to(x.dtype))  # (T, d)
         return out, counts
 

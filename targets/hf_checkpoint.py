@@ -175,9 +175,13 @@ def hf_plan(model: nn.Module) -> dict[str, Any]:
         raise _refuse("hard gates (every selected expert weighs exactly 1.0) exist in no "
                       "published MoE architecture", "convert with gate='sigmoid' (recipe "
                       "'deepseek-v3-hf': Glm4Moe) or gate='softmax' (Qwen2-MoE)")
-    if not first.glu or first.bias or first.router_bias:
-        raise _refuse("experts without GLU, or with biases / a router bias",
-                      "use the own format")
+    if first.router_bias:
+        raise _refuse("the routers have a bias (a calibrated router fits one by default); "
+                      "Hugging Face's MoE routers have none",
+                      "convert with MoEConfig(router_bias=False) (recipe 'deepseek-v3-hf' "
+                      "does), or use the own format")
+    if not first.glu or first.bias:
+        raise _refuse("experts without GLU, or with biases", "use the own format")
     if ACT_NAMES.get(first.activation) != cfg.hidden_act:
         raise _refuse(f"expert activation {first.activation!r} differs from the dense "
                       f"layers' {cfg.hidden_act!r}", "use the own format")

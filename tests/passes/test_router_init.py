@@ -131,3 +131,20 @@ def test_fit_router_rejects_bad_input():
         fit_router(x, c, top_k=8)
     with pytest.raises(ValueError, match="ridge"):
         fit_router(x, c, ridge=-1.0)
+
+
+def test_fit_router_without_intercept_is_ridge_through_the_origin():
+    """intercept=False (a router Hugging Face's MoE architectures can hold): zero bias, and the
+    weight solves (X^T X + lam I) w = X^T y on uncentred x (float64 reference); on inputs with
+    a mean it still ranks planted experts well."""
+    x, c = _planted(3000, seed=11)
+    x = x + 0.7  # a non-zero mean: what the intercept would absorb
+    w, b = fit_router(x[:2000], c[:2000], top_k=3, intercept=False)
+    assert torch.equal(b, torch.zeros(7))
+    xd = x[:2000].double()
+    target = router_target(c[:2000], 3)
+    gram = xd.T @ xd
+    lam = 0.3 * gram.diagonal().mean()
+    ref = torch.linalg.solve(gram + lam * torch.eye(13, dtype=torch.float64), xd.T @ target)
+    torch.testing.assert_close(w.double(), ref.T, rtol=1e-5, atol=1e-6)
+    assert topk_recall(x[2000:].double() @ w.double().T, c[2000:], 3) > 0.8

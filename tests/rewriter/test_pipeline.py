@@ -10,7 +10,6 @@ import time
 import onnx
 import pytest
 import torch
-from rewriter.models.text import model_batches
 from torch import nn
 
 import rewriter
@@ -18,7 +17,7 @@ from rewriter import models, pipeline
 from rewriter.cli import main
 from rewriter.errors import InputError
 from rewriter.pipeline import PipelineError, run_pipeline
-from rewriter.training import TextData, evaluate, load_model
+from rewriter.training import TextData, evaluate
 
 
 def test_pipeline_converts_measures_trains_reports_and_exports(tmp_path):
@@ -120,16 +119,11 @@ def test_a_failing_stage_leaves_the_finished_stages_on_disk(tmp_path, monkeypatc
     assert "stage train failed" in (out / "report.html").read_text()
     assert (out / "graph_dense.html").stat().st_size > 1000
     assert json.loads((out / "train_history.jsonl").read_text()) == {"step": 1, "loss": 5.0}
-    # the converted model file holds the measured model: the same conversion (the pipeline's
-    # calibration: 4 training sequences of max_seq_len tokens) + the file = the same ppl
+    # the converted model directory holds the measured model: rewriter.load gives it back,
+    # no conversion or calibration needed, and it measures the same perplexity
     data = TextData.from_corpus(None, eval_tokens=512, eval_len=64)
-    calib = model_batches(data.train_ids[:4 * 64].reshape(4, 64), hf=False)  # seq: 64
-    fresh = rewriter.convert(model, recipe="deepseek-v3", calibration=calib)
-    with torch.no_grad():
-        for p in fresh.parameters():
-            p.add_(1.0)  # whatever was there, the file replaces it
-    load_model(out / "converted.safetensors", fresh)
-    assert evaluate(fresh, data) == pytest.approx(rows[-1]["perplexity"], rel=1e-6)
+    back = rewriter.load(out / "converted")
+    assert evaluate(back, data) == pytest.approx(rows[-1]["perplexity"], rel=1e-6)
 
 
 @pytest.mark.slow
@@ -172,10 +166,41 @@ def test_a_job_killed_during_training_leaves_the_finished_stages(tmp_path):
         proc.wait()
     assert [r["name"] for r in _rows(out)] == ["dense", "MoE", "MoE + FP8"]
     assert json.loads((out / "report.json").read_text())["stages"][-1] == "save converted"
-    data = TextData.from_corpus(None, eval_tokens=512, eval_len=64)
-    calib = model_batches(data.train_ids[:4 * 64].reshape(4, 64), hf=False)  # seq: 64
-    fresh = rewriter.convert(models.build_model("llama-tiny", seed=0), recipe="deepseek-v3",
-                             calibration=calib)
-    load_model(out / "converted.safetensors", fresh)  # a whole file, every tensor
-    assert not list(out.glob("*.partial")) or all(  # at most the file being written
-        p.name == "trained.safetensors.partial" for p in out.glob("*.partial"))
+    back = rewriter.load(out / "converted")  # whole: every tensor, the conversion record
+    assert rewriter.conversion_info(back) is not None
+    assert not list(out.glob("*.partial"))
+
+
+def test_the_job_saves_the_final_model_where_people_load_it(tmp_path, capsys):
+    """convert --train-steps --save DIR --format hf: the trained model, frozen for inference,
+    as a checkpoint vanilla transformers loads; report/hf the same; report/trained the own
+    format. The deepseek-v3 recipe (per-block top_k, router biases) writes no HF
+    checkpoint and says what would."""
+    transformers = pytest.importorskip("transformers")
+    rep, saved = tmp_path / "rep", tmp_path / "saved"
+    assert main(["convert", "hf:llama", "--recipe", "deepseek-v3-hf", "--calib-seqs", "4",
+                 "--eval-tokens", "512", "--train-steps", "2", "--report", str(rep),
+                 "--save", str(saved), "--format", "hf"]) == 0
+    out = capsys.readouterr().out
+    assert f"AutoModelForCausalLM.from_pretrained({str(saved)!r})" in out
+    assert "Hugging Face checkpoint: " + str(rep / "hf") in out
+    trained = rewriter.load(rep / "trained")
+    ids = torch.randint(0, trained.config.vocab_size, (2, 9), generator=torch.Generator()
+                        .manual_seed(5))
+    for directory in (saved, rep / "hf"):
+        hf = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+        assert type(hf).__name__ == "Glm4MoeForCausalLM"
+        with torch.no_grad():
+            logits = hf(input_ids=ids).logits
+        assert logits.shape == (2, 9, trained.config.vocab_size) and logits.isfinite().all()
+    report = json.loads((rep / "report.json").read_text())
+    assert report["files"]["saved"] == str(saved)
+    assert {"save", "save hf"} <= set(report["stages"])
+
+    per_block = tmp_path / "per_block"
+    assert main(["convert", "hf:llama", "--recipe", "deepseek-v3", "--calib-seqs", "4",
+                 "--eval", "--eval-tokens", "512", "--report", str(per_block)]) == 0
+    assert "Hugging Face checkpoint: not written" in capsys.readouterr().out
+    assert not (per_block / "hf").exists()
+    reason = json.loads((per_block / "report.json").read_text())["files"]["hf checkpoint"]
+    assert "deepseek-v3-hf" in reason  # what to change to get one
