@@ -204,7 +204,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         resolved.model, tokenizer=resolved.tokenizer, recipe=recipe, moe=moe, fp8=fp8,
         calibration_seqs=args.calib_seqs, eval_tokens=args.eval_tokens,
         train_steps=args.train_steps, onnx_path=args.onnx, report_dir=args.report,
-        save_dir=args.save, save_format=args.format, pad_to=args.pad_to, echo=lambda line: print("  " + line, flush=True))
+        save_dir=args.save, save_format=args.format, pad_to=args.pad_to,
+        echo=lambda line: print("  " + line, flush=True))
     print()
     print(result.table())
     if args.report:
