@@ -10,8 +10,10 @@ models (gpt-tiny, bert-tiny, HF llama/qwen2/gpt2/bert) run the same checks under
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -20,6 +22,7 @@ import torch
 from onnx import numpy_helper
 from rewriter.models import hf
 from rewriter.models.moe import MoEFFN
+from rewriter.targets import onnx as onnx_pkg
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from rewriter.targets.onnx import (
     ExportInputError,
@@ -452,3 +455,12 @@ def test_smollm2_moe_fp8_exports_and_predicts_like_pytorch(tmp_path):
         # the tied fp32 embedding (49152 x 576, kept high precision as in DeepSeek-V3) is
         # 0.21x of the fp32 file alone; an FP8 linear costs 1 + 1/32 bytes per weight
         assert ratio <= 0.45
+
+
+def test_the_old_module_path_still_imports_and_says_where_to_go():
+    """Code written against ``rewriter.targets.onnx_export`` (the shared cases 01, 05, 14 are)
+    keeps working: the same objects, with a DeprecationWarning naming the new path."""
+    sys.modules.pop("rewriter.targets.onnx_export", None)
+    with pytest.warns(DeprecationWarning, match="rewriter.targets.onnx"):
+        old = importlib.import_module("rewriter.targets.onnx_export")
+    assert old.export_onnx is onnx_pkg.export_onnx and old.ExportReport is onnx_pkg.ExportReport
