@@ -155,6 +155,68 @@ def profile_phases(stats: pstats.Stats, total: float) -> tuple[dict, list]:
     return phases, [{"step": k, "s": round(v, 4), "share": round(v / total, 4)} for k, v in top]
 
 
+def _rss_now() -> int:
+    """Resident set size now, bytes (/proc/self/statm)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemorySampler:
+    """Samples this process's RSS every ``interval`` s on a thread, with what the main thread
+    is doing: the phase (the outermost :func:`phase_functions` frame on its stack, else
+    "other") and the line of ``convert`` it is on. ``by_phase``: the highest RSS seen in each
+    phase; ``at_peak``: the phase, ``convert`` line and innermost project frames of the sample
+    with the highest RSS."""
+
+    def __init__(self, interval: float = 0.05):
+        import threading
+
+        import rewriter.models
+        import rewriter.passes
+        import rewriter.targets
+
+        from rewriter.conversion import _lower_only, convert
+
+        self.roots = tuple(str(Path(m.__file__).parent) for m in (
+            rewriter, rewriter.passes, rewriter.targets, rewriter.models))
+        self.interval, self.main = interval, threading.main_thread().ident
+        self.codes = {f.__code__: name for name, fns in phase_functions().items()
+                      for f in fns}
+        self.convert_codes = {convert.__code__, _lower_only.__code__}
+        self.by_phase: dict[str, int] = {}
+        self.at_peak: dict = {"rss": 0}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            frame = sys._current_frames().get(self.main)
+            rss = _rss_now()
+            phase, line, project = "other", None, []
+            while frame is not None:
+                code = frame.f_code
+                if code in self.codes:
+                    phase = self.codes[code]  # the outermost one wins (walking outwards)
+                if code in self.convert_codes and line is None:
+                    line = f"{code.co_name}:{frame.f_lineno}"
+                if code.co_filename.startswith(self.roots):
+                    project.append(f"{Path(code.co_filename).name}:{code.co_name}:"
+                                   f"{frame.f_lineno}")
+                frame = frame.f_back
+            self.by_phase[phase] = max(self.by_phase.get(phase, 0), rss)
+            if rss > self.at_peak["rss"]:
+                self.at_peak = {"rss": rss, "phase": phase, "convert_line": line,
+                                "frames": project[:6]}
+
+
 def run_child(size: str) -> dict:
     """Build, convert and measure ``size`` in this process; the row as a dict."""
     import torch
@@ -172,9 +234,10 @@ def run_child(size: str) -> dict:
 
     prof = cProfile.Profile()
     t0 = time.perf_counter()
-    prof.enable()
-    out = rewriter.convert(model, recipe=RECIPE, calibration=calib, progress=False)
-    prof.disable()
+    with MemorySampler() as memory:
+        prof.enable()
+        out = rewriter.convert(model, recipe=RECIPE, calibration=calib, progress=False)
+        prof.disable()
     total = time.perf_counter() - t0
     peak = _max_rss()
 
@@ -195,6 +258,9 @@ def run_child(size: str) -> dict:
         "peak_over_model_plus_act": round(peak / (nbytes + act), 4),
         "growth_over_model": round((peak - baseline) / nbytes, 4),
         "peak_less_runtime_over_model_plus_act": round((peak - runtime) / (nbytes + act), 4),
+        "rss_max_by_phase_over_model": {k: round((v - baseline) / nbytes, 4)
+                                        for k, v in memory.by_phase.items()},
+        "rss_peak_sample": memory.at_peak,
         "output_error": info.output_error if info is not None else None,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }
