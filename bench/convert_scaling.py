@@ -36,6 +36,10 @@ model, reference/output-error forwards, split checks, ...). The profiler adds ov
 Python-heavy steps such as capture), so the total is slower than an unprofiled ``convert``: the
 shares are what matters. The JSON also lists ``convert``'s largest direct steps.
 
+A sampler thread (``MemorySampler``, every 50 ms) records the highest RSS seen in each phase
+and where the main thread was at the highest sample (``rss_max_by_phase_over_model``,
+``rss_peak_sample``): which step sets the peak.
+
 Thread count is torch's default. Prints a line per size as it finishes and a Markdown table at
 the end; the JSON (one row per size) is rewritten after every size.
 """
