@@ -23,6 +23,7 @@ import html
 import json
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -45,7 +46,7 @@ from .inspection import format_table, inspect
 from .jsonable import jsonable
 from .model_stats import model_stats
 from .recipes import get_recipe
-from .serialization import save
+from .serialization import FORMATS, save
 from .training import TextData, TrainConfig, evaluate, train
 
 __all__ = ["PipelineRow", "PipelineReport", "PipelineError", "run_pipeline", "check_writable"]
@@ -193,10 +194,20 @@ class _Writer:
     def history(self, record: dict[str, Any]) -> None:
         self._append(HISTORY_FILE, record)
 
+    def _save_whole(self, name: str, model: nn.Module, **kwargs: Any) -> Path:
+        """:func:`rewriter.save` into ``name.partial``, then renamed into place: a killed job
+        leaves either the whole directory or none under ``name``."""
+        tmp, final = self.out / (name + ".partial"), self.out / name
+        shutil.rmtree(tmp, ignore_errors=True)
+        save(model, tmp, **kwargs)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        return final
+
     def model(self, label: str, name: str, model: nn.Module) -> None:
         """The model in the own lossless format (``rewriter.load(directory)`` gives it back)."""
         if self.out is not None:
-            self.report.files[label] = str(save(model, self.out / name))
+            self.report.files[label] = str(self._save_whole(name, model))
 
     def hf_checkpoint(self, name: str, model: nn.Module, tokenizer: Any) -> str:
         """A standard Hugging Face checkpoint where the model is representable as one; else
@@ -204,8 +215,9 @@ class _Writer:
         if self.out is None:
             return ""
         try:
-            path = save(model, self.out / name, format="hf", tokenizer=tokenizer)
+            path = self._save_whole(name, model, format="hf", tokenizer=tokenizer)
         except CheckpointError as exc:
+            shutil.rmtree(self.out / (name + ".partial"), ignore_errors=True)
             self.report.files["hf checkpoint"] = f"not written: {exc}"
             return f"Hugging Face checkpoint: not written: {exc}"
         self.report.files["hf checkpoint"] = str(path)
@@ -311,6 +323,9 @@ def run_pipeline(
         check_writable(Path(onnx_path), "file")
     if report_dir is not None:
         check_writable(Path(report_dir), "directory")
+    if save_format not in FORMATS:
+        raise InputError(f"save_format must be one of {', '.join(FORMATS)}, got "
+                         f"{save_format!r}")
     if save_dir is not None:
         check_writable(Path(save_dir), "directory")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)

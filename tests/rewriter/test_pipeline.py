@@ -60,6 +60,11 @@ def test_pipeline_checks_outputs_before_working(tmp_path):
         run_pipeline(model, onnx_path=blocker / "m.onnx")
     with pytest.raises(InputError, match="no tokenizer"):
         run_pipeline(nn.Linear(4, 4))  # no vocabulary, no tokenizer: no text to read
+    with pytest.raises(InputError, match="cannot write"):
+        run_pipeline(model, save_dir=blocker / "saved")
+    with pytest.raises(InputError, match="save_format must be one of rewriter, hf"):
+        run_pipeline(model, save_dir=tmp_path / "saved", save_format="onnx")
+    assert not (tmp_path / "saved").exists()  # refused before any work
 
 
 def test_train_cli_runs_resumes_and_fails_cleanly(tmp_path, capsys):
