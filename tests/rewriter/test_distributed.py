@@ -33,12 +33,24 @@ def _rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def _same_run(got: dict, ref: dict, tol: float) -> None:
+def _same_run(got: dict, ref: dict, tol: float, bias_step: float = 0.0) -> None:
+    """``bias_step``: 0 = the expert biases are equal (loads all-reduced: same balancing);
+    else one sign-update step (the rate) on at most an eighth of the experts: a run that
+    differs at the FP8 level routes an occasional token elsewhere, which can flip the sign of
+    (mean load - load) for an expert whose load sits at the mean."""
     assert len(got["losses"]) == len(ref["losses"]) == 4
     for a, b in zip(got["losses"], ref["losses"]):
         assert _rel(a, b) <= tol, (got["losses"], ref["losses"])
     assert _rel(got["eval_ppl"], ref["eval_ppl"]) <= 10 * tol
-    assert got["expert_bias"] == ref["expert_bias"]  # loads all-reduced: same balancing
+    if bias_step == 0:
+        assert got["expert_bias"] == ref["expert_bias"]
+    else:
+        pairs = [(a, b) for ga, ra in zip(got["expert_bias"], ref["expert_bias"])
+                 for a, b in zip(ga, ra)]
+        assert len(pairs) == sum(len(r) for r in ref["expert_bias"]) > 0
+        differ = [abs(a - b) for a, b in pairs if a != b]
+        assert max(differ, default=0.0) <= bias_step * 1.0001, differ
+        assert len(differ) <= len(pairs) // 8, (len(differ), len(pairs))
     assert got["param_abs_sum"].keys() == ref["param_abs_sum"].keys()
     for k, v in ref["param_abs_sum"].items():
         assert _rel(got["param_abs_sum"][k], v) <= 10 * tol, k
@@ -65,4 +77,4 @@ def test_fsdp2_fp8_training_matches_single_process(tmp_path):
     single = _run("single", "deepseek-v3", tmp_path, 0)
     fsdp = _run("fsdp2", "deepseek-v3", tmp_path, 29621)
     assert _rel(fsdp["losses"][0], single["losses"][0]) <= 1e-6
-    _same_run(fsdp, single, 2e-3)
+    _same_run(fsdp, single, 2e-3, bias_step=1e-2)  # the worker's bias_update_rate
