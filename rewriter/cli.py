@@ -34,7 +34,7 @@ from .errors import InputError, RewriterError, exit_code
 from .inspection import inspect
 from .pipeline import check_writable, run_pipeline
 from .recipes import RECIPES
-from .serialization import FORMATS, save
+from .serialization import FORMATS, load_call, save
 from .training import TextData, TrainConfig, train
 
 __all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
@@ -185,9 +185,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     if args.save:
         path = save(converted, args.save, format=args.format, tokenizer=resolved.tokenizer,
                     pad_to=args.pad_to)
-        print(f"saved ({args.format}): {path}" + (
-            f"  (load: AutoModelForCausalLM.from_pretrained({str(path)!r}))"
-            if args.format == "hf" else f"  (load: rewriter.load({str(path)!r}))"))
+        print(f"saved ({args.format}): {path}  (load: {load_call(path, args.format)})")
     return 0
 
 

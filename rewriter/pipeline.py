@@ -46,7 +46,7 @@ from .inspection import format_table, inspect
 from .jsonable import jsonable
 from .model_stats import model_stats
 from .recipes import get_recipe
-from .serialization import FORMATS, save
+from .serialization import FORMATS, load_call, save
 from .training import TextData, TrainConfig, evaluate, train
 
 __all__ = ["PipelineRow", "PipelineReport", "PipelineError", "run_pipeline", "check_writable"]
@@ -221,8 +221,7 @@ class _Writer:
             self.report.files["hf checkpoint"] = f"not written: {exc}"
             return f"Hugging Face checkpoint: not written: {exc}"
         self.report.files["hf checkpoint"] = str(path)
-        return (f"Hugging Face checkpoint: {path} (transformers.AutoModelForCausalLM"
-                f".from_pretrained({str(path)!r}))")
+        return f"Hugging Face checkpoint: {path} (transformers.{load_call(path, 'hf')})"
 
     def picture(self, label: str, name: str, inspected: Any) -> None:
         if self.out is not None:
@@ -417,9 +416,7 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
             path = save(deploy, save_dir, format=save_format, tokenizer=tokenizer,
                         pad_to=pad_to)
             report.files["saved"] = str(path)
-        say(f"saved ({save_format}): {path}  (load: " + (
-            f"AutoModelForCausalLM.from_pretrained({str(path)!r}))" if save_format == "hf"
-            else f"rewriter.load({str(path)!r}))"))
+        say(f"saved ({save_format}): {path}  (load: {load_call(path, save_format)})")
     if out is not None and hf:
         with stage("save hf"):
             line = writer.hf_checkpoint("hf", deploy, tokenizer)

@@ -30,7 +30,7 @@ from .errors import CheckpointError
 from .inspection import CONVERSION_ATTR
 from .model_stats import ModelStats
 
-__all__ = ["save", "load", "FORMATS"]
+__all__ = ["save", "load", "load_call", "FORMATS"]
 
 FORMATS = ("rewriter", "hf")
 
@@ -101,6 +101,15 @@ def save(model: nn.Module, directory: str | Path, *, format: str = "rewriter",
     if tokenizer is not None:
         tokenizer.save_pretrained(str(path))
     return path
+
+
+def load_call(path: str | Path, format: str) -> str:
+    """The one line that loads a directory written by :func:`save` in ``format``:
+    ``AutoModelForCausalLM.from_pretrained('DIR')`` (vanilla transformers) for "hf",
+    ``rewriter.load('DIR')`` for the own format."""
+    if format == "hf":
+        return f"AutoModelForCausalLM.from_pretrained({str(path)!r})"
+    return f"rewriter.load({str(path)!r})"
 
 
 def load(directory: str | Path) -> nn.Module:

@@ -6,35 +6,8 @@ from __future__ import annotations
 
 import warnings
 
-from .onnx import (
-    ACTIVATION_MODES,
-    DEFAULT_OPSET,
-    FP8_MIN_OPSET,
-    MAX_OPSET,
-    MIN_OPSET,
-    ExportInputError,
-    ExportReport,
-    OnnxExportError,
-    export_onnx,
-    flatten_outputs,
-    fp8_translation_table,
-    op_counts,
-)
-
-__all__ = [
-    "ACTIVATION_MODES",
-    "DEFAULT_OPSET",
-    "FP8_MIN_OPSET",
-    "MAX_OPSET",
-    "MIN_OPSET",
-    "ExportInputError",
-    "ExportReport",
-    "OnnxExportError",
-    "export_onnx",
-    "flatten_outputs",
-    "fp8_translation_table",
-    "op_counts",
-]
+from .onnx import *  # noqa: F403  (the same public names, one list: onnx.__all__)
+from .onnx import __all__  # noqa: F401
 
 warnings.warn("rewriter.targets.onnx_export is deprecated: import from rewriter.targets.onnx",
               DeprecationWarning, stacklevel=2)
