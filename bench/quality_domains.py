@@ -18,8 +18,10 @@ evaluated on the same token windows of
 Models (``--models``), library defaults throughout (no tuning here)::
 
     dense        SmolLM2-135M fp32
-    fp8-w8a8     FP8Config(): W8A8, activations 1x128, weights 128x128 (E4M3, FP32 accumulation)
-    fp8-w8a16    FP8Config(activations="none"): weights only
+    fp8-w8a8     FP8Config(): W8A8, activations 1x128, weights 128x128 (E4M3, FP32 accumulation),
+                 given the calibration batches: GPTQ weight rounding (weight_rounding="auto")
+    fp8-w8a16    FP8Config(activations="none"): weights only, GPTQ rounding likewise
+    fp8-*-nearest  the same with weight_rounding="nearest" (the rounding before GPTQ)
     moe-75       MoEConfig(num_experts=128, top_k=32, shared_width=1024): 1024 shared + 128 x 4,
                  75% of each FFN's neurons active (the best 75% layout on pydoc, BENCHMARKS.md)
     moe-50       MoEConfig(num_experts=16, top_k=4, shared_width=512): 512 shared + 16 x 64, 50%
@@ -54,9 +56,15 @@ from rewriter import FP8Config, MoEConfig  # noqa: E402
 
 MODELS = {
     "dense": ("SmolLM2-135M fp32", None),
-    "fp8-w8a8": ("FP8 W8A8 1x128 / 128x128, FP8Config()", FP8Config()),
-    "fp8-w8a16": ("FP8 W8A16 (weights only), FP8Config(activations=\"none\")",
-                  FP8Config(activations="none")),
+    "fp8-w8a8": ("FP8 W8A8 1x128 / 128x128, FP8Config(), calibrated (GPTQ rounding)",
+                 FP8Config()),
+    "fp8-w8a16": ("FP8 W8A16 (weights only), FP8Config(activations=\"none\"), calibrated "
+                  "(GPTQ rounding)", FP8Config(activations="none")),
+    "fp8-w8a8-nearest": ("FP8 W8A8, FP8Config(weight_rounding=\"nearest\")",
+                         FP8Config(weight_rounding="nearest")),
+    "fp8-w8a16-nearest": ("FP8 W8A16, FP8Config(activations=\"none\", "
+                          "weight_rounding=\"nearest\")",
+                          FP8Config(activations="none", weight_rounding="nearest")),
     "moe-75": ("MoE 75% active: 1024 shared + 128 x 4, top-32",
                MoEConfig(num_experts=128, top_k=32, shared_width=1024)),
     "moe-50": ("MoE 50% active: 512 shared + 16 x 64, top-4",
@@ -75,10 +83,11 @@ def convert(dense, name: str, calib: torch.Tensor, calib_batch: int):
     if cfg is None:
         return dense
     example = {"input_ids": calib[:1, :32]}
-    if isinstance(cfg, FP8Config):
-        return rewriter.convert(dense, fp8=cfg, example_inputs=example, progress=False).eval()
     batches = [{"input_ids": calib[i:i + calib_batch]}
                for i in range(0, calib.shape[0], calib_batch)]
+    if isinstance(cfg, FP8Config):
+        return rewriter.convert(dense, fp8=cfg, example_inputs=example, calibration=batches,
+                                progress=False).eval()
     return rewriter.convert(dense, moe=cfg, example_inputs=example, calibration=batches,
                             progress=False).eval()
 

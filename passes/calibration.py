@@ -39,6 +39,7 @@ __all__ = [
     "fisher_loss",
     "stats_for",
     "COACTIVE_FRACTION",
+    "real_token_rows",
 ]
 
 # A neuron counts as "active" for a token when its |h| is in the token's top 25%.
@@ -126,13 +127,13 @@ def fisher_loss(output: Any, generator: torch.Generator,
                          f"{type(output).__name__}: use MoEConfig(allocation='uniform')")
     flat = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
     if attention_mask is not None:
-        flat = flat[_kept_rows(attention_mask, flat.shape[0], "the model's logits")]
+        flat = flat[real_token_rows(attention_mask, flat.shape[0], "the model's logits")]
     with torch.no_grad():
         labels = torch.multinomial(flat.softmax(-1), 1, generator=generator).squeeze(1)  # (N,)
     return torch.nn.functional.cross_entropy(flat, labels, reduction="sum")
 
 
-def _kept_rows(attention_mask: torch.Tensor, rows: int, what: str) -> torch.Tensor:
+def real_token_rows(attention_mask: torch.Tensor, rows: int, what: str) -> torch.Tensor:
     """(rows,) bool: the real (not padded) positions of ``attention_mask`` laid over ``rows``
     token rows (the model's (B, T) positions, flattened)."""
     if attention_mask.numel() != rows:
@@ -157,7 +158,7 @@ class _Accumulator:
         """(N, ...) rows of ``t`` -> the rows of real (not padded) positions."""
         if self.mask is None:
             return t
-        return t[_kept_rows(self.mask, t.shape[0], f"the FFN input ({self.stats.d_model})")]
+        return t[real_token_rows(self.mask, t.shape[0], f"the FFN input ({self.stats.d_model})")]
 
     def on_x(self, x: torch.Tensor) -> None:
         self.pending_x = self._real(x.detach().reshape(-1, x.shape[-1]).float())

@@ -15,8 +15,8 @@ Opt-in (``embeddings="fp8"``, deployment): embedding tables ->
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 from rewriter.models.moe import MoEFFN
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead
@@ -28,7 +28,7 @@ from rewriter.targets.fp8_linear import (
     FP8MoEFFN,
     scope_activation_memos,
 )
-from torch import nn
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from rewriter.errors import InputError
@@ -36,6 +36,7 @@ from rewriter.graph_ops import is_reshape, module_stack, op_name
 from rewriter.projections import find_projections
 
 from .cleanup import is_identity_op
+from .gptq import DEFAULT_DAMPENING, collect_input_hessians, gptq_quantize_blockwise
 
 __all__ = [
     "FP8Config",
@@ -43,10 +44,14 @@ __all__ = [
     "plan_fp8",
     "apply_fp8",
     "find_output_heads",
+    "gptq_rounding",
+    "uses_gptq",
+    "WEIGHT_ROUNDINGS",
 ]
 
 
 EMBEDDING_MODES = ("keep", "fp8")
+WEIGHT_ROUNDINGS = ("auto", "nearest", "gptq")
 
 
 @dataclass(frozen=True)
@@ -61,6 +66,12 @@ class FP8Config:
     copy (built on first eager forward, never saved, rebuilt when the FP8 weights change; same
     bits as dequantizing per call, 4 bytes per weight of RAM) and lets projections reading the
     same input (q/k/v, gate/up) share its fake quantization; False recomputes both per call.
+    ``weight_rounding``: how inference-mode weights take their E4M3 codes: "nearest", "gptq"
+    (error-compensating, on the calibration batches given to ``convert``; see
+    :mod:`rewriter.passes.gptq`; same format and scales) or "auto" (GPTQ when ``convert`` is
+    given calibration batches and the mode is inference, nearest otherwise). GPTQ applies to
+    the swapped linears; MoE experts and embeddings round to nearest. ``gptq_dampening``: the
+    ridge added to the input Hessian's diagonal, as a fraction of its mean.
     """
 
     mode: str = "inference"
@@ -69,6 +80,8 @@ class FP8Config:
     keep_output_head: bool = True
     embeddings: str = "keep"
     cache_dequantized: bool = True
+    weight_rounding: str = "auto"
+    gptq_dampening: float = DEFAULT_DAMPENING
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -89,6 +102,17 @@ class FP8Config:
         if self.embeddings not in EMBEDDING_MODES:
             raise ValueError(f"FP8Config.embeddings must be one of "
                              f"{', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise ValueError(f"FP8Config.weight_rounding must be one of "
+                             f"{', '.join(WEIGHT_ROUNDINGS)}, got {self.weight_rounding!r}")
+        if self.weight_rounding == "gptq" and self.mode != "inference":
+            raise ValueError("FP8Config.weight_rounding='gptq' rounds stored FP8 weights once: "
+                             "it needs mode='inference' (training re-quantizes every step)")
+        if isinstance(self.gptq_dampening, bool) or \
+                not isinstance(self.gptq_dampening, (int, float)) or \
+                not 0 < self.gptq_dampening < float("inf"):
+            raise ValueError(f"FP8Config.gptq_dampening must be a positive number, got "
+                             f"{self.gptq_dampening!r}")
         if self.embeddings == "fp8" and self.mode != "inference":
             raise ValueError("FP8Config.embeddings='fp8' stores the tables FP8 for deployment: "
                              "it needs mode='inference'")
@@ -232,8 +256,53 @@ def _tie_heads(model: nn.Module, decisions: list[LoweringDecision]) -> list[Lowe
     return out
 
 
-def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config) -> int:
-    """Swap the planned modules (in place). Returns the number of modules lowered."""
+def uses_gptq(config: FP8Config, calibrated: bool) -> bool:
+    """Whether ``config.weight_rounding`` asks for GPTQ given calibration (or not)."""
+    if config.weight_rounding == "auto":
+        return calibrated and config.mode == "inference"
+    return config.weight_rounding == "gptq"
+
+
+def _weight_nk(module: nn.Module, kind: str) -> Tensor:
+    weight = module.weight.detach()
+    return weight.t() if kind == "conv1d" else weight  # (N, K)
+
+
+def gptq_rounding(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config,
+                  batches: list, *, progress: bool | None = None
+                  ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[LoweringDecision]]:
+    """GPTQ codes and scales for every planned linear of ``model`` (unchanged), from its
+    inputs on ``batches``; and the decisions with their reasons saying how each was rounded.
+    Returns ``({fqn: (q, scale)}, decisions)``."""
+    linears = {d.fqn: d for d in decisions if d.lowered and d.kind in ("linear", "conv1d")}
+    k_of = {fqn: _weight_nk(model.get_submodule(fqn), d.kind).shape[1]
+            for fqn, d in linears.items()}
+    hessians = collect_input_hessians(model, k_of, batches, progress=progress)
+    out: dict[str, tuple[Tensor, Tensor]] = {}
+    for fqn, h in hessians.items():
+        d = linears[fqn]
+        weight = _weight_nk(model.get_submodule(fqn), d.kind)
+        out[fqn] = gptq_quantize_blockwise(weight, h.mean(), dampening=config.gptq_dampening,
+                                           pow2=config.pow2_scales)
+    tokens = max((h.tokens for h in hessians.values()), default=0)
+    noted = []
+    for d in decisions:
+        if d.fqn in out:
+            d = replace(d, reason=f"{d.reason} (GPTQ rounding, {tokens} calibration tokens)")
+        elif d.fqn in linears:
+            d = replace(d, reason=f"{d.reason} (nearest rounding: its module's first input is "
+                        "not the activation, so GPTQ saw no inputs)")
+        elif d.lowered and d.kind == "moe_experts":
+            d = replace(d, reason=f"{d.reason} (nearest rounding: GPTQ covers linears only)")
+        noted.append(d)
+    return out, noted
+
+
+def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config,
+              quantized: Mapping[str, tuple[Tensor, Tensor]] | None = None) -> int:
+    """Swap the planned modules (in place). ``quantized``: FP8 codes and scales by linear FQN
+    (from :func:`gptq_rounding`) to store instead of nearest rounding. Returns the number of
+    modules lowered."""
     kwargs = dict(mode=config.mode, activations=config.activations, pow2=config.pow2_scales)
     kwargs["cache_dequantized"] = config.cache_dequantized
     kwargs["activation_memo"] = ActivationMemo()  # one per model: q/k/v, gate/up share x's
@@ -245,7 +314,8 @@ def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Co
         if d.kind == "moe_experts":
             new = FP8MoEFFN(module, **kwargs)
         else:
-            new = FP8Linear.from_linear(module, transposed=d.kind == "conv1d", **kwargs)
+            new = FP8Linear.from_linear(module, transposed=d.kind == "conv1d",
+                                        quantized=(quantized or {}).get(d.fqn), **kwargs)
         if d.fqn:
             model.set_submodule(d.fqn, new)
         else:

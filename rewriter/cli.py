@@ -24,7 +24,7 @@ from rewriter.models.moe import GATE_MODES
 from rewriter.models.text import model_batches, split_ids, token_ids
 from rewriter.passes.allocation import ALLOCATIONS
 from rewriter.passes.ffn_to_moe import MoEConfig
-from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.passes.lower_fp8 import WEIGHT_ROUNDINGS, FP8Config
 from rewriter.targets.fp8_linear import ACTIVATION_MODES
 from rewriter.targets.fp8_linear import MODES as FP8_MODES
 from rewriter.targets.onnx import export_onnx
@@ -136,7 +136,8 @@ def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
     if args.fp8:
         mode = "training" if training else args.fp8_mode
         fp8 = FP8Config(mode=mode, activations="fp8" if mode == "training"
-                        else args.fp8_activations)
+                        else args.fp8_activations,
+                        weight_rounding="auto" if mode == "training" else args.fp8_rounding)
     return args.recipe, moe, fp8
 
 
@@ -151,7 +152,8 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
             raise InputError("nothing to convert: give --recipe NAME, --experts N (MoE) and/or "
                              "--fp8")
         return resolved.model
-    needs_calibration = moe is not None or (recipe is not None and recipe != "fp8-only")
+    needs_calibration = (moe is not None or recipe is not None  # fp8-only: GPTQ rounding
+                         or (fp8 is not None and fp8.weight_rounding != "nearest"))
     calib = (calibration_batches(resolved, args.calib_seqs, args.calib_len)
              if needs_calibration and args.calib_seqs > 0 else None)
     return convert(resolved.model, recipe=recipe, moe=moe, fp8=fp8,
@@ -363,6 +365,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="inference: weights stored FP8 once; training: master weights kept")
     g.add_argument("--fp8-activations", default="fp8", choices=ACTIVATION_MODES,
                    help="fp8: W8A8 (default); none: weight-only W8A16")
+    g.add_argument("--fp8-rounding", default="auto", choices=WEIGHT_ROUNDINGS,
+                   help="how inference-mode FP8 weights are rounded: gptq (error-compensating, "
+                        "on the calibration text), nearest, or auto (default: gptq when "
+                        "calibrating)")
     g.add_argument("--calib-seqs", type=_non_negative, default=16,
                    help="calibration sequences of real text (default 16; 0: none)")
     g.add_argument("--calib-len", type=_positive, default=128,

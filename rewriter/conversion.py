@@ -29,7 +29,7 @@ from rewriter.passes.ffn_to_moe import (
     plan_experts,
     split_error,
 )
-from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, plan_fp8
+from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, gptq_rounding, plan_fp8, uses_gptq
 from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
 
 from .capture import (
@@ -115,7 +115,9 @@ def convert(
     experts are lowered too). ``example_inputs``: inputs
     to capture with (token ids are made up for language models when omitted).
     ``calibration``: an iterable of input batches for the calibrated strategies (grouping by
-    co-activation, shared neurons by activation, fitted router). ``filter_fn(module, fqn)``:
+    co-activation, shared neurons by activation, fitted router) and for FP8's GPTQ weight
+    rounding (``FP8Config.weight_rounding``, "auto": on when calibration is given and the FP8
+    mode is inference). ``filter_fn(module, fqn)``:
     rewrite only the FFN blocks and linears it accepts. ``mode``: "module" returns a copy of
     the model with the new blocks swapped in (HF APIs keep working); "graph" returns the
     rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode).
@@ -158,8 +160,12 @@ def convert(
     if prior is not None and moe is None:  # FP8 on top of an earlier MoE conversion
         base = replace(prior, mode=mode, recipe=base.recipe or prior.recipe,
                        output_error=None, output_error_bypassed=None)
+    if fp8 is not None and uses_gptq(fp8, bool(calibration)) and not calibration:
+        raise InputError("FP8Config(weight_rounding='gptq') rounds the weights on calibration "
+                         "inputs: give calibration=batches, or weight_rounding='nearest'")
     if moe is None:
-        return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace, base)
+        return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace, base,
+                           calibration=calibration, progress=progress)
     config = moe.resolved(calibrated=bool(calibration))
     if not analysis.matches:
         near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
@@ -215,7 +221,7 @@ def convert(
     apply_module_swaps(target, swaps, blocks, reports)
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
-                           True, info, reference)
+                           True, info, reference, calibration=calibration, progress=progress)
     setattr(target, CONVERSION_ATTR, replace(info, **_errors(reference, target, inputs)))
     return target
 
@@ -276,9 +282,12 @@ def _errors(reference: torch.Tensor | None, model: nn.Module,
 
 def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                 filter_fn: Callable[[nn.Module, str], bool] | None, mode: str, inplace: bool,
-                info: ConversionInfo, reference: torch.Tensor | None = None) -> nn.Module:
+                info: ConversionInfo, reference: torch.Tensor | None = None,
+                calibration: list | tuple | None = None,
+                progress: bool | None = None) -> nn.Module:
     """FP8 lowering of ``model`` (captured as ``gm``); graph mode re-captures the result.
-    ``reference``: the source model's outputs on ``inputs`` (default: ``model``'s)."""
+    ``reference``: the source model's outputs on ``inputs`` (default: ``model``'s).
+    ``calibration``: batches for GPTQ rounding (``FP8Config.weight_rounding``)."""
 
     decisions = plan_fp8(model, gm, fp8, filter_fn)
     if not any(d.lowered for d in decisions):
@@ -286,8 +295,12 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                          "filters): " + "; ".join(f"{d.fqn}: {d.reason}" for d in decisions[:4]))
     if reference is None:
         reference = _outputs(model, inputs)
+    quantized = None
+    if uses_gptq(fp8, bool(calibration)):
+        quantized, decisions = gptq_rounding(model, decisions, fp8, calibration,
+                                             progress=progress)
     target = model if inplace else _copy(model)
-    apply_fp8(target, decisions, fp8)
+    apply_fp8(target, decisions, fp8, quantized)
     info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions),
                    **_errors(reference, target, inputs))
     if mode == "graph":

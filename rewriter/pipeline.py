@@ -380,7 +380,8 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
     if fp8 is not None:
         label = "MoE + FP8" if final is not model else "FP8"
         with stage("FP8"):
-            final = convert(final, fp8=fp8, example_inputs=example_inputs)
+            final = convert(final, fp8=fp8, example_inputs=example_inputs,
+                            calibration=calib, progress=progress)  # GPTQ rounding (inference)
             writer.row(_row(label, final, evaluate(final, data)))
         say(f"{label}: perplexity {report.rows[-1].perplexity:.2f}")
     if out is not None:

@@ -65,6 +65,24 @@ def _check_modes(mode: str, activations: str) -> None:
         raise ValueError("training runs all three GEMMs in FP8: activations must be 'fp8'")
 
 
+def _check_quantized(quantized: tuple[Tensor, Tensor] | None, weight: Tensor,
+                     mode: str) -> None:
+    """``quantized``: codes and block scales made elsewhere (GPTQ rounding) for ``weight``."""
+    if quantized is None:
+        return
+    if mode != "inference":
+        raise ValueError("quantized=(q, scale) stores fixed FP8 weights: it needs "
+                         "mode='inference' (training re-quantizes the master weight each step)")
+    q, s = quantized
+    n, k = weight.shape
+    blocks = (-(-n // 128), -(-k // 128))
+    if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != (n, k) or \
+            s.dtype != torch.float32 or tuple(s.shape) != blocks:
+        raise ValueError(f"quantized must be (q float8_e4m3fn {(n, k)}, scale float32 "
+                         f"{blocks}) for a weight of shape {(n, k)}, got ({q.dtype} "
+                         f"{tuple(q.shape)}, {s.dtype} {tuple(s.shape)})")
+
+
 def _check_cache_flag(cache_dequantized: bool) -> None:
     if not isinstance(cache_dequantized, bool):
         raise ValueError(f"cache_dequantized must be a bool, got {cache_dequantized!r}")
@@ -251,7 +269,10 @@ class FP8Linear(nn.Module):
     copy in ``compute_dtype`` (read-only in effect: writing to it changes nothing; load new
     weights through ``weight_q``/``weight_scale`` or ``load_state_dict``). ``weight_q``
     (float8_e4m3fn) and ``weight_scale`` (fp32) keep their dtypes under ``.to(dtype)``,
-    ``.half()``, ``.bfloat16()``; ``compute_dtype`` and the bias follow such casts."""
+    ``.half()``, ``.bfloat16()``; ``compute_dtype`` and the bias follow such casts.
+    ``quantized``: inference mode only, ``(q, scale)`` to store instead of nearest-rounding
+    ``weight`` (e.g. :func:`rewriter.passes.gptq.gptq_quantize_blockwise`'s result), in
+    :func:`~rewriter.targets.fp8.quantize_blockwise`'s format."""
 
     cache_dequantized = True  # class defaults: modules pickled before the cache existed
     _dequant_cache: _DequantCache | None = None
@@ -259,9 +280,11 @@ class FP8Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None = None, *, mode: str = "training",
                  activations: str = "fp8", pow2: bool = False, cache_dequantized: bool = True,
-                 activation_memo: ActivationMemo | None = None):
+                 activation_memo: ActivationMemo | None = None,
+                 quantized: tuple[Tensor, Tensor] | None = None):
         super().__init__()
         _check_modes(mode, activations)
+        _check_quantized(quantized, weight, mode)
         _check_cache_flag(cache_dequantized)
         _check_memo(activation_memo)
         self.out_features, self.in_features = weight.shape
@@ -273,7 +296,7 @@ class FP8Linear(nn.Module):
         if mode == "training":
             self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
         else:
-            q, s = quantize_blockwise(weight.detach(), pow2=pow2)
+            q, s = quantized or quantize_blockwise(weight.detach(), pow2=pow2)
             self.register_buffer("weight_q", q)  # (N, K) float8_e4m3fn
             self.register_buffer("weight_scale", s)  # (N/128, K/128) fp32
         if bias is None:
