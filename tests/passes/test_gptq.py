@@ -155,3 +155,20 @@ def test_convert_asks_for_calibration_when_gptq_is_explicit():
     with pytest.raises(InputError, match="give calibration=batches"):
         rewriter.convert(model, fp8=FP8Config(weight_rounding="gptq"),
                          example_inputs=case.inputs(model, 1, 8))
+
+
+def test_gptq_rounded_codes_survive_save_and_load(tmp_path):
+    case = BY_NAME["hf:llama"]
+    model = case.build()
+    calib = [case.inputs(model, 2, 13, seed=i) for i in range(2)]
+    conv = rewriter.convert(model, fp8=FP8Config(), example_inputs=case.inputs(model, 1, 8),
+                            calibration=calib)
+    loaded = rewriter.load(rewriter.save(conv, tmp_path / "m"))
+    lowered = [d.fqn for d in rewriter.conversion_info(conv).fp8_decisions if d.lowered]
+    for fqn in lowered:
+        a, b = conv.get_submodule(fqn), loaded.get_submodule(fqn)
+        assert torch.equal(a.weight_q.view(torch.uint8), b.weight_q.view(torch.uint8))
+        assert torch.equal(a.weight_scale, b.weight_scale)
+    x = case.inputs(model, 2, 11, seed=7)
+    with torch.no_grad():
+        assert torch.equal(conv(**x).logits, loaded(**x).logits)

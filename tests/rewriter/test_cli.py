@@ -138,3 +138,18 @@ def test_choices_come_from_the_library_constants():
     assert tuple(conv["gate"].choices) == GATE_MODES
     assert tuple(conv["allocation"].choices) == ("auto", *ALLOCATIONS)
     assert tuple(conv["fp8_activations"].choices) == ACTIVATION_MODES
+
+
+def test_fp8_rounding_flag_reaches_the_config_and_training_ignores_it():
+    parse = build_parser().parse_args
+    args = parse(["convert", "llama-tiny", "--fp8", "--fp8-rounding", "nearest"])
+    assert _conversion_configs(args)[2].weight_rounding == "nearest"
+    assert _conversion_configs(parse(["convert", "llama-tiny", "--fp8"]))[2].weight_rounding \
+        == "auto"
+    args = parse(["convert", "llama-tiny", "--fp8", "--fp8-rounding", "gptq"])
+    assert _conversion_configs(args, training=True)[2].weight_rounding == "auto"
+
+
+def test_convert_fp8_only_rounds_with_gptq_on_the_calibration_text(capsys):
+    assert main(["convert", "llama-tiny", "--fp8", "--calib-seqs", "2"]) == 0
+    assert "GPTQ rounding" in capsys.readouterr().out
