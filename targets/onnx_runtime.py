@@ -93,7 +93,7 @@ def default_providers() -> list[str]:
 
 def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None, *,
                  threads: int | None = None, optimization: str = "all",
-                 spinning: bool = True):
+                 spinning: bool = True, fold_weight_dequantization: bool = True):
     """An ``onnxruntime.InferenceSession`` for ``path``.
 
     ``providers``: default :func:`default_providers` (CUDA when available, else CPU); a
@@ -101,7 +101,15 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     threads (default onnxruntime's). ``optimization``: "all", "extended", "basic" or
     "disable" (graph optimization level). ``spinning=False``: the intra-op threads sleep
     between runs instead of spinning (use it when onnxruntime shares the cores with other
-    work, e.g. interleaved with PyTorch in a benchmark)."""
+    work, e.g. interleaved with PyTorch in a benchmark). ``fold_weight_dequantization``
+    (default True): FP8 weights are dequantized once, when the session loads (onnxruntime's
+    constant folding of ``DequantizeLinear`` on initializers, session config
+    ``session.disable_quant_qdq=1``), instead of on every run; the file stays FP8, the session
+    holds fp32 weights (4 bytes per weight of RAM). The dequantized weights are the same
+    ``q * scale`` products; the MatMul on a constant weight may use prepacked kernels, so
+    results move by summation order only (~1e-7 relative). Activation quantization (W8A8)
+    still runs per call. False keeps
+    onnxruntime's default (QDQ kept for quantized-kernel fusion; no FP8 kernels on CPU)."""
     ort = _ort()
     check_onnxruntime_install()
     path = Path(path)
@@ -125,6 +133,11 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3  # errors only: no "removing unused initializer" chatter
+    if not isinstance(fold_weight_dequantization, bool):
+        raise ValueError(f"fold_weight_dequantization must be a bool, got "
+                         f"{fold_weight_dequantization!r}")
+    if fold_weight_dequantization:  # DequantizeLinear of initializers folded at load
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")

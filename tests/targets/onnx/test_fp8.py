@@ -139,3 +139,35 @@ def test_fp8_reference_quantizer_matches_onnxruntime_bit_for_bit():
     expected = (x / s.repeat_interleave(128, 1)[:, :k]).to(ref.FP8_DTYPE)
     assert (q == expected.view(torch.uint8).numpy()).all()
 
+
+
+@pytest.mark.parametrize("activations, left", [("none", 0), ("fp8", 1)])
+def test_weight_dequantization_is_folded_at_session_load(tmp_path, activations, left):
+    """make_session(fold_weight_dequantization=True, the default): onnxruntime dequantizes the
+    FP8 weight initializers once (no weight DequantizeLinear left in the optimized graph; W8A8
+    keeps its activation QDQ) and gives what dequantizing on every run gives, but for the
+    summation order of a prepacked MatMul."""
+    import onnx
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    lin = FP8Linear(torch.randn(136, 200), torch.randn(136), mode="inference",
+                    activations=activations)
+    report = _linear_case(tmp_path, lin, torch.randn(2, 5, 200))
+    x = {"x": (torch.randn(3, 7, 200) * 3).numpy()}
+    outs = {}
+    for fold in (False, True):
+        session = make_session(report.path, ["CPUExecutionProvider"],
+                               fold_weight_dequantization=fold)
+        outs[fold] = session.run(None, x)[0]
+    scale = np.abs(outs[False]).max()
+    assert np.abs(outs[True] - outs[False]).max() <= 1e-6 * scale
+    assert compare_with_torch(lin, session, {"x": torch.from_numpy(x["x"])})["rel"] <= 1e-6
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    ort.InferenceSession(str(report.path), options, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("DequantizeLinear") == left  # W8A8: the activation's, per call
+    with pytest.raises(ValueError, match="fold_weight_dequantization"):
+        make_session(report.path, fold_weight_dequantization="yes")
