@@ -31,12 +31,12 @@ from pathlib import Path
 import torch
 from _timing import medians_ms, time_interleaved  # noqa: E402
 from onnx_cpu import real_text_batches  # noqa: E402
-from rewriter.recipes import get_recipe  # noqa: E402
 from rewriter.targets.onnx import export_onnx  # noqa: E402
 from rewriter.targets.onnx_runtime import make_session, run_onnx  # noqa: E402
 
 import rewriter  # noqa: E402
 from rewriter import FP8Config  # noqa: E402
+from rewriter.recipes import get_recipe  # noqa: E402
 
 MODELS = ("dense", "moe", "moe-w8a8", "moe-w8a16")
 RUNTIMES = ("eager", "ort")
@@ -101,9 +101,9 @@ def main(argv: list[str] | None = None) -> dict:
         fns = {}
         for name, model in models.items():
             if "eager" in args.runtimes:
-                fns[f"eager/{name}"] = lambda m=model: m(input_ids=ids)
+                fns[f"eager/{name}"] = lambda m=model, x=ids: m(input_ids=x)
             if name in sessions:
-                fns[f"ort/{name}"] = lambda s=sessions[name]: run_onnx(s, {"input_ids": ids})
+                fns[f"ort/{name}"] = lambda s=sessions[name], x=ids: run_onnx(s, {"input_ids": x})
 
         def progress(r, times, spec=spec):
             print(f"  {spec} round {r + 1}/{args.repeats} (load {os.getloadavg()[0]:.1f})",
