@@ -419,9 +419,11 @@ class MoEFFN(nn.Module):
         return F.linear(h, w_down) * we.unsqueeze(-1)  # (n, d)
 
     def _dispatch_sorted(
-        self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor
+        self, x: torch.Tensor, topk_idx: torch.Tensor, weights: torch.Tensor,
+        experts: list[tuple] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager path: sort slots by expert once; contiguous groups. -> out (T, d), load (E,)."""
+        """Eager path: sort slots by expert once; contiguous groups. -> out (T, d), load (E,).
+        ``experts``: per-expert params for ``_expert`` (default ``_experts()``)."""
         K, E = self.config.top_k, self.config.num_experts
         flat = topk_idx.reshape(-1)  # (T*K,)
         order = torch.argsort(flat, stable=True)  # (T*K,) slots grouped by expert
@@ -437,7 +439,7 @@ class MoEFFN(nn.Module):
             # gather per group: rows stay in cache and the buffers are small enough for the
             # allocator to reuse instead of page-faulting a fresh (T*K, d) block each call
             xs = None
-        experts = self._experts()
+        experts = self._experts() if experts is None else experts
         out = x.new_zeros(x.shape)  # (T, d)
         for e, n in enumerate(sizes):
             if n == 0:

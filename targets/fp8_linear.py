@@ -432,6 +432,21 @@ class FP8MoEFFN(MoEFFN):
         return self._dequant_cache.get(name, (q, s), lambda: [
             dequantize_blockwise(qe, se) for qe, se in zip(q.unbind(0), s.unbind(0))])
 
+    def _cached_experts(self, x: Tensor) -> list[tuple] | None:
+        """Per expert (gate, up, down, b_gate, b_up) with the cached fp32 weights, each
+        projection's cache validated once for this call (not once per expert); None when the
+        cache does not apply."""
+        names = [n for n in ("w_gate", "w_up", "w_down") if getattr(self, f"{n}_q") is not None]
+        cached = {n: self.dequantized_experts(n, x) for n in names}
+        if any(c is None for c in cached.values()):
+            return None
+        E = self.config.num_experts
+        none = [None] * E
+        b_gate = self.b_gate.unbind(0) if self.b_gate is not None else none
+        b_up = self.b_up.unbind(0) if self.b_up is not None else none
+        return list(zip(cached.get("w_gate", none), cached["w_up"], cached["w_down"], b_gate,
+                        b_up))
+
     # per-expert params: (gate, up, down, b_gate, b_up) as the base class expects
     def _experts(self):
         if self.mode == "training":
@@ -451,6 +466,8 @@ class FP8MoEFFN(MoEFFN):
     def _linear(self, x: Tensor, w, b: Tensor | None) -> Tensor:
         if self.mode == "training":
             return _ops.fp8_linear_hp(x, w, b, self.pow2)
+        if isinstance(w, Tensor):  # W8A16, the expert's cached fp32 weight (_dispatch_sorted)
+            return weight_only_linear_dequantized(x, w, b)
         name, e, q, s = w
         cached = self.dequantized_experts(name, x)
         if cached is not None:  # the ops' CPU bodies on the cached weight: the same bits
@@ -469,8 +486,10 @@ class FP8MoEFFN(MoEFFN):
         return self._linear(h, w_down, None) * we.unsqueeze(-1)  # (n, d): after down_proj (HF)
 
     def _dispatch_sorted(self, x: Tensor, topk_idx: Tensor, weights: Tensor):
-        if self.mode == "training" or self.activations != "fp8":
+        if self.mode == "training":
             return super()._dispatch_sorted(x, topk_idx, weights)
+        if self.activations != "fp8":  # W8A16: the cache checked once per projection
+            return super()._dispatch_sorted(x, topk_idx, weights, self._cached_experts(x))
         if self._activation_memo is not None:
             with self._activation_memo.scope():  # grouped up/gate share xs within this call
                 return self._dispatch_grouped(x, topk_idx, weights)

@@ -440,3 +440,20 @@ def test_tiny_activations_and_gradients_stay_finite_through_the_modules():
     assert torch.isfinite(xt.grad).all() and torch.isfinite(tr.weight.grad).all()
     assert sqnr_db(g.double() @ w.double(), xt.grad) > 20
     assert sqnr_db(g.double().T @ xt.detach().double(), tr.weight.grad) > 20
+
+
+@pytest.mark.parametrize("activations", ["fp8", "none"])
+def test_fp8_moe_checks_each_projection_cache_once_per_call(monkeypatch, activations):
+    """The expert cache is validated (a byte compare of the stacked FP8 weights) once per
+    projection per forward, not once per expert: W8A16 measured 477 -> 331 ms per SmolLM2
+    forward at (1, 128) when it stopped comparing all experts' bytes for every expert."""
+    from rewriter.targets import fp8_linear
+
+    block = FP8MoEFFN(_moe_odd(glu=True), mode="inference", activations=activations)
+    calls = []
+    real_get = fp8_linear._DequantCache.get
+    monkeypatch.setattr(fp8_linear._DequantCache, "get",
+                        lambda self, name, *a: calls.append(name) or real_get(self, name, *a))
+    with torch.no_grad():
+        block(torch.randn(23, 200))
+    assert sorted(calls) == ["w_down", "w_gate", "w_up"]
