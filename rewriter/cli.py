@@ -33,7 +33,7 @@ from .conversion import convert
 from .errors import InputError, RewriterError, exit_code
 from .inspection import inspect
 from .pipeline import check_writable, run_pipeline
-from .recipes import RECIPES
+from .recipes import RECIPES, get_recipe
 from .serialization import FORMATS, load_call, save
 from .training import TextData, TrainConfig, train
 
@@ -138,7 +138,12 @@ def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
         fp8 = FP8Config(mode=mode, activations="fp8" if mode == "training"
                         else args.fp8_activations,
                         weight_rounding="auto" if mode == "training" else args.fp8_rounding)
-    return args.recipe, moe, fp8
+    recipe = args.recipe
+    if getattr(args, "active", None) is not None:
+        if recipe is None:
+            raise InputError("--active picks a recipe's MoE layout: give --recipe NAME too")
+        recipe = get_recipe(recipe).with_active(args.active)
+    return recipe, moe, fp8
 
 
 def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
@@ -197,7 +202,8 @@ def _run_pipeline(args: argparse.Namespace) -> int:
     recipe, moe, fp8 = _conversion_configs(args, training=bool(args.train_steps))
     if recipe is None and moe is None and fp8 is None:
         raise InputError("nothing to convert: give --recipe NAME, --experts N and/or --fp8")
-    print(f"{args.model}: converting ({recipe or 'custom'}), evaluating on held-out "
+    print(f"{args.model}: converting ({getattr(recipe, 'name', recipe) or 'custom'}), "
+          "evaluating on held-out "
           "pydoc_data.topics text" + (f", training {args.train_steps} steps"
                                       if args.train_steps else ""), flush=True)
     result = run_pipeline(
@@ -346,6 +352,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="a named recipe: " + "; ".join(f"{k}: {r.description}"
                                                        for k, r in RECIPES.items()))
+    g.add_argument("--active", type=float, default=None,
+                   help="with --recipe: the fraction of each FFN's neurons active per token "
+                        "(0.25-1; the recipe picks shared width and top_k; default: the "
+                        "recipe's, ~44%%)")
     g.add_argument("--experts", type=_positive, default=None,
                    help="routed experts per FFN (overrides the recipe's MoE part)")
     g.add_argument("--top-k", type=_positive, default=None,

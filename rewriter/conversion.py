@@ -105,6 +105,7 @@ def convert(
     mode: str = "module",
     inplace: bool = False,
     progress: bool | None = None,
+    active: float | None = None,
 ) -> nn.Module:
     """Convert ``model``: feed-forward blocks to DeepSeekMoE blocks and/or matmuls to FP8.
 
@@ -120,7 +121,9 @@ def convert(
     mode is inference). ``filter_fn(module, fqn)``:
     rewrite only the FFN blocks and linears it accepts. ``mode``: "module" returns a copy of
     the model with the new blocks swapped in (HF APIs keep working); "graph" returns the
-    rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode).
+    rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode). ``active``:
+    with a recipe, the fraction of each FFN's neurons active per token (the recipe picks the
+    layout: :meth:`rewriter.recipes.Recipe.with_active`).
     """
 
     if not isinstance(model, nn.Module):
@@ -128,9 +131,13 @@ def convert(
     if mode not in MODES:
         raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
 
+    if active is not None and recipe is None:
+        raise InputError("active= picks a recipe's MoE layout: give recipe=... too (with "
+                         "moe=MoEConfig(...), set top_k and shared_width yourself)")
     if recipe is not None:
-
         recipe = get_recipe(recipe)
+        if active is not None:
+            recipe = recipe.with_active(active)
     if moe is None and fp8 is None and recipe is None:
         raise InputError("nothing to do: give recipe=..., moe=MoEConfig(...) and/or "
                          "fp8=FP8Config(...)")

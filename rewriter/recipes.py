@@ -21,7 +21,7 @@ fp8-only       FP8 inference lowering only (weights stored FP8, W8A8)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 
 from rewriter.passes.ffn_to_moe import MoEConfig
@@ -48,6 +48,23 @@ class Recipe:
     fp8_activations: str = "fp8"
     allocation: str = "auto"  # MoEConfig.allocation; "uniform" keeps a Hugging Face export
     router_bias: bool = True  # MoEConfig.router_bias; False keeps a Hugging Face export
+
+    def with_active(self, active: float) -> Recipe:
+        """This recipe with ``active`` (0.25 <= active < 1) of each FFN's neurons active per
+        token: a quarter of the routed experts chosen per token, as every layout measured
+        best off the calibration domain so far (BENCHMARKS.md, "Quality off the calibration
+        domain"), and the shared expert taking the rest of the budget: shared fraction
+        ``(4 * active - 1) / 3`` (0.25 at the default 44%, 1/3 at 50%, 2/3 at 75%). The
+        expert count stays the recipe's. Raises InputError for a recipe without MoE or an
+        ``active`` out of range."""
+        if self.num_experts is None:
+            raise InputError(f"recipe {self.name!r} converts no FFN to MoE: active= does not "
+                             "apply")
+        if isinstance(active, bool) or not isinstance(active, (int, float)) or \
+                not 0.25 <= active < 1:
+            raise InputError(f"active must be a fraction in [0.25, 1) of each FFN's neurons "
+                             f"active per token, got {active!r}")
+        return replace(self, shared_fraction=(4 * active - 1) / 3, active_fraction=0.25)
 
     def configs(self, d_ffs: Sequence[int]) -> tuple[object | None, object | None]:
         """(MoEConfig or None, FP8Config or None) for a model whose FFNs have widths

@@ -153,3 +153,12 @@ def test_fp8_rounding_flag_reaches_the_config_and_training_ignores_it():
 def test_convert_fp8_only_rounds_with_gptq_on_the_calibration_text(capsys):
     assert main(["convert", "llama-tiny", "--fp8", "--calib-seqs", "2"]) == 0
     assert "GPTQ rounding" in capsys.readouterr().out
+
+
+def test_active_flag_reaches_the_recipe_and_needs_one():
+    parse = build_parser().parse_args
+    recipe = _conversion_configs(parse(["convert", "llama-tiny", "--recipe", "deepseek-v3",
+                                        "--active", "0.5"]))[0]
+    assert recipe.name == "deepseek-v3" and recipe.shared_fraction == pytest.approx(1 / 3)
+    with pytest.raises(errors.InputError, match="give --recipe"):
+        _conversion_configs(parse(["convert", "llama-tiny", "--active", "0.5"]))

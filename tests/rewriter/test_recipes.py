@@ -115,3 +115,48 @@ def test_hf_generate_keeps_working_after_conversion():
     fp8 = rewriter.convert(model, recipe="deepseek-v3").eval()
     out = fp8.generate(ids, **kw)
     assert out.shape == (2, 9) and torch.equal(out[:, :5], ids)
+
+
+def _active_fraction(moe, d_ff: int) -> float:
+    routed = (d_ff - moe.shared_width) // moe.num_experts
+    return (moe.shared_width + moe.top_k * routed) / d_ff
+
+
+@pytest.mark.parametrize("active, shared, top_k", [(0.75, 1024, 4), (0.5, 512, 4),
+                                                   (0.4375, 384, 4)])
+def test_active_picks_the_layout_for_smollm2_widths(active, shared, top_k):
+    moe, fp8 = get_recipe("deepseek-v3").with_active(active).configs([1536])
+    assert (moe.num_experts, moe.shared_width, moe.top_k) == (16, shared, top_k)
+    assert _active_fraction(moe, 1536) == pytest.approx(active)
+    assert moe.route_scale == top_k and fp8.mode == "training"  # the rest of the recipe kept
+    if active == 0.4375:  # the recipe's own default is the 44% layout
+        assert get_recipe("deepseek-v3").configs([1536])[0] == moe
+
+
+@pytest.mark.parametrize("d_ff", [136, 344, 1000, 11008])
+@pytest.mark.parametrize("active", [0.3, 0.5, 0.75, 0.9])
+def test_active_is_met_within_a_few_points_on_other_widths(d_ff, active):
+    moe, _ = get_recipe("moe-only").with_active(active).configs([d_ff])
+    assert abs(_active_fraction(moe, d_ff) - active) <= 0.06
+
+
+def test_active_refuses_what_it_cannot_do():
+    for bad in (0.1, 1.0, 1.5, True, "0.5"):
+        with pytest.raises(InputError, match="active must be a fraction"):
+            get_recipe("deepseek-v3").with_active(bad)
+    with pytest.raises(InputError, match="converts no FFN"):
+        get_recipe("fp8-only").with_active(0.5)
+    case = {c.name: c for c in CASES}["llama-tiny"]
+    with pytest.raises(InputError, match="give recipe="):
+        rewriter.convert(case.build(), moe=rewriter.MoEConfig(num_experts=4, top_k=2),
+                         active=0.5)
+
+
+def test_convert_with_active_reports_that_fraction():
+    case = {c.name: c for c in CASES}["hf:llama"]
+    model = case.build()
+    conv = rewriter.convert(model, recipe="moe-only", active=0.75,
+                            example_inputs=case.inputs(model, 1, 8))
+    info = rewriter.conversion_info(conv)
+    d_ff = case.expected_sizes(model)[2]
+    assert _active_fraction(info.moe, d_ff) == pytest.approx(0.75, abs=0.06)
