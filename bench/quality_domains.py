@@ -27,6 +27,7 @@ Models (``--models``), library defaults throughout (no tuning here)::
     moe-50       MoEConfig(num_experts=16, top_k=4, shared_width=512): 512 shared + 16 x 64, 50%
     moe-75-16    (not by default) 768 shared + 16 x 48, top-8 (75%)
     moe-44       (not by default) 384 shared + 16 x 72, top-4: the deepseek-v3 recipe's layout
+    active-75/50 (not by default) ``convert(recipe="moe-only", active=0.75 | 0.5)``
 
 MoE models use ``rewriter.convert(model, moe=cfg, calibration=batches)`` with the MoEConfig
 defaults for everything else (with calibration: coactivation grouping, shared neurons by
@@ -73,6 +74,10 @@ MODELS = {
                   MoEConfig(num_experts=16, top_k=8, shared_width=768)),
     "moe-44": ("MoE 44% active: 384 shared + 16 x 72, top-4",
                MoEConfig(num_experts=16, top_k=4, shared_width=384)),
+    "active-75": ("recipe moe-only, active=0.75: 1024 shared + 16 x 32, top-4",
+                  ("moe-only", 0.75)),
+    "active-50": ("recipe moe-only, active=0.5: 512 shared + 16 x 64, top-4",
+                  ("moe-only", 0.5)),
 }
 DEFAULT_MODELS = ("dense", "fp8-w8a8", "fp8-w8a16", "moe-75", "moe-50")
 
@@ -85,6 +90,9 @@ def convert(dense, name: str, calib: torch.Tensor, calib_batch: int):
     example = {"input_ids": calib[:1, :32]}
     batches = [{"input_ids": calib[i:i + calib_batch]}
                for i in range(0, calib.shape[0], calib_batch)]
+    if isinstance(cfg, tuple):  # (recipe, active): the layout the recipe picks
+        return rewriter.convert(dense, recipe=cfg[0], active=cfg[1], example_inputs=example,
+                                calibration=batches, progress=False).eval()
     if isinstance(cfg, FP8Config):
         return rewriter.convert(dense, fp8=cfg, example_inputs=example, calibration=batches,
                                 progress=False).eval()
