@@ -418,7 +418,9 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
                         pad_to=pad_to)
             report.files["saved"] = str(path)
         say(f"saved ({save_format}): {path}  (load: {load_call(path, save_format)})")
-    if out is not None and hf:
+    if out is not None and hf and save_dir is not None and save_format == "hf":
+        report.files["hf checkpoint"] = str(path)  # written once, by the save stage
+    elif out is not None and hf:
         with stage("save hf"):
             line = writer.hf_checkpoint("hf", deploy, tokenizer)
         say(line)
