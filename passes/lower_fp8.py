@@ -15,6 +15,7 @@ Opt-in (``embeddings="fp8"``, deployment): embedding tables ->
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
@@ -30,6 +31,7 @@ from rewriter.targets.fp8_linear import (
 )
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
 
 from rewriter.errors import InputError
 from rewriter.graph_ops import is_reshape, module_stack, op_name
@@ -279,7 +281,9 @@ def gptq_rounding(model: nn.Module, decisions: list[LoweringDecision], config: F
             for fqn, d in linears.items()}
     hessians = collect_input_hessians(model, k_of, batches, progress=progress)
     out: dict[str, tuple[Tensor, Tensor]] = {}
-    for fqn, h in hessians.items():
+    show = sys.stderr.isatty() if progress is None else progress
+    for fqn, h in tqdm(hessians.items(), desc="GPTQ rounding", unit="linear",
+                       disable=not show):
         d = linears[fqn]
         weight = _weight_nk(model.get_submodule(fqn), d.kind)
         out[fqn] = gptq_quantize_blockwise(weight, h.mean(), dampening=config.gptq_dampening,
