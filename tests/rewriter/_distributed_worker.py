@@ -63,6 +63,10 @@ def main(kind: str, recipe: str, out: str, moe_first: str = "0") -> None:
             "param_abs_sum": params,
         }))
     if kind != "single":
+        # every rank past its last collective before teardown: a rank tearing gloo down while
+        # another still writes its results aborted once ("terminate called without an active
+        # exception", SIGABRT on rank 1, a fresh clone's test run, session 6)
+        dist.barrier()
         dist.destroy_process_group()
 
 
