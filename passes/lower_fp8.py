@@ -276,17 +276,17 @@ def gptq_rounding(model: nn.Module, decisions: list[LoweringDecision], config: F
     """GPTQ codes and scales for every planned linear of ``model`` (unchanged), from its
     inputs on ``batches``; and the decisions with their reasons saying how each was rounded.
     Returns ``({fqn: (q, scale)}, decisions)``."""
-    linears = {d.fqn: d for d in decisions if d.lowered and d.kind in ("linear", "conv1d")}
-    k_of = {fqn: _weight_nk(model.get_submodule(fqn), d.kind).shape[1]
-            for fqn, d in linears.items()}
-    hessians = collect_input_hessians(model, k_of, batches, progress=progress)
+    linears = {d.fqn for d in decisions if d.lowered and d.kind in ("linear", "conv1d")}
+    weights = {d.fqn: _weight_nk(model.get_submodule(d.fqn), d.kind) for d in decisions
+               if d.fqn in linears}  # (N, K) views, no copies
+    hessians = collect_input_hessians(model, {f: w.shape[1] for f, w in weights.items()},
+                                      batches, progress=progress)
     out: dict[str, tuple[Tensor, Tensor]] = {}
     show = sys.stderr.isatty() if progress is None else progress
     for fqn, h in tqdm(hessians.items(), desc="GPTQ rounding", unit="linear",
                        disable=not show):
-        d = linears[fqn]
-        weight = _weight_nk(model.get_submodule(fqn), d.kind)
-        out[fqn] = gptq_quantize_blockwise(weight, h.mean(), dampening=config.gptq_dampening,
+        out[fqn] = gptq_quantize_blockwise(weights[fqn], h.mean(),
+                                           dampening=config.gptq_dampening,
                                            pow2=config.pow2_scales)
     tokens = max((h.tokens for h in hessians.values()), default=0)
     noted = []

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
-from .fp8 import dequantize_blockwise, fake_quantize_rowwise, quantize_blockwise
+from .fp8 import BLOCK, dequantize_blockwise, fake_quantize_rowwise, quantize_blockwise
 from .fp8_ops import (
     grouped_linear_dequantized,
     linear_dequantized,
@@ -75,7 +75,7 @@ def _check_quantized(quantized: tuple[Tensor, Tensor] | None, weight: Tensor,
                          "mode='inference' (training re-quantizes the master weight each step)")
     q, s = quantized
     n, k = weight.shape
-    blocks = (-(-n // 128), -(-k // 128))
+    blocks = (-(-n // BLOCK), -(-k // BLOCK))  # quantize_blockwise's scale grid
     if q.dtype != torch.float8_e4m3fn or tuple(q.shape) != (n, k) or \
             s.dtype != torch.float32 or tuple(s.shape) != blocks:
         raise ValueError(f"quantized must be (q float8_e4m3fn {(n, k)}, scale float32 "
