@@ -10,6 +10,7 @@ its reason; later steps then say which step they needed.
 
     python bench/support_matrix.py                  # all (resumes: rows kept in --jsonl)
     python bench/support_matrix.py --only llama,opt --timeout 300
+    python bench/support_matrix.py --jobs 2          # two architectures at a time
     python bench/support_matrix.py --render         # docs/support.md from the JSONL only
 
 Rows go to bench/results/support_matrix.jsonl as they finish; docs/support.md is rewritten after
@@ -29,6 +30,7 @@ import tempfile
 import time
 import traceback
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -56,7 +58,7 @@ TINY = {  # attribute -> value, set where the config class has the attribute
     "encoder_layers": 2,
     "num_attention_heads": 4, "n_head": 4, "n_heads": 4, "encoder_attention_heads": 4,
     "decoder_attention_heads": 4, "num_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "kv_channels": 16,
+    "num_key_value_heads": 2, "head_dim": 16, "kv_channels": 16, "rotary_dim": 16,
     "vocab_size": 256, "max_position_embeddings": 128, "n_positions": 128,
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "moe_intermediate_size": 32, "shared_expert_intermediate_size": 32, "n_shared_experts": 1,
@@ -90,6 +92,10 @@ _HEAD_KEYS = ("head_dim", "kv_channels", "num_key_value_heads")
 _TIERS = (
     TINY,
     {k: v for k, v in TINY.items() if k not in _HEAD_KEYS},
+    # multi-head latent attention (one kv head per query head) with grouped routing
+    {**{k: v for k, v in TINY.items() if k not in _HEAD_KEYS}, "num_key_value_heads": 4,
+     "n_group": 1, "topk_group": 1},
+    {**TINY, "num_key_value_heads": 4},  # models that require kv heads == query heads
     {k: v for k, v in TINY.items() if k in ("num_hidden_layers", "n_layer", "num_layers",
                                             "n_layers", "decoder_layers", "encoder_layers",
                                             "vocab_size", "num_experts", "num_local_experts",
@@ -390,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--only", default="", help="comma-separated model_types")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="architectures run at once (one subprocess each, OMP_NUM_THREADS=1)")
     ap.add_argument("--jsonl", type=Path, default=JSONL)
     ap.add_argument("--doc", type=Path, default=DOC)
     ap.add_argument("--render", action="store_true", help="only write the doc from the JSONL")
@@ -415,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
                HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    for i, (task, model_type, cls) in enumerate(todo):
+    def run_isolated(arch: tuple[str, str, str]) -> dict:
+        task, model_type, cls = arch
         t0 = time.time()
         with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
             row_path = Path(f.name)
@@ -436,13 +445,21 @@ def main(argv: list[str] | None = None) -> int:
                                  else "the run crashed") if s == missing[0] else \
                 f"{missing[0]} did not finish"
         row["seconds"] = round(time.time() - t0, 1)
-        rows[(task, model_type)] = row
-        with args.jsonl.open("a") as out:
-            out.write(json.dumps(row) + "\n")
-        render(rows, args.doc)
-        print(f"[{i + 1}/{len(todo)}] {task} {model_type}: "
-              + " ".join(f"{s}={row['steps'][s]}" for s in STEPS)
-              + f" ({row['seconds']} s)", flush=True)
+        return row
+
+    # Each architecture runs in its own subprocess (a crash or hang costs one row); --jobs
+    # of them at once. Only this thread writes the JSONL and the doc.
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = [pool.submit(run_isolated, arch) for arch in todo]
+        for i, future in enumerate(as_completed(futures)):
+            row = future.result()
+            rows[(row["task"], row["model_type"])] = row
+            with args.jsonl.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+            render(rows, args.doc)
+            print(f"[{i + 1}/{len(todo)}] {row['task']} {row['model_type']}: "
+                  + " ".join(f"{s}={row['steps'][s]}" for s in STEPS)
+                  + f" ({row['seconds']} s)", flush=True)
     print(json.dumps(render(rows, args.doc)))
     return 0
 

@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rewriter.patterns import ACTIVATIONS
+from rewriter.patterns import ACTIVATIONS, CAPTURED_ACTIVATION
 
 __all__ = [
     "GATE_MODES",
@@ -175,10 +175,10 @@ class MoEFFNConfig:
             )
         if self.shared_dim < 0:
             raise ValueError(f"MoEFFN.shared_dim must be >= 0, got {self.shared_dim!r}")
-        if self.activation not in MOE_ACTIVATIONS:
+        if self.activation not in (*MOE_ACTIVATIONS, CAPTURED_ACTIVATION):
             raise ValueError(
-                f"MoEFFN.activation must be one of {', '.join(MOE_ACTIVATIONS)}, "
-                f"got {self.activation!r}"
+                f"MoEFFN.activation must be one of {', '.join(MOE_ACTIVATIONS)} or "
+                f"{CAPTURED_ACTIVATION!r} (with activation_fn), got {self.activation!r}"
             )
         if self.gate not in GATE_MODES:
             raise ValueError(
@@ -209,6 +209,23 @@ def _as(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
 
+def _activation_fn(owner: str, activation: str,
+                   activation_fn: nn.Module | None) -> nn.Module | None:
+    """The module a "captured" activation runs (checked); None for a named activation."""
+    if activation == CAPTURED_ACTIVATION:
+        if not isinstance(activation_fn, nn.Module):
+            raise ValueError(f"{owner}: activation={CAPTURED_ACTIVATION!r} needs activation_fn, "
+                             f"a module (..., F) -> (..., F), got {activation_fn!r}")
+        return activation_fn
+    if activation not in MOE_ACTIVATIONS:
+        raise ValueError(f"{owner}.activation must be one of {', '.join(MOE_ACTIVATIONS)} or "
+                         f"{CAPTURED_ACTIVATION!r}, got {activation!r}")
+    if activation_fn is not None:
+        raise ValueError(f"{owner}: activation_fn is only for activation="
+                         f"{CAPTURED_ACTIVATION!r}, got activation={activation!r}")
+    return None
+
+
 def _count(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
     """(T, K) expert ids -> (E,) float32 slot counts, with a static output shape."""
     flat = topk_idx.reshape(-1)  # (T*K,)
@@ -219,7 +236,11 @@ def _count(topk_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
 
 
 class SharedExpert(nn.Module):
-    """The always-on shared experts fused into one dense MLP of width ``shared_dim``."""
+    """The always-on shared experts fused into one dense MLP of width ``shared_dim``.
+
+    ``activation``: a name of :data:`MOE_ACTIVATIONS`, or ``"captured"`` with
+    ``activation_fn``, a per-neuron module (..., F) -> (..., F) (the dense FFN's own
+    elementwise graph when no named activation matches it; shared with the routed experts)."""
 
     def __init__(
         self,
@@ -230,11 +251,10 @@ class SharedExpert(nn.Module):
         glu: bool = True,
         bias: bool = False,
         dtype: torch.dtype = torch.float32,
+        activation_fn: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        if activation not in MOE_ACTIVATIONS:
-            raise ValueError(f"SharedExpert.activation must be one of "
-                             f"{', '.join(MOE_ACTIVATIONS)}, got {activation!r}")
+        self.activation_fn = _activation_fn("SharedExpert", activation, activation_fn)
         self.activation = activation
         self.up = nn.Linear(d_model, shared_dim, bias=bias, dtype=dtype)
         self.gate = nn.Linear(d_model, shared_dim, bias=bias, dtype=dtype) if glu else None
@@ -242,6 +262,8 @@ class SharedExpert(nn.Module):
 
     @property
     def act(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        if self.activation_fn is not None:
+            return self.activation_fn
         return MOE_ACTIVATIONS[self.activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (T, d) -> (T, d)
@@ -273,6 +295,7 @@ class MoEFFN(nn.Module):
         router_bias: bool = False,
         aux_loss_coef: float = 0.0,
         dtype: torch.dtype = torch.float32,
+        activation_fn: nn.Module | None = None,
     ) -> None:
         super().__init__()
         cfg = MoEFFNConfig(
@@ -284,6 +307,7 @@ class MoEFFN(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise ValueError(f"MoEFFN.dtype must be a floating torch.dtype, got {dtype!r}")
         self.config = cfg
+        self.activation_fn = _activation_fn("MoEFFN", activation, activation_fn)
         E, Fd, d = num_experts, expert_dim, d_model
 
         self.router = nn.Linear(d, E, bias=router_bias, dtype=torch.float32)
@@ -294,7 +318,8 @@ class MoEFFN(nn.Module):
         self.b_up = nn.Parameter(torch.empty(E, Fd, dtype=dtype)) if bias else None
         self.b_gate = nn.Parameter(torch.empty(E, Fd, dtype=dtype)) if bias and glu else None
         self.shared = (
-            SharedExpert(d, shared_dim, activation=activation, glu=glu, bias=bias, dtype=dtype)
+            SharedExpert(d, shared_dim, activation=activation, glu=glu, bias=bias, dtype=dtype,
+                         activation_fn=activation_fn)
             if shared_dim > 0 else None
         )
         self.b_out = nn.Parameter(torch.zeros(d, dtype=dtype)) if bias else None
@@ -315,7 +340,10 @@ class MoEFFN(nn.Module):
 
     @property
     def act(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The experts' nonlinearity (``MOE_ACTIVATIONS[config.activation]``)."""
+        """The experts' nonlinearity: ``MOE_ACTIVATIONS[config.activation]``, or the
+        ``activation_fn`` module of a "captured" activation."""
+        if self.activation_fn is not None:
+            return self.activation_fn
         return MOE_ACTIVATIONS[self.config.activation]
 
     def _apply(self, fn, recurse=True):

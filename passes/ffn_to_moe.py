@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rewriter.models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN
+from rewriter.models.moe import GATE_MODES, MoEFFN
 from torch.fx import GraphModule, Node
 
 from rewriter.errors import InputError
@@ -277,6 +277,7 @@ def build_moe_block(
         glu=weights.gate is not None, bias=match.has_bias, gate=config.gate,
         renormalize=config.renormalize, route_scale=config.route_scale,
         router_bias=router_bias, aux_loss_coef=config.aux_loss_coef, dtype=dtype,
+        activation_fn=match.activation_fn,
     )
     report: dict[str, Any] = {
         "module": match.module, "experts": plan.num_experts, "expert_dim": plan.expert_dim,
@@ -402,7 +403,9 @@ def split_error(block: MoEFFN, weights: DenseFFNWeights, *, tokens: int = 64,
     the experts and shared neurons partition the dense neurons exactly (for disjoint neuron
     sets S_i, ``W2 act(W1 x + b1) + b2 = sum_i W2[:, S_i] act(W1[S_i] x + b1[S_i]) + b2``);
     anything larger means weights were lost or duplicated."""
-    act = MOE_ACTIVATIONS[block.config.activation]
+    def act(t: torch.Tensor) -> torch.Tensor:  # a captured activation may cast: stay float64
+        return block.act(t).to(t.dtype)
+
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(tokens, block.d_model, generator=g, dtype=torch.float64)  # (T, d)
 

@@ -68,6 +68,8 @@ class InlineRewrite:
     signature: inspect.Signature = field(repr=False)  # the owner's forward, without self
     names: tuple[str, ...]  # graph placeholders, in order: forward parameters it receives
     baked: Mapping[str, Any] = field(default_factory=dict, repr=False)  # traced as constants
+    # tensors the forward made while traced (torch.tensor(...)): become non-persistent buffers
+    constants: Mapping[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 # ----------------------------------------------------------------------------- what it matches
@@ -170,14 +172,35 @@ def _record_inputs(model: nn.Module, owners: Sequence[str],
     return seen
 
 
+# what a traced forward may ask of a tensor and get the recorded call's answer to (so Python
+# decides on it at conversion time: ``if h.dtype == torch.float16``); shapes stay symbolic
+_CONCRETE_METADATA = frozenset({"dtype", "device", "ndim", "dim", "is_cuda", "layout",
+                                "is_floating_point", "is_complex"})
+
+
+class _MetadataProxy(torch.fx.Proxy):
+    """A proxy that answers :data:`_CONCRETE_METADATA` from the value its node had on the
+    recorded call; everything else is recorded as usual."""
+
+    def __getattr__(self, k: str) -> Any:
+        value = self.tracer.values.get(self.node) if k in _CONCRETE_METADATA else None
+        if isinstance(value, torch.Tensor):
+            return getattr(value, k)
+        return super().__getattr__(k)
+
+
 class _OwnerTracer(torch.fx.Tracer):
     """Trace a module's own forward: a child module is one opaque call unless it runs an op of
     an FFN being rewritten (then it is traced through); nn.Linear is always a call (the
-    matcher reads it as a projection)."""
+    matcher reads it as a projection). Every node is also run on the recorded call's values
+    (``inputs``: placeholder name -> value), so tensor metadata Python branches on is known."""
 
-    def __init__(self, keep_open: set[str]):
+    def __init__(self, keep_open: set[str], inputs: Mapping[str, Any]):
         super().__init__()
         self.keep_open = keep_open  # FQNs (under the wrapper) of modules to trace through
+        self.inputs = inputs
+        self.values: dict[Node, Any] = {}
+        self._evaluating = False  # running a node on values: module calls are plain calls
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if not module_qualified_name:
@@ -185,6 +208,65 @@ class _OwnerTracer(torch.fx.Tracer):
         if type(m) is nn.Linear:
             return True
         return module_qualified_name not in self.keep_open
+
+    def proxy(self, node: Node) -> torch.fx.Proxy:
+        return _MetadataProxy(node, self)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self._evaluating:  # fx patches Module.__call__ while tracing: run it, record nothing
+            return forward(*args, **kwargs)
+        return super().call_module(m, forward, args, kwargs)
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        if self._evaluating:  # ... and Module.__getattr__: parameters are plain tensors
+            return attr_val
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def create_proxy(self, kind, target, args, kwargs, name=None, type_expr=None,
+                     proxy_factory_fn=None):
+        proxy = super().create_proxy(kind, target, args, kwargs, name, type_expr,
+                                     proxy_factory_fn)
+        if isinstance(proxy, torch.fx.Proxy):
+            self._evaluate(proxy.node)
+        return proxy
+
+    def _evaluate(self, node: Node) -> None:
+        """The node's value on the recorded call (absent when it cannot be computed)."""
+        missing = object()
+
+        def value(n: Node) -> Any:
+            if n not in self.values and n.op == "get_attr":  # fx adds constants directly
+                self._evaluate(n)
+            return self.values.get(n, missing)
+
+        args = torch.fx.node.map_arg(node.args, value)
+        kwargs = torch.fx.node.map_arg(node.kwargs, value)
+        if any(v is missing for v in torch.utils._pytree.tree_leaves((args, kwargs))):
+            return
+        self._evaluating = True
+        try:
+            with torch.no_grad():
+                if node.op == "placeholder":
+                    out = self.inputs.get(str(node.target), missing)
+                    out = out.clone() if isinstance(out, torch.Tensor) else out
+                elif node.op == "get_attr":
+                    out = self.root
+                    for part in str(node.target).split("."):
+                        out = getattr(out, part)
+                elif node.op == "call_function":
+                    out = node.target(*args, **kwargs)
+                elif node.op == "call_method":
+                    out = getattr(args[0], node.target)(*args[1:], **kwargs)
+                elif node.op == "call_module":
+                    out = self.root.get_submodule(str(node.target))(*args, **kwargs)
+                else:
+                    return
+        except Exception:
+            return
+        finally:
+            self._evaluating = False
+        if out is not missing:
+            self.values[node] = out
 
 
 _WRAPPED = "owner"
@@ -220,8 +302,9 @@ def _same_output(a: Any, b: Any) -> bool:
 
 def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                  block_modules: set[str]) -> tuple[Graph, inspect.Signature, tuple[str, ...],
-                                                   dict[str, Any]]:
-    """The owner's forward as a graph of its recorded call. First every argument is a
+                                                   dict[str, Any], dict[str, torch.Tensor]]:
+    """The owner's forward as a graph of its recorded call, with the tensors the trace made
+    (their get_attr targets renamed ``_rewriter_constant<i>``). First every argument is a
     placeholder; if the graph then disagrees with the owner on the recorded call (Python
     decided something on an argument, ``if cache is not None``, which a placeholder cannot
     carry), the non-tensor arguments are baked in instead, and calls must pass the same."""
@@ -239,10 +322,11 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
     with torch.no_grad():
         expected = owner(*args, **kwargs)
 
-    def attempt(baked: dict[str, Any]) -> Graph | BaseException:
+    def attempt(baked: dict[str, Any]) -> tuple[Graph, nn.Module] | BaseException:
         wrapper = _calling_wrapper(owner, names, len(positional), baked)
         try:
-            graph = _OwnerTracer(keep_open).trace(wrapper)
+            inputs = {n: v for n, v in values.items() if n not in baked}
+            graph = _OwnerTracer(keep_open, inputs).trace(wrapper)
             with torch.no_grad():
                 got = GraphModule(wrapper, graph)(*(values[n] for n in names if n not in baked))
         except Exception as exc:
@@ -250,33 +334,53 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
         if not _same_output(expected, got):
             return InputError(f"the traced forward of {type(owner).__name__} differs from it "
                               "on the recorded call")
-        return graph
+        return graph, wrapper
 
     baked: dict[str, Any] = {}
     found = attempt(baked)
-    if not isinstance(found, Graph):  # bake the non-tensor arguments, then free each we can
+    if isinstance(found, BaseException):  # bake the non-tensor arguments, then free each we can
         baked = {n: v for n, v in values.items() if not isinstance(v, torch.Tensor)}
         found = attempt(baked)
-        if not isinstance(found, Graph):
+        if isinstance(found, BaseException):
             raise found
         for name in list(baked):
             trial = {k: v for k, v in baked.items() if k != name}
             again = attempt(trial)
-            if isinstance(again, Graph):
+            if not isinstance(again, BaseException):
                 baked, found = trial, again
-    graph = found
+    graph, wrapper = found
     prefix = _WRAPPED + "."
+    constants: dict[str, torch.Tensor] = {}
     for node in graph.nodes:  # targets relative to the owner
         if node.op in ("call_module", "get_attr"):
             target = str(node.target)
             if target.startswith("_baked"):
                 raise InputError(f"{type(owner).__name__}: a baked argument is read as a tensor")
+            value = getattr(wrapper, target, None) if "." not in target else None
+            if node.op == "get_attr" and isinstance(value, torch.Tensor):  # fx's constants
+                node.target = f"_rewriter_constant{len(constants)}"
+                constants[node.target] = value
+                continue
             if not target.startswith(prefix):
                 raise InputError(f"{type(owner).__name__}: traced graph reads {target!r} outside "
                                  "the module")
             node.target = target[len(prefix):]
     traced = tuple(n for n in names if n not in baked)
-    return graph, signature.replace(parameters=params), traced, dict(baked)
+    return graph, signature.replace(parameters=params), traced, dict(baked), constants
+
+
+def _with_constants(module: nn.Module, constants: Mapping[str, torch.Tensor]) -> nn.Module:
+    """``module`` itself, or (when the traced graph made tensors) a shell whose children are
+    the module's and whose buffers are the constants, for building a GraphModule to inspect."""
+    if not constants:
+        return module
+    shell = nn.Module()
+    shell._modules.update(module._modules)
+    shell._parameters.update(module._parameters)
+    shell._buffers.update(module._buffers)
+    for name, value in constants.items():
+        shell.register_buffer(name, value, persistent=False)
+    return shell
 
 
 def _ancestors(fqns: set[str]) -> set[str]:
@@ -316,8 +420,8 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
         block_modules = {b for b in _ancestors(block_modules) if b}
         args, kwargs = recorded[owner]
         try:
-            graph, signature, names, baked = _trace_owner(module, args, kwargs,
-                                                          block_modules)
+            graph, signature, names, baked, constants = _trace_owner(module, args, kwargs,
+                                                                     block_modules)
         except InputError:
             raise
         except Exception as exc:
@@ -326,7 +430,7 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
                 f"{owner or '<root>'} ({type(module).__name__}) cannot be traced to rewrite "
                 f"it: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}; use "
                 "mode='graph'") from exc
-        local = GraphModule(module, graph)
+        local = GraphModule(_with_constants(module, constants), graph)
         wanted = [_relative(m.projections["down"].weight.fqn, owner) for _, m in here]
         found = _local_matches(local, wanted)
         if len(found) != len(wanted):
@@ -335,7 +439,7 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
                 f"{where}: the traced forward of its owner {owner or '<root>'} does not hold "
                 f"the FFN reading {missing[0]!r} as one block; use mode='graph'")
         for (i, _m), w in zip(here, wanted):
-            plans[i] = InlineRewrite(owner, w, graph, signature, names, baked)
+            plans[i] = InlineRewrite(owner, w, graph, signature, names, baked, constants)
     return plans  # type: ignore[return-value]
 
 
@@ -431,6 +535,8 @@ def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
     first = rewrites[0]
     owner = model.get_submodule(first.owner) if first.owner else model
     graph = copy.deepcopy(first.graph)  # fresh nodes: a plan can be applied to several copies
+    for name, value in first.constants.items():
+        owner.register_buffer(name, value.clone(), persistent=False)
     local = GraphModule(owner, graph)
     matches = _local_matches(local, [r.down_weight for r in rewrites])
     result = FFNToMoE(matches, blocks, reports)(local)

@@ -27,6 +27,7 @@ from rewriter.errors import (
 from rewriter.pass_manager import PassManager, PassRecord, PassResult, PipelineResult, run_passes
 from rewriter.patterns import (
     ACTIVATIONS,
+    CAPTURED_ACTIVATION,
     FFN_RULES,
     FFNAnalysis,
     FFNMatch,
@@ -50,6 +51,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ACTIVATIONS",
+    "CAPTURED_ACTIVATION",
     "FFN_RULES",
     "CaptureError",
     "CheckpointError",

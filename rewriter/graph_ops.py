@@ -37,6 +37,13 @@ _OPERATOR_NAMES = {
     operator.neg: "neg",
     operator.pow: "pow",
     operator.getitem: "getitem",
+    operator.gt: "gt",
+    operator.ge: "ge",
+    operator.lt: "lt",
+    operator.le: "le",
+    operator.eq: "eq",
+    operator.ne: "ne",
+    operator.abs: "abs",
 }
 _ALIASES = {"truediv": "div", "true_divide": "div", "multiply": "mul", "subtract": "sub"}
 
@@ -46,6 +53,7 @@ _ELEMENTWISE = frozenset(
     """add sub mul div neg pow square sqrt rsqrt reciprocal exp expm1 log log1p abs sign
     tanh sigmoid erf erfc gelu silu relu relu6 mish softplus hardswish hardsigmoid hardtanh
     leaky_relu elu selu celu clamp clamp_min clamp_max maximum minimum where
+    gt ge lt le eq ne logical_and logical_or logical_not masked_fill tanhshrink softsign
     to _to_copy type_as float half bfloat16 double contiguous clone alias dropout identity
     """.split()
 )

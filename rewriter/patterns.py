@@ -13,6 +13,12 @@ What a feed-forward block is, for the matcher:
   matches when the block's elementwise subgraph equals the reference on seeded probe values for
   one activation of :data:`ACTIVATIONS` — so ``aten.gelu``, GPT-2's tanh chain and
   ``0.5*x*(1+erf(x/sqrt2))`` written out all match "gelu"/"gelu_tanh" without a rule per form.
+* An activation no entry of :data:`ACTIVATIONS` names (a learned one like Apertus' xIELU, a
+  clipped GELU, Mish) still makes an FFN when the subgraph is **per neuron**: its value on a
+  subset of the hidden units, in any order, is the same subset of its value (so splitting the
+  neurons into experts is exact), and for two projections it is linear in the second
+  (``f(g, u) = f(g, 1) * u``). The block then keeps its own elementwise graph as the experts'
+  activation (:data:`CAPTURED_ACTIVATION`, :attr:`FFNMatch.activation_fn`).
 
 Every down-projection candidate that fails gets a :class:`Rejection` with the reason.
 """
@@ -25,6 +31,7 @@ from types import MappingProxyType
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
 from .errors import NoFFNError
@@ -40,6 +47,7 @@ from .projections import Projection, WeightRef, find_projections
 __all__ = [
     "Activation",
     "ACTIVATIONS",
+    "CAPTURED_ACTIVATION",
     "FFNRule",
     "FFN_RULES",
     "FFNMatch",
@@ -72,6 +80,9 @@ ACTIVATIONS: tuple[Activation, ...] = (
     Activation("quick_gelu", lambda x: x * torch.sigmoid(1.702 * x)),
     Activation("relu_squared", lambda x: F.relu(x).square()),
 )
+
+
+CAPTURED_ACTIVATION = "captured"  # the block's own per-neuron elementwise graph
 
 
 @dataclass(frozen=True)
@@ -130,6 +141,9 @@ class FFNMatch:
     nodes: tuple[Node, ...]  # every node of the block, graph order
     input: Node
     output: Node
+    # activation == CAPTURED_ACTIVATION: the block's elementwise graph as a module of the gate
+    # (or up, for "mlp") projection's output, (..., d_ff) -> (..., d_ff); else None
+    activation_fn: nn.Module | None = None
 
     @property
     def weights(self) -> Mapping[str, WeightRef]:
@@ -186,6 +200,9 @@ class _Region:
     nodes: list[Node]  # elementwise / split nodes between the projections and the sink
     sources: list[Projection]
     externals: list[Node]  # tensors entering the region that are not projection outputs
+    # an external computed from a projection output through a non-elementwise op (a norm over
+    # the hidden units, a reduction): the units are not independent
+    mixing: Node | None = None
 
 
 def _grow_region(sink: Node, by_output: Mapping[Node, Projection]) -> _Region:
@@ -211,24 +228,75 @@ def _grow_region(sink: Node, by_output: Mapping[Node, Projection]) -> _Region:
         externals.append(node)
     rank = list(by_output)  # projections in graph order
     sources.sort(key=lambda p: rank.index(p.output))
-    return _Region(region, sources, externals)
+    # every tensor entering from outside is computed from the block's own projections (a
+    # norm of the hidden): the block mixes its units; any other input means it is not a block
+    outputs = {p.output for p in sources}
+    mixing = externals[0] if sources and externals and all(
+        _computed_from(e, outputs) for e in externals) else None
+    return _Region(region, sources, externals, mixing)
+
+
+def _computed_from(node: Node, outputs: set[Node]) -> bool:
+    """True when ``node`` is computed (within _MAX_REGION ops) from one of ``outputs``."""
+    seen: set[Node] = set()
+    stack = list(node.all_input_nodes)
+    while stack and len(seen) <= _MAX_REGION:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n in outputs:
+            return True
+        if n.op not in ("placeholder", "get_attr"):
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def _region_module(gm: GraphModule, region: _Region, sink: Node,
+                   ones: frozenset[int] = frozenset()) -> GraphModule:
+    """The region as a module of its source projections' outputs (placeholders ``src<i>`` in
+    source order); a source whose index is in ``ones`` reads ``torch.ones_like`` of the first
+    other source instead of a placeholder. Parameters it reads are ``gm``'s own objects."""
+    graph = Graph()
+    env: dict[Node, Node] = {}
+    for i, src in enumerate(region.sources):
+        if i not in ones:
+            env[src.output] = graph.placeholder(f"src{i}")
+    first = next(env[s.output] for s in region.sources if s.output in env)
+    for i, src in enumerate(region.sources):
+        if i in ones:
+            env[src.output] = graph.call_function(torch.ones_like, (first,))
+    members = set(region.nodes)
+    root = nn.Module()  # what the region reads, under flat names (alpha_p, not a.b.c.alpha_p)
+    for node in gm.graph.nodes:  # graph order is a topological order
+        if node in members:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op == "get_attr":
+                value = _attr(gm, str(node.target))
+                name = str(node.target).replace(".", "_")
+                if isinstance(value, nn.Parameter):
+                    root.register_parameter(name, value)
+                elif isinstance(value, torch.Tensor):
+                    root.register_buffer(name, value)
+                else:
+                    setattr(root, name, value)
+                env[node].target = name
+    graph.output(env[sink])
+    return GraphModule(root, graph)
+
+
+def _attr(root: nn.Module, target: str) -> object:
+    value: object = root
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def _region_function(
     gm: GraphModule, region: _Region, sink: Node
 ) -> Callable[..., torch.Tensor]:
     """The region as a callable of its source projections' outputs."""
-    graph = Graph()
-    env: dict[Node, Node] = {}
-    for i, src in enumerate(region.sources):
-        env[src.output] = graph.placeholder(f"src{i}")
-    members = set(region.nodes)
-    for node in gm.graph.nodes:  # graph order is a topological order
-        if node in members:
-            env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[sink])
-    sub = GraphModule(gm, graph)
-    return sub.forward
+    return _region_module(gm, region, sink).forward
 
 
 def _probe(width: int, seed: int) -> torch.Tensor:
@@ -263,6 +331,57 @@ def _identify(
     return None
 
 
+def _per_neuron(fn: Callable[..., torch.Tensor], width: int, n_inputs: int) -> bool:
+    """True when ``fn`` of ``n_inputs`` (..., width) tensors acts on each hidden unit alone:
+    on a shuffled subset of the columns it gives the same subset of its full output."""
+    probes = [_probe(width, seed=31 + i) for i in range(n_inputs)]
+    g = torch.Generator().manual_seed(5)
+    cols = torch.randperm(width, generator=g)[: max(1, (width + 1) // 2)]
+    try:
+        with torch.no_grad():
+            full = fn(*probes)
+            part = fn(*[p[:, cols] for p in probes])
+    except Exception:
+        return False
+    return (isinstance(full, torch.Tensor) and full.shape == probes[0].shape
+            and _same(part, full[:, cols]))
+
+
+def _captured_activation(
+    gm: GraphModule, region: _Region, sink: Node
+) -> tuple[FFNRule, nn.Module] | None:
+    """(rule, activation module) when the region is a per-neuron function no named activation
+    matches: ``act(up)`` for one projection, ``act(gate) * up`` for two (either order)."""
+    sources = list(region.sources)
+    if any(is_split(n) for n in region.nodes) or len(sources) not in (1, 2):
+        return None
+    width = sources[0].out_features
+    if any(p.out_features != width for p in sources):
+        return None
+    if len(sources) == 1:
+        act = _region_module(gm, region, sink)
+        return (FFN_RULES[0], act) if _per_neuron(act, width, 1) else None
+    full = _region_function(gm, region, sink)
+    u = _probe(width, seed=41)
+    for gate_i in (0, 1):
+        up_i = 1 - gate_i
+        region.sources = sources
+        act = _region_module(gm, region, sink, ones=frozenset({up_i}))
+        g = _probe(width, seed=43)
+        args = [None, None]
+        args[gate_i], args[up_i] = g, u
+        try:
+            with torch.no_grad():
+                linear_in_up = _same(full(*args), act(g) * u)
+        except Exception:
+            continue
+        if linear_in_up and _per_neuron(act, width, 1):
+            region.sources = [sources[gate_i], sources[up_i]]
+            return FFN_RULES[1], act
+    region.sources = sources
+    return None
+
+
 _SIZE_QUERIES = frozenset({"size", "sym_size", "dim", "numel", "sym_numel",
                            "_assert_tensor_metadata", "_assert_scalar"})
 
@@ -294,8 +413,9 @@ def _escapes(region: _Region, down: Projection) -> tuple[Node, Node] | None:
 
 def _check_candidate(
     gm: GraphModule, down: Projection, region: _Region
-) -> tuple[FFNRule, str] | str:
-    """The matching (rule, activation), or the reason there is none."""
+) -> tuple[FFNRule, str, nn.Module | None] | str:
+    """The matching (rule, activation name, captured activation module or None), or the
+    reason there is none."""
     if not region.sources:
         origin = region.externals[0] if region.externals else down.input
         return (
@@ -304,6 +424,13 @@ def _check_candidate(
         )
     if len(region.nodes) > _MAX_REGION:
         return f"more than {_MAX_REGION} elementwise ops between projections"
+    if region.mixing is not None:
+        ext = region.mixing
+        return (
+            f"the hidden units are not independent: {target_str(ext)} {ext.name!r} (e.g. a "
+            "norm or reduction over the hidden units) sits between the projections, so "
+            "splitting the units into experts would not compute the same function"
+        )
     if region.externals:
         ext = region.externals[0]
         return (
@@ -340,11 +467,15 @@ def _check_candidate(
             act = _identify(ordered, rule, tuple(p.out_features for p in order))
             if act is not None:
                 region.sources = list(order)
-                return rule, act
+                return rule, act, None
+    captured = _captured_activation(gm, region, down.input)
+    if captured is not None:
+        return captured[0], CAPTURED_ACTIVATION, captured[1]
     names = "/".join(a.name for a in ACTIVATIONS)
     return (
         f"the elementwise function of {len(region.sources)} projection(s) matches no rule "
-        f"({', '.join(r.name for r in FFN_RULES)}) with a known activation ({names})"
+        f"({', '.join(r.name for r in FFN_RULES)}) with a known activation ({names}), and it "
+        "is not one function applied to every hidden unit alike either (a per-unit parameter?)"
     )
 
 
@@ -361,11 +492,11 @@ def analyze_ffns(gm: GraphModule) -> FFNAnalysis:
         region = _grow_region(down.input, by_output)
         verdict = _check_candidate(gm, down, region)
         if isinstance(verdict, str):
-            near = bool(region.sources) and not region.externals
+            near = (bool(region.sources) and not region.externals) or region.mixing is not None
             rejections.append(Rejection(down.node, down.module, verdict, near_miss=near))
             continue
-        rule, act = verdict
-        match = _build_match(len(matches), rule, act, region, down)
+        rule, act, act_fn = verdict
+        match = _build_match(len(matches), rule, act, region, down, act_fn)
         if isinstance(match, str):
             rejections.append(Rejection(down.node, down.module, match, near_miss=True))
             continue
@@ -377,7 +508,8 @@ def analyze_ffns(gm: GraphModule) -> FFNAnalysis:
 
 
 def _build_match(
-    index: int, rule: FFNRule, act: str, region: _Region, down: Projection
+    index: int, rule: FFNRule, act: str, region: _Region, down: Projection,
+    act_fn: nn.Module | None = None,
 ) -> FFNMatch | str:
     sources = region.sources
     roles = dict(zip(rule.roles, sources))
@@ -414,6 +546,7 @@ def _build_match(
         nodes=tuple(sorted(nodes, key=order.__getitem__)),
         input=sources[0].input,
         output=down.output,
+        activation_fn=act_fn,
     )
 
 

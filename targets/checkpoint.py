@@ -262,6 +262,11 @@ def write_checkpoint(model: nn.Module, directory: str | Path, *,
     memos: dict[int, int] = {}
     modules = []
     for fqn, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, MoEFFN) and module.activation_fn is not None:
+            raise CheckpointError(
+                f"module {fqn!r}: its experts run a captured activation (the dense FFN's own "
+                "elementwise graph: no named activation matches it), which this format cannot "
+                "rebuild without pickle; export the model to ONNX, or torch.save it")
         spec = _module_spec(module, memos)
         if spec is not None:
             if fqn == "":

@@ -19,12 +19,13 @@ checker passed: nothing half-written is left behind.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -224,6 +225,31 @@ def _save(program: ONNXProgram, path: Path, external_data: bool,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# transformers' fused expert kernels (3-D expert weights of Mixtral, Qwen-MoE, DeepSeek, ...) that
+# torch.export captures as a custom op with no ONNX translation -> the same experts as batched
+# matmuls (transformers' own "batched_mm" path, exact), for the export only
+_UNEXPORTABLE_EXPERTS = {"grouped_mm": "batched_mm"}
+
+
+@contextlib.contextmanager
+def _exportable_experts(model: nn.Module) -> Iterator[None]:
+    """While exporting, every Hugging Face model inside ``model`` whose experts run an
+    implementation with no ONNX form runs the exportable equivalent; restored after."""
+    switched = []
+    for m in model.modules():
+        config = getattr(m, "config", None)
+        current = getattr(config, "_experts_implementation", None)
+        if current in _UNEXPORTABLE_EXPERTS and hasattr(m, "set_experts_implementation"):
+            switched.append((m, current))
+    try:
+        for m, current in switched:
+            m.set_experts_implementation(_UNEXPORTABLE_EXPERTS[current])
+        yield
+    finally:
+        for m, current in reversed(switched):
+            m.set_experts_implementation(current)
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -299,8 +325,9 @@ def export_onnx(
             # AUTO: a dim the model fixes (a feature dim) becomes static instead of failing
             dims_spec.append({i: torch.export.Dim.AUTO for i in axes} or None)
             args.append(widen(t, list(axes)).contiguous())  # no stride guards
-        program = _capture(Exported(model, names, as_kwargs), tuple(args), tuple(dims_spec),
-                           dense_moe)
+        with _exportable_experts(model):
+            program = _capture(Exported(model, names, as_kwargs), tuple(args),
+                               tuple(dims_spec), dense_moe)
         onnx_program = translate(program, table, opset, onnx_inputs, onnx_outputs)
     finally:
         for m, training in modes:

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from rewriter import (
+    CAPTURED_ACTIVATION,
     MoEConfig,
     NoFFNError,
     analyze_ffns,
@@ -220,6 +221,31 @@ class TanhHead(nn.Module):
         return self.down(torch.tanh(self.up(x)))
 
 
+class PerUnitScaleHead(nn.Module):
+    """tanh with one learned scale per hidden unit: not one function of every unit alike."""
+
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, d_ff))
+
+    def forward(self, x):
+        return self.down(torch.tanh(self.up(x)) * self.scale)
+
+
+class SubNormFFN(nn.Module):
+    """BitNet / Dory form: the hidden is RMS-normalised across its units before down."""
+
+    def __init__(self, d, d_ff):
+        super().__init__()
+        self.gate, self.up, self.down = (nn.Linear(d, d_ff), nn.Linear(d, d_ff),
+                                         nn.Linear(d_ff, d))
+
+    def forward(self, x):
+        h = F.silu(self.gate(x)) * self.up(x)
+        return self.down(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+
 class Bottleneck(nn.Module):
     def __init__(self, d, d_ff):
         super().__init__()
@@ -244,7 +270,8 @@ class MaskedMLP(nn.Module):
     [
         (LeakyIntermediate(12, 30), r"intermediate '.*' is also used by '.*' outside the block"),
         (TinyAttention(12), r"not computed from another projection .*(matmul|bmm)"),
-        (TanhHead(12, 30), r"matches no rule .* known activation"),
+        (PerUnitScaleHead(12, 30), r"matches no rule .* known activation .* alike"),
+        (SubNormFFN(12, 30), r"hidden units are not independent: aten\.mean"),
         (Bottleneck(12, 30), r"output width 3 != input width 12"),
         (MaskedMLP(12, 30), r"reads tensor '.*' .* that is not a projection output"),
     ],
@@ -382,3 +409,72 @@ def test_a_permute_that_is_not_a_transpose_is_no_projection():
 
     gm = capture(Odd(), (torch.randn(4, 3, 6),))
     assert find_projections(gm) == []
+
+
+class XIELULike(nn.Module):
+    """An activation no rule names, with learned scalar parameters (Apertus' xIELU form)."""
+
+    def __init__(self):
+        super().__init__()
+        self.alpha_p = nn.Parameter(torch.tensor(0.7))
+        self.alpha_n = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        ap, an = F.softplus(self.alpha_p), 0.5 + F.softplus(self.alpha_n)
+        return torch.where(x > 0, ap * x * x + 0.5 * x,
+                           (torch.expm1(torch.clamp(x, max=0.0)) - x) * an + 0.5 * x)
+
+
+class UnnamedGLU(nn.Module):
+    def __init__(self, d, d_ff, up_first):
+        super().__init__()
+        self.gate, self.up, self.down = (nn.Linear(d, d_ff), nn.Linear(d, d_ff),
+                                         nn.Linear(d_ff, d))
+        self.up_first = up_first
+
+    def forward(self, x):
+        g = torch.tanh(self.gate(x)) * 1.5
+        return self.down(self.up(x) * g if self.up_first else g * self.up(x))
+
+
+class ActMLP(nn.Module):
+    def __init__(self, d, d_ff, act):
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, d_ff), act, nn.Linear(d_ff, d)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+@pytest.mark.parametrize("make, kind", [
+    (lambda: ActMLP(12, 30, nn.Tanh()), "mlp"),
+    (lambda: ActMLP(12, 30, nn.Mish()), "mlp"),
+    (lambda: ActMLP(12, 30, XIELULike()), "mlp"),
+    (lambda: UnnamedGLU(12, 30, up_first=False), "glu"),
+    (lambda: UnnamedGLU(12, 30, up_first=True), "glu"),
+], ids=["tanh", "mish", "xielu", "glu_gate_first", "glu_up_first"])
+def test_an_unnamed_per_unit_activation_is_captured_and_splits_exactly(make, kind):
+    torch.manual_seed(3)
+    model = make().eval()
+    x = torch.randn(3, 7, 12)
+    gm, analysis = _found(model, 12, shape=(3, 7))
+    (match,) = analysis.matches
+    assert (match.kind, match.activation, match.d_ff) == (kind, CAPTURED_ACTIVATION, 30)
+    with torch.no_grad():  # the captured activation is the block's own: same hidden values
+        up = match.projections["gate" if kind == "glu" else "up"]
+        w = model.get_parameter(up.weight.fqn)
+        b = model.get_parameter(up.bias.fqn)
+        pre = F.linear(x, w, b)
+        want = (torch.tanh(pre) * 1.5 if kind == "glu" else model.act(pre))
+        torch.testing.assert_close(match.activation_fn(pre), want, rtol=0, atol=0)
+    # split into 5 experts of 6 units, every expert on: the dense function (module mode)
+    moe = convert(model, moe=MoEConfig(num_experts=5, top_k=5, gate="hard"),
+                           example_inputs=(x,))
+    with torch.no_grad():
+        fresh = torch.randn(2, 11, 12)
+        torch.testing.assert_close(moe(fresh), model(fresh), rtol=1e-5, atol=1e-6)
+    block = next(m for m in moe.modules() if type(m).__name__ == "MoEFFN")
+    assert block.config.activation == CAPTURED_ACTIVATION
+    learned = dict(block.named_parameters())
+    if isinstance(getattr(model, "act", None), XIELULike):  # its scalars stay trainable
+        assert sum(n.startswith("activation_fn.") for n in learned) == 2
