@@ -359,6 +359,8 @@ class FFNToMoE:
 
     Built from a resolved config, the matches of the graph it will run on, and their plans and
     blocks (see :func:`rewriter.convert`), so every check has run before the graph changes.
+    Matches of one FFN computed several times (a module called in a loop: same weights) may
+    share a block: it is added once and called at each.
     """
 
     name = "ffn_to_moe"
@@ -368,9 +370,12 @@ class FFNToMoE:
         self.matches, self.blocks, self.reports = list(matches), list(blocks), list(reports)
 
     def __call__(self, gm: GraphModule) -> PassResult:
-        for match, block in zip(self.matches, self.blocks):
-            target = _new_module_name(gm, match)
-            gm.add_submodule(target, block)
+        names: dict[int, str] = {}  # one submodule per block: an FFN computed twice (weights
+        for match, block in zip(self.matches, self.blocks):  # shared) calls the same block
+            target = names.get(id(block))
+            if target is None:
+                target = names[id(block)] = _new_module_name(gm, match)
+                gm.add_submodule(target, block)
             with gm.graph.inserting_before(match.output):
                 node = gm.graph.call_module(target, (match.input,))
             stack = dict(match.output.meta.get("nn_module_stack", {}))

@@ -392,9 +392,12 @@ def _ancestors(fqns: set[str]) -> set[str]:
     return out
 
 
-def _local_matches(gm: GraphModule, wanted: Sequence[str]) -> list[FFNMatch]:
-    by_down = {m.projections["down"].weight.fqn: m for m in analyze_ffns(gm).matches}
-    return [by_down[w] for w in wanted if w in by_down]
+def _local_matches(gm: GraphModule, wanted: Sequence[str]) -> list[tuple[int, FFNMatch]]:
+    """(index into ``wanted``, match) for every FFN of ``gm`` whose down-projection weight is
+    wanted, in graph order (an FFN computed twice in the forward matches twice)."""
+    index = {w: i for i, w in enumerate(wanted)}
+    return [(index[m.projections["down"].weight.fqn], m) for m in analyze_ffns(gm).matches
+            if m.projections["down"].weight.fqn in index]
 
 
 def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMatch],
@@ -433,8 +436,8 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
         local = GraphModule(_with_constants(module, constants), graph)
         wanted = [_relative(m.projections["down"].weight.fqn, owner) for _, m in here]
         found = _local_matches(local, wanted)
-        if len(found) != len(wanted):
-            missing = sorted(set(wanted) - {f.projections["down"].weight.fqn for f in found})
+        if {i for i, _ in found} != set(range(len(wanted))):
+            missing = sorted(set(wanted) - {wanted[i] for i, _ in found})
             raise InputError(
                 f"{where}: the traced forward of its owner {owner or '<root>'} does not hold "
                 f"the FFN reading {missing[0]!r} as one block; use mode='graph'")
@@ -538,8 +541,9 @@ def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
     for name, value in first.constants.items():
         owner.register_buffer(name, value.clone(), persistent=False)
     local = GraphModule(owner, graph)
-    matches = _local_matches(local, [r.down_weight for r in rewrites])
-    result = FFNToMoE(matches, blocks, reports)(local)
+    found = _local_matches(local, [r.down_weight for r in rewrites])
+    result = FFNToMoE([m for _, m in found], [blocks[i] for i, _ in found],
+                      [reports[i] for i, _ in found])(local)
     new = result.graph_module
     before, after = _targets(first.graph), _targets(new.graph)
     for target in sorted(after - before):  # the MoE blocks (and any constants fx made)

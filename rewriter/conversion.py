@@ -93,6 +93,22 @@ def _select(model: nn.Module, matches: list[FFNMatch],
     return keep, [m.module for m in skipped]
 
 
+def _distinct(matches: list[FFNMatch]) -> tuple[list[FFNMatch], list[FFNMatch], list[int]]:
+    """(every match, the first match of each FFN, per match the index of its FFN's first): a
+    module called several times in the forward (a recurrent or looped block) is one FFN, one
+    set of weights and so one MoE block, found once per call in the graph."""
+    first: dict[str, int] = {}
+    distinct: list[FFNMatch] = []
+    block_of = []
+    for m in matches:
+        key = m.projections["down"].weight.fqn
+        if key not in first:
+            first[key] = len(distinct)
+            distinct.append(m)
+        block_of.append(first[key])
+    return matches, distinct, block_of
+
+
 def convert(
     model: nn.Module,
     *,
@@ -184,6 +200,7 @@ def convert(
     matches, skipped = _select(model, list(analysis.matches), filter_fn)
     if not matches:
         raise NoFFNError(f"filter_fn rejected all {len(analysis.matches)} FFN blocks")
+    every_match, matches, block_of = _distinct(matches)
 
     # every check, before anything changes
     plans = [plan_experts(config, m.d_ff, m.module) for m in matches]
@@ -220,7 +237,8 @@ def convert(
     )
     reference = _outputs(model, inputs)  # before any swap: inplace=True changes ``model``
     if graph_pass:
-        result = PassManager([FFNToMoE(matches, blocks, reports)]).run(gm)
+        result = PassManager([FFNToMoE(every_match, [blocks[i] for i in block_of],
+                                       [reports[i] for i in block_of])]).run(gm)
         out = result.graph_module
         out.meta[CONVERSION_ATTR] = replace(info, **_errors(reference, out, inputs))
         return out

@@ -192,6 +192,36 @@ class FirstCalled(nn.Module):
         return self.head(x + self.mlp(x))
 
 
+class DtypeBranchLayer(nn.Module):
+    """An FFN in a layer's own forward that branches on a tensor's dtype (BART's fp16 clamp)
+    and makes a tensor while it runs (``torch.tensor``)."""
+
+    def __init__(self, d=24, f=40):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        h = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        if h.dtype == torch.float16 and not torch.isfinite(h).all():
+            h = torch.clamp(h, -1000.0, 1000.0)
+        return h * torch.tensor(0.75, dtype=h.dtype)
+
+
+class LoopedLayer(nn.Module):
+    """One FFN module applied twice per layer (a looped / recurrent block, HRM-style)."""
+
+    def __init__(self, d=24, f=36):
+        super().__init__()
+        self.norm = nn.LayerNorm(d)
+        self.mlp = WholeForward(d, f)
+
+    def forward(self, x):
+        for _ in range(2):
+            x = x + self.mlp(self.norm(x))
+        return x
+
+
 class Stack(nn.Module):
     def __init__(self, layer, n=2, d=24, vocab=37):
         super().__init__()
@@ -224,6 +254,8 @@ FORMS: tuple[Form, ...] = (
     Form("first-called", FirstCalled, False, 1, (("mlp", "silu"),)),
     Form("matmul-spellings", MatmulSpellings, False, 3,
          (("mlp", "gelu"), ("mlp", "relu"), ("glu", "silu"))),
+    Form("dtype-branch", lambda: Stack(DtypeBranchLayer), True, 2, (("mlp", "gelu"),) * 2),
+    Form("looped", lambda: Stack(LoopedLayer), True, 2, (("mlp", "silu"),) * 4),
 )
 
 

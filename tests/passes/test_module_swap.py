@@ -41,6 +41,7 @@ def test_first_module_called_is_swapped_whole():
 
 @pytest.mark.parametrize("name, owners", [
     ("inline", {"layers.0", "layers.1"}),
+    ("dtype-branch", {"layers.0", "layers.1"}),
     ("raw-params", {"layers.0", "layers.1"}),
     ("two-branches", {"0", "1"}),
     ("whole-forward", {""}),
@@ -93,8 +94,10 @@ def test_module_mode_is_exact_with_every_expert_active(name, dtype, tol):
 
 
 @pytest.mark.parametrize("name, mode", [
-    ("inline", "module"), ("raw-params", "graph"),
+    ("inline", "module"), ("raw-params", "graph"), ("dtype-branch", "module"),
+    ("looped", "module"),
     *(pytest.param(n, m, marks=pytest.mark.slow) for n, m in [
+        ("looped", "graph"), ("dtype-branch", "graph"),
         ("inline", "graph"), ("raw-params", "module"), ("whole-forward", "module"),
         ("whole-forward", "graph"), ("two-branches", "module"), ("two-branches", "graph")]),
 ])
@@ -206,3 +209,25 @@ def test_python_decision_on_an_argument_is_baked_and_guarded():
         assert _rel(out.layer(y, enc=None), model.layer(y)) <= 1e-12
     with pytest.raises(InputError, match="enc=None"):
         out.layer(y, enc=torch.randn(3, 5, 8, dtype=torch.float64))
+
+
+def test_an_ffn_called_twice_is_one_block_in_both_modes():
+    """A module applied twice per layer is one FFN (one set of weights): one MoE block, called
+    at both places, in module mode and in graph mode."""
+    form = FORM["looped"]
+    torch.manual_seed(6)
+    model = form.build().eval()
+    x = form_inputs(form, 2, 5)
+    assert len(find_ffns(capture(model, (x,)))) == 4  # 2 layers x 2 calls
+    y = form_inputs(form, 3, 11, seed=2)
+    for mode in ("module", "graph"):
+        out = convert(model, moe=MoEConfig(num_experts=3, top_k=3, gate="hard"),
+                      example_inputs=(x,), mode=mode)
+        blocks = {id(m) for m in out.modules() if isinstance(m, MoEFFN)}
+        assert len(blocks) == 2, mode
+        with torch.no_grad():
+            assert _rel(out(y), model(y)) < 1e-6, mode
+        if mode == "graph":
+            calls = [n for n in out.graph.nodes if n.op == "call_module"
+                     and isinstance(out.get_submodule(str(n.target)), MoEFFN)]
+            assert len(calls) == 4 and len({n.target for n in calls}) == 2

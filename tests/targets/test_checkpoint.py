@@ -217,3 +217,16 @@ def test_bad_json_and_unsavable_models(saved, tmp_path):
     with pytest.raises(CheckpointError, match="rebuilds transformers models and rewriter"):
         write_checkpoint(nn.Sequential(nn.Linear(2, 2)), tmp_path / "x")
     assert not (tmp_path / "x").exists()  # refused before writing anything
+
+
+def test_a_captured_activation_is_refused_with_the_reason(tmp_path):
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      vocab_size=61, hidden_act="tanh")  # named by no rule
+    model = transformers.LlamaForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 61, (2, 5))}
+    moe = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=x)
+    with pytest.raises(rewriter.CheckpointError, match="captured activation"):
+        rewriter.save(moe, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt" / MANIFEST).exists()

@@ -320,6 +320,50 @@ def test_hf_style_dict_inputs_and_outputs(tmp_path):
     assert compare_with_torch(model, r.path, y)["rel"] <= TOL
 
 
+def test_hf_moe_with_fused_experts_exports(tmp_path):
+    """transformers' own MoE models (3-D expert weights) run a fused grouped-mm op that has no
+    ONNX form; the export runs their exact batched-matmul path instead, then restores it."""
+    import transformers
+    torch.manual_seed(5)
+    config = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=97,
+        max_position_embeddings=64)
+    config._attn_implementation = "eager"
+    model = transformers.MixtralForCausalLM(config).eval()
+    before = model.config._experts_implementation
+    x = {"input_ids": torch.randint(0, 97, (2, 7))}
+    r = export_onnx(model, tmp_path / "mixtral.onnx", example_inputs=x)
+    assert model.config._experts_implementation == before
+    y = {"input_ids": torch.randint(0, 97, (3, 11), generator=torch.Generator().manual_seed(2))}
+    assert compare_with_torch(model, r.path, y)["rel"] <= TOL
+
+
+def test_moe_with_a_captured_activation_exports(tmp_path):
+    """An FFN whose activation no rule names keeps its own elementwise graph in the experts
+    (learned scalars included); the exported graph computes the same."""
+
+    class SoftclipFFN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.up, self.down = torch.nn.Linear(24, 40), torch.nn.Linear(40, 24)
+            self.beta = torch.nn.Parameter(torch.tensor(0.8))
+
+        def forward(self, x):
+            h = self.up(x)
+            return x + self.down(torch.where(h > 0, h * torch.sigmoid(self.beta * h), 0.1 * h))
+
+    torch.manual_seed(8)
+    model = SoftclipFFN().eval()
+    x = torch.randn(2, 5, 24)
+    moe = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    assert next(m for m in moe.modules() if isinstance(m, MoEFFN)).config.activation == \
+        rewriter.CAPTURED_ACTIVATION
+    r = export_onnx(moe, tmp_path / "captured.onnx", example_inputs=(x,))
+    y = torch.randn(3, 9, 24, generator=torch.Generator().manual_seed(3))
+    assert compare_with_torch(moe, r.path, (y,))["rel"] <= TOL
+
+
 # ------------------------------------------------------------------------------ bad input
 
 
