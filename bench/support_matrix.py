@@ -281,11 +281,19 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
     try:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
-            rewriter.export_onnx(target, path, example_inputs=inputs)
-            parity = check_parity(target, path, fresh)
+            report = rewriter.export_onnx(target, path, example_inputs=inputs)
+            static_seq = 1 not in report.dynamic_axes.get("input_ids", {1: None})
+            feed = fresh if not static_seq else {  # the graph takes the example's length only
+                "input_ids": torch.randint(4, min(vocab, 256), (3, ids.shape[1]), generator=g)}
+            parity = check_parity(target, path, feed)
         row["onnx_rel"] = parity.get("rel")
         row["onnx_mode"] = parity.get("mode")
-        if parity.get("passed"):
+        if parity.get("passed") and static_seq:
+            row["steps"]["onnx"] = "partial"
+            row["reasons"]["onnx"] = (
+                "the model's own code fixes the sequence length when exported (torch.export "
+                f"specialised it to {ids.shape[1]}; upstream): parity holds at that length only")
+        elif parity.get("passed"):
             row["steps"]["onnx"] = "ok"
         else:
             fail("onnx", "onnxruntime parity: " + "; ".join(parity.get("failures", []))[:250])

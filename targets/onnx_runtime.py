@@ -179,12 +179,27 @@ def _feeds(session, inputs: Any) -> dict[str, np.ndarray]:
     raise TypeError(f"inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
 
 
+def _check_fixed_dims(session, feeds: Mapping[str, np.ndarray]) -> None:
+    """A clear error when an input's size differs from one the graph fixes (onnxruntime
+    itself fails deep inside with 'Shape mismatch attempting to re-use buffer')."""
+    for spec in session.get_inputs():
+        shape = feeds[spec.name].shape
+        for axis, dim in enumerate(spec.shape or ()):
+            if isinstance(dim, int) and axis < len(shape) and shape[axis] != dim:
+                raise OnnxRuntimeError(
+                    f"input {spec.name!r} has size {shape[axis]} on axis {axis}, but the ONNX "
+                    f"graph fixes that axis to {dim} (a feature size, or an axis the model's "
+                    "code made static when exported: ExportReport.dynamic_axes lists the axes "
+                    "that stayed dynamic)")
+
+
 def run_onnx(session_or_path: Any, inputs: Any) -> dict[str, np.ndarray]:
     """Run an exported model: ``inputs`` a tensor, a tuple (in the model's input order) or a
     dict by input name (torch tensors or numpy arrays). -> {output name: ndarray}."""
     session = (make_session(session_or_path)
                if isinstance(session_or_path, (str, os.PathLike)) else session_or_path)
     feeds = _feeds(session, inputs)
+    _check_fixed_dims(session, feeds)
     names = [o.name for o in session.get_outputs()]
     try:
         values = session.run(names, feeds)

@@ -34,6 +34,7 @@ import onnx
 import onnx_ir as ir
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.onnx import ONNXProgram
 
 from rewriter.errors import ExportInputError, OnnxExportError
@@ -185,6 +186,34 @@ def _dim_mapping(model: ir.Model, dyn_axes: dict) -> dict[str, str]:
             if i in axes and isinstance(d, ir.SymbolicDim) and d.value:
                 mapping.setdefault(d.value, axes[i])
     return mapping
+
+
+def _fixed_axes(program: torch.export.ExportedProgram, names: Sequence[str],
+                dyn_axes: Mapping[str, Mapping[int, str]]) -> dict[str, dict[int, int]]:
+    """input name -> {axis: size} of the axes asked to be dynamic that the captured program
+    specialised (the model's code made them constants)."""
+    by_name = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    fixed: dict[str, dict[int, int]] = {}
+    for name, spec in zip(names, program.graph_signature.user_inputs):
+        val = by_name[spec].meta.get("val") if spec in by_name else None
+        shape = getattr(val, "shape", None)
+        if shape is None:
+            continue
+        axes = {a: int(shape[a]) for a in dyn_axes.get(name, {})
+                if a < len(shape) and is_concrete_int(shape[a])}
+        if axes:
+            fixed[name] = axes
+    return fixed
+
+
+def _fix_input_dims(model: ir.Model, fixed: Mapping[str, Mapping[int, int]]) -> None:
+    """Write the specialised sizes into the graph's input shapes (so onnxruntime and
+    :func:`~rewriter.targets.onnx_runtime.run_onnx` refuse other sizes up front)."""
+    for value in model.graph.inputs:
+        axes = fixed.get(value.name)
+        if axes and value.shape is not None:
+            dims = [axes.get(i, d) for i, d in enumerate(value.shape)]
+            value.shape = ir.Shape(dims)
 
 
 def _symbolic_axes(model: ir.Model) -> dict[str, dict[int, str]]:
@@ -350,10 +379,26 @@ def export_onnx(
     graph.metadata_props.update(meta)
     if external_data is None:
         external_data = _weights_bytes(model) > EXTERNAL_DATA_THRESHOLD
+    fixed = _fixed_axes(program, onnx_inputs, dyn_axes)
+    _fix_input_dims(graph, fixed)
+    # token ids (B, T) and (B, T, C) features: the axes are batch and sequence, so one fixed
+    # is news; a 2-D float input's axis 1 is usually its feature size, fixed as it should be
+    fixed = {name: axes for name, axes in fixed.items()
+             if not (tensors[onnx_inputs.index(name)].is_floating_point()
+                     and tensors[onnx_inputs.index(name)].dim() < 3)}
+    if fixed:
+        warnings.warn(
+            "the model's code fixed axes asked to be dynamic, so the ONNX graph accepts only "
+            "the example's size there: " + "; ".join(
+                f"{name} axis {a} = {size}" for name, axes in fixed.items()
+                for a, size in axes.items())
+            + " (torch.export specialised them: e.g. a Python list built from the length)",
+            stacklevel=2)
+    kept = _symbolic_axes(graph)
     data_path, size = _save(onnx_program, path, external_data, check)
     return ExportReport(
         path=path, data_path=data_path, opset=opset, input_names=tuple(onnx_inputs),
-        output_names=tuple(onnx_outputs), dynamic_axes=_symbolic_axes(graph),
+        output_names=tuple(onnx_outputs), dynamic_axes=kept,
         activations=graph_activations, dense_moe=dense_moe, moe_blocks=len(moe_blocks(model)),
         fp8_initializers=n_fp8, file_bytes=size, metadata=meta,
         op_counts=cleanup.ir_op_counts(graph), seconds=time.perf_counter() - start)

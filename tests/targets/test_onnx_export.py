@@ -34,6 +34,7 @@ from rewriter.targets.onnx_runtime import (
     check_parity,
     compare_with_torch,
     make_session,
+    run_onnx,
 )
 
 import rewriter
@@ -362,6 +363,31 @@ def test_moe_with_a_captured_activation_exports(tmp_path):
     r = export_onnx(moe, tmp_path / "captured.onnx", example_inputs=(x,))
     y = torch.randn(3, 9, 24, generator=torch.Generator().manual_seed(3))
     assert compare_with_torch(moe, r.path, (y,))["rel"] <= TOL
+
+
+def test_an_axis_the_model_fixes_is_reported_and_refused_clearly(tmp_path):
+    """CPM-Ant / Mamba style: the model builds a Python list from the sequence length, so
+    torch.export specialises it. The export warns, the graph's input says so, and running it
+    on another length is a clear error rather than onnxruntime's buffer-reuse failure."""
+
+    class PositionsFromAList(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):  # (B, T, 8)
+            pos = torch.tensor(list(range(x.shape[1])), dtype=x.dtype)  # specialises T
+            return self.proj(x) + pos[None, :, None]
+
+    model = PositionsFromAList().eval()
+    x = torch.randn(2, 7, 8)
+    with pytest.warns(UserWarning, match="axis 1 = 7"):
+        r = export_onnx(model, tmp_path / "fixed.onnx", example_inputs=(x,))
+    name = r.input_names[0]
+    assert r.dynamic_axes[name] == {0: "batch"}
+    assert compare_with_torch(model, r.path, (torch.randn(3, 7, 8),))["rel"] <= TOL
+    with pytest.raises(rewriter.OnnxRuntimeError, match="fixes that axis to 7"):
+        run_onnx(r.path, (torch.randn(3, 9, 8),))
 
 
 # ------------------------------------------------------------------------------ bad input
