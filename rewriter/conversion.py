@@ -39,6 +39,7 @@ from .capture import (
     quantizes_activations,
 )
 from .errors import InputError, NoFFNError
+from .graph_ops import op_name, param_name
 from .inspection import CONVERSION_ATTR, _default_inputs
 from .model_stats import model_stats
 from .pass_manager import PassManager
@@ -91,6 +92,21 @@ def _select(model: nn.Module, matches: list[FFNMatch],
             module = model
         (keep if filter_fn(module, m.module) else skipped).append(m)
     return keep, [m.module for m in skipped]
+
+
+def _stacked_expert_weights(gm: GraphModule) -> list[str]:
+    """3-D parameters that a matmul-like op reads (directly or through an index / transpose):
+    experts already stacked (E, out, in), as in transformers' Mixtral / Qwen-MoE / DeepSeek."""
+    found = []
+    for node in gm.graph.nodes:
+        name = param_name(gm, node)
+        if name is None or gm.get_parameter(name).dim() != 3:
+            continue
+        readers = [*node.users, *(u2 for u in node.users for u2 in u.users)]
+        if any(any(k in (op_name(u) or "") for k in ("mm", "matmul", "einsum", "linear"))
+               for u in readers):
+            found.append(name)
+    return found
 
 
 def _distinct(matches: list[FFNMatch]) -> tuple[list[FFNMatch], list[FFNMatch], list[int]]:
@@ -191,6 +207,14 @@ def convert(
                            calibration=calibration, progress=progress)
     config = moe.resolved(calibrated=bool(calibration))
     if not analysis.matches:
+        experts = _stacked_expert_weights(gm)
+        if experts:
+            more = ", ..." if len(experts) > 2 else ""
+            raise NoFFNError(
+                f"{type(model).__name__} is already a mixture of experts: its experts are "
+                f"stacked 3-D weights ({', '.join(experts[:2])}{more}) read by batched "
+                "matmuls, not dense FFNs to split; convert it with fp8= only "
+                "(its dense linears are lowered, the experts keep their dtype)")
         near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
         detail = "; ".join(r.describe() for r in near[:4])
         raise NoFFNError(

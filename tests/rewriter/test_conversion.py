@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from rewriter import FP8Config, MoEConfig, conversion_info, convert, models
+from rewriter import FP8Config, MoEConfig, NoFFNError, conversion_info, convert, models
 from rewriter.capture import activation_quantization_bypassed
 
 
@@ -48,3 +48,19 @@ def test_sliced_example_and_fresh_calibration_batches():
     with torch.no_grad():
         assert _rel(out(input_ids=fresh).logits, model(input_ids=fresh).logits) < 1e-6
     assert conversion_info(out).calibration_tokens == 2 * 3 * 17
+
+
+def test_an_already_moe_model_is_refused_with_what_to_do():
+    config = transformers.MixtralConfig(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, vocab_size=97)
+    model = transformers.MixtralForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 97, (2, 7))}
+    with pytest.raises(NoFFNError, match=r"already a mixture of experts: .*experts\.gate_up_proj"
+                       r".* convert it with fp8= only"):
+        convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=x)
+    lowered = convert(model, fp8=FP8Config(), example_inputs=x)  # what the message offers
+    assert any(d.lowered for d in conversion_info(lowered).fp8_decisions)
+    with torch.no_grad():
+        ref, got = model(**x).logits, lowered(**x).logits
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.25

@@ -87,7 +87,8 @@ def test_bad_inputs_and_options(two_heads, tmp_path):
         run_onnx(session, {"x": torch.randn(1, 2, 6)})
     with pytest.raises(ValueError, match="takes 2 inputs"):
         run_onnx(session, (torch.randn(1, 2, 6),))
-    with pytest.raises(OnnxRuntimeError, match="size 5 on axis 2, but the ONNX graph fixes that axis to 6"):
+    with pytest.raises(OnnxRuntimeError,
+                       match="size 5 on axis 2, but the ONNX graph fixes that axis to 6"):
         run_onnx(session, (torch.randn(1, 2, 5), torch.randn(1, 2, 5)))
     with pytest.raises(FileNotFoundError):
         make_session(tmp_path / "nothing.onnx")
