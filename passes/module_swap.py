@@ -36,7 +36,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from rewriter.capture import kv_cache_off, normalize_inputs, outputs_close
 from rewriter.errors import InputError
-from rewriter.graph_ops import common_module, module_stack, owning_module
+from rewriter.graph_ops import common_module, module_stack, owning_module, slice_split_views
 from rewriter.patterns import FFNMatch, analyze_ffns
 
 from .cleanup import is_identity_op
@@ -326,9 +326,15 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
         wrapper = _calling_wrapper(owner, names, len(positional), baked)
         try:
             inputs = {n: v for n, v in values.items() if n not in baked}
-            graph = _OwnerTracer(keep_open, inputs).trace(wrapper)
+            tracer = _OwnerTracer(keep_open, inputs)
+            graph = tracer.trace(wrapper)
+            for node, value in tracer.values.items():  # shapes for the canonical spellings
+                if isinstance(value, torch.Tensor):
+                    node.meta.setdefault("val", torch.empty_like(value, device="meta"))
+            traced_module = GraphModule(wrapper, graph)
+            slice_split_views(traced_module)
             with torch.no_grad():
-                got = GraphModule(wrapper, graph)(*(values[n] for n in names if n not in baked))
+                got = traced_module(*(values[n] for n in names if n not in baked))
         except Exception as exc:
             return exc
         if not _same_output(expected, got):

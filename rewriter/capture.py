@@ -21,6 +21,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, InputError
+from .graph_ops import slice_split_views
 
 __all__ = [
     "CaptureInfo",
@@ -335,6 +336,7 @@ def capture(
                     "cannot be captured; rewrite it with torch.where / torch.cond."
                 ) from exc
 
+        slice_split_views(gm)  # canonical spellings the matcher reads; same values
         actual = gm(*args, **kwargs)
         quantized_error = None
         if stepwise:  # compare the continuous part; the quantized difference is information

@@ -27,6 +27,7 @@ __all__ = [
     "common_module",
     "tensor_meta",
     "weight_bytes",
+    "slice_split_views",
 ]
 
 _OPERATOR_NAMES = {
@@ -188,3 +189,71 @@ def weight_bytes(model: nn.Module) -> int:
     caches (e.g. an FP8Linear's dequantized copy) are left out."""
     stored = {id(t): t for t in model.state_dict(keep_vars=True).values()}
     return sum(t.numel() * t.element_size() for t in stored.values())
+
+
+def _selected(user: Node, view: Node, axis: int, ndim: int) -> int | None:
+    """i when ``user`` takes index i of ``view`` on ``axis`` and all of every other axis:
+    ``aten.select(view, axis, i)`` or ``view[..., i, :]`` (fx getitem); else None."""
+    if user.target is torch.ops.aten.select.int:
+        ok = user.args[0] is view and user.args[1] in (axis, axis - ndim)
+        return int(user.args[2]) if ok else None
+    if user.target is not operator.getitem or user.args[0] is not view:
+        return None
+    index = user.args[1] if isinstance(user.args[1], tuple) else (user.args[1],)
+    if index.count(Ellipsis) > 1:
+        return None
+    if Ellipsis in index:
+        at = index.index(Ellipsis)
+        index = index[:at] + (slice(None),) * (ndim - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (ndim - len(index))
+    whole = slice(None)
+    if len(index) != ndim or not isinstance(index[axis], int) or \
+            any(ix != whole for a, ix in enumerate(index) if a != axis):
+        return None
+    return index[axis]
+
+
+def slice_split_views(gm: GraphModule) -> int:
+    """Rewrite ``select(view(x, (..., k, F/k)), -2, i)`` as ``x[..., i*F/k:(i+1)*F/k]``: a
+    last-dim split spelled as a reshape plus an index (Moshi's fused gate/up,
+    ``h.view(b, t, 2, -1)[..., 0, :]``) becomes the slice spelling the FFN matcher reads. Reads
+    the shapes recorded on the nodes (``meta["val"]``); only where every user of the view is
+    such an index; the values are identical. Returns how many indexes were rewritten."""
+    rewritten = 0
+    for view in list(gm.graph.nodes):
+        if op_name(view) not in ("view", "reshape", "_unsafe_view") or not view.users:
+            continue
+        src = view.args[0] if view.args else None
+        src_val, val = getattr(src, "meta", {}).get("val"), view.meta.get("val")
+        if not (isinstance(src_val, torch.Tensor) and isinstance(val, torch.Tensor)):
+            continue
+        if val.dim() != src_val.dim() + 1 or val.dim() < 2:
+            continue
+        k, part, width = val.shape[-2], val.shape[-1], src_val.shape[-1]
+        if not all(isinstance(v, int) for v in (k, part, width)) or k * part != width or \
+                [str(d) for d in val.shape[:-2]] != [str(d) for d in src_val.shape[:-1]]:
+            continue
+        axis = val.dim() - 2
+        picks = [_selected(u, view, axis, val.dim()) for u in view.users]
+        if any(i is None for i in picks):
+            continue
+        aten = view.op == "call_function" and isinstance(view.target, torch._ops.OpOverload)
+        for user, i in zip(list(view.users), picks):
+            i %= k
+            with gm.graph.inserting_before(user):
+                if aten:
+                    piece = gm.graph.call_function(torch.ops.aten.slice.Tensor,
+                                                   (src, -1, i * part, (i + 1) * part))
+                else:
+                    piece = gm.graph.call_function(
+                        operator.getitem, (src, (Ellipsis, slice(i * part, (i + 1) * part))))
+            piece.meta.update({key: user.meta[key] for key in ("nn_module_stack",
+                                                                "stack_trace", "val")
+                               if key in user.meta})
+            user.replace_all_uses_with(piece)
+            gm.graph.erase_node(user)
+            rewritten += 1
+        gm.graph.erase_node(view)
+    if rewritten:
+        gm.recompile()
+    return rewritten

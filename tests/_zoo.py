@@ -222,6 +222,20 @@ class LoopedLayer(nn.Module):
         return x
 
 
+class ViewSplitGLU(nn.Module):
+    """Fused gate/up split by a reshape and an index (Moshi): h.view(b, t, 2, -1)[..., 0, :]."""
+
+    def __init__(self, d=24, f=40):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 2 * f, bias=False), nn.Linear(f, d, bias=False)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        b, t, _ = h.shape
+        h = h.view(b, t, 2, -1)
+        return x + self.fc2(F.silu(h[..., 0, :]) * h[..., 1, :])
+
+
 class Stack(nn.Module):
     def __init__(self, layer, n=2, d=24, vocab=37):
         super().__init__()
@@ -256,6 +270,8 @@ FORMS: tuple[Form, ...] = (
          (("mlp", "gelu"), ("mlp", "relu"), ("glu", "silu"))),
     Form("dtype-branch", lambda: Stack(DtypeBranchLayer), True, 2, (("mlp", "gelu"),) * 2),
     Form("looped", lambda: Stack(LoopedLayer), True, 2, (("mlp", "silu"),) * 4),
+    Form("view-split", lambda: nn.Sequential(ViewSplitGLU(), ViewSplitGLU()), False, 2,
+         (("glu_fused", "silu"),) * 2),
 )
 
 

@@ -478,3 +478,12 @@ def test_an_unnamed_per_unit_activation_is_captured_and_splits_exactly(make, kin
     learned = dict(block.named_parameters())
     if isinstance(getattr(model, "act", None), XIELULike):  # its scalars stay trainable
         assert sum(n.startswith("activation_fn.") for n in learned) == 2
+
+
+def test_forms_are_found_with_their_kind_and_activation():
+    """Every hand-written FFN form of the zoo: the matcher finds each FFN with its kind."""
+    from tests._zoo import FORMS, form_inputs
+    for form in FORMS:
+        model = form.build().eval()
+        gm = capture(model, (form_inputs(form, 2, 5),))
+        assert tuple((m.kind, m.activation) for m in find_ffns(gm)) == form.kinds, form.name
