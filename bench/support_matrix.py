@@ -117,6 +117,10 @@ def _tiny_model(model_type: str, class_name: str):
             model = getattr(transformers, class_name)(config).eval()
             if sum(p.numel() for p in model.parameters()) > 60_000_000:
                 raise RuntimeError("default widths too large for a tiny model")
+            with torch.no_grad():  # a zero-initialised router ties every expert score, which
+                for p in model.parameters():  # no trained model does: give weights values
+                    if p.dim() >= 2 and p.is_floating_point() and not p.any():
+                        p.normal_(0.0, 0.02)
             with torch.no_grad():
                 model(input_ids=torch.randint(4, 200, (1, 5)))
             return config, model
