@@ -11,6 +11,7 @@ copy of the user's model (see :mod:`rewriter.passes.module_swap`).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -277,7 +278,8 @@ def build_moe_block(
         glu=weights.gate is not None, bias=match.has_bias, gate=config.gate,
         renormalize=config.renormalize, route_scale=config.route_scale,
         router_bias=router_bias, aux_loss_coef=config.aux_loss_coef, dtype=dtype,
-        activation_fn=match.activation_fn,
+        # its own copy: learned scalars of the activation must not alias the source model's
+        activation_fn=copy.deepcopy(match.activation_fn),
     )
     report: dict[str, Any] = {
         "module": match.module, "experts": plan.num_experts, "expert_dim": plan.expert_dim,

@@ -476,8 +476,10 @@ def test_an_unnamed_per_unit_activation_is_captured_and_splits_exactly(make, kin
     block = next(m for m in moe.modules() if type(m).__name__ == "MoEFFN")
     assert block.config.activation == CAPTURED_ACTIVATION
     learned = dict(block.named_parameters())
-    if isinstance(getattr(model, "act", None), XIELULike):  # its scalars stay trainable
-        assert sum(n.startswith("activation_fn.") for n in learned) == 2
+    if isinstance(getattr(model, "act", None), XIELULike):  # its scalars stay trainable,
+        assert sum(n.startswith("activation_fn.") for n in learned) == 2  # and are the MoE's
+        source = {id(p) for p in model.parameters()}
+        assert not any(id(p) in source for p in block.activation_fn.parameters())
 
 
 def test_forms_are_found_with_their_kind_and_activation():
