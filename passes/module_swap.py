@@ -15,7 +15,11 @@ For each FFN match, find how to put its MoE block into the model, using the capt
   traced on its own (torch.fx, every child module that holds no op of the block kept as an
   opaque call, so attention and its KV cache stay as they are), the same graph pass as graph
   mode (:class:`~rewriter.passes.ffn_to_moe.FFNToMoE`) rewrites that graph, and the owner keeps
-  its class, attributes and submodules but runs the rewritten graph as its forward.
+  its class, attributes and submodules but runs the rewritten graph as its forward. The trace
+  runs alongside the recorded call, so Python that branches on a tensor's dtype, device or rank
+  (BART's ``if h.dtype == torch.float16``) takes the recorded call's branch; tensors the
+  forward makes (``torch.tensor(...)``) become non-persistent buffers of the owner. An FFN
+  module the forward calls several times is rewritten once.
 
 Checks (all before the model changes): the owner traces, its graph holds the same FFN (same
 weights), and its arguments can be passed through. Emits: the swapped modules; an inline owner
