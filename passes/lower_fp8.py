@@ -34,7 +34,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from rewriter.errors import InputError
-from rewriter.graph_ops import is_reshape, module_stack, op_name
+from rewriter.graph_ops import is_elementwise, is_reshape, module_stack, op_name
 from rewriter.projections import find_projections
 
 from .cleanup import is_identity_op
@@ -46,6 +46,7 @@ __all__ = [
     "plan_fp8",
     "apply_fp8",
     "find_output_heads",
+    "find_routers",
     "gptq_rounding",
     "uses_gptq",
     "WEIGHT_ROUNDINGS",
@@ -165,6 +166,33 @@ def find_output_heads(gm: GraphModule) -> set[str]:
             if not downstream[p.output] and _single_path_to_output(p.output)}
 
 
+_ROUTING = frozenset({"topk", "sort", "argsort", "max", "argmax"})
+
+
+def find_routers(gm: GraphModule) -> set[str]:
+    """Module FQNs of routers: projections whose scores pick experts (their output reaches a
+    top-k / sort / argmax through elementwise ops and softmax), as in transformers' Mixtral,
+    Qwen-MoE or DeepSeek gates."""
+    found = set()
+    for p in find_projections(gm):
+        stack, seen = [p.output], set()
+        while stack and len(seen) < 32:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            for user in node.users:
+                name = op_name(user) or ""
+                if name in _ROUTING:
+                    found.add(p.module)
+                    stack.clear()
+                    break
+                if is_elementwise(user) or is_identity_op(user) or is_reshape(user) or \
+                        name in ("softmax", "_softmax", "log_softmax", "to", "_to_copy"):
+                    stack.append(user)
+    return found
+
+
 def _nodes_of(gm: GraphModule, fqn: str) -> set[Node]:
     return {n for n in gm.graph.nodes if fqn in module_stack(n)
             and n.op not in ("get_attr", "placeholder", "output") and not is_identity_op(n)
@@ -179,6 +207,7 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
     projections = {p.module: p for p in find_projections(gm)}
     routers = {f"{name}.router" if name else "router"
                for name, m in model.named_modules() if isinstance(m, MoEFFN)}
+    routers |= find_routers(gm)
     decisions: list[LoweringDecision] = []
     for name, module in model.named_modules():
         if isinstance(module, (FP8Linear, FP8MoEFFN)):
@@ -209,8 +238,8 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
             reason = "output head: kept in high precision (DeepSeek-V3)"
         elif filter_fn is not None and not filter_fn(module, name):
             reason = "excluded by filter_fn"
-        elif not (isinstance(module, nn.Linear) or _nodes_of(gm, name) == {
-                n for n in proj.nodes if n.op != "get_attr"}):
+        elif not ((isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
+                  or _nodes_of(gm, name) == {n for n in proj.nodes if n.op != "get_attr"}):
             reason = f"matmul inside {type(module).__name__}.forward with other ops: not swappable"
         else:
             decisions.append(LoweringDecision(name, kind, True, f"{kind} -> FP8Linear", params))

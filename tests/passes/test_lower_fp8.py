@@ -119,3 +119,46 @@ def test_cache_dequantized_is_validated_threaded_and_not_stored():
     assert torch.equal(_run(on, x), _run(off, x))  # cached fp32 copies, same bits
     assert any(len(m._dequant_cache) for m in on.modules() if isinstance(m, FP8Linear))
     assert weight_bytes(on) == nbytes == weight_bytes(off) and set(on.state_dict()) == keys
+
+
+class _TupleRouter(nn.Linear):
+    """A gate that is an nn.Linear subclass with its own forward (PhiMoE's router)."""
+
+    def forward(self, x):
+        scores = torch.softmax(super().forward(x), dim=-1)
+        weights, experts = torch.topk(scores, 2, dim=-1)
+        return scores, weights, experts
+
+
+class _TinyMoELayer(nn.Module):
+    def __init__(self, d=32, f=48, experts=4):
+        super().__init__()
+        self.router = _TupleRouter(d, experts, bias=False)
+        self.plain_gate = nn.Linear(d, experts, bias=False)  # Mixtral's gate: a plain Linear
+        self.w_in = nn.Parameter(torch.randn(experts, f, d) / 6)
+        self.w_out = nn.Parameter(torch.randn(experts, d, f) / 7)
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):  # (B, T, d)
+        _, w, e = self.router(x)
+        _, e2 = torch.topk(self.plain_gate(x), 1, dim=-1)
+        h = torch.einsum("btd,efd->btef", x, self.w_in).relu()
+        y = torch.einsum("btef,edf->bted", h, self.w_out)
+        y = (y.gather(2, e[..., None].expand(-1, -1, -1, y.shape[-1]))
+             * w[..., None]).sum(2)
+        return self.proj(x + y) + e2.to(x.dtype)
+
+
+def test_routers_stay_high_precision_and_custom_linear_forwards_are_not_swapped():
+    torch.manual_seed(2)
+    model = _TinyMoELayer().eval()
+    x = torch.randn(2, 5, 32)
+    out = rewriter.convert(model, fp8=FP8Config(), example_inputs=(x,))
+    decisions = {d.fqn: d for d in rewriter.conversion_info(out).fp8_decisions}
+    assert not decisions["router"].lowered and not decisions["plain_gate"].lowered
+    assert "router" in decisions["plain_gate"].reason.lower()
+    assert decisions["proj"].lowered
+    assert type(out.router) is _TupleRouter and type(out.plain_gate) is nn.Linear
+    with torch.no_grad():
+        ref, got = model(x), out(x)
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.1
