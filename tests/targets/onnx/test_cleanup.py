@@ -117,3 +117,21 @@ def test_op_counts_walks_subgraphs_and_functions(tmp_path):
     onnx.save(model, str(tmp_path / "if.onnx"))
     assert op_counts(tmp_path / "if.onnx") == expected
     assert ir_op_counts(ir.serde.deserialize_model(model)) == expected
+
+
+def test_a_folder_failure_leaves_the_graph_unfolded_with_a_warning(tmp_path, monkeypatch):
+    """onnxscript's folder raised on ProphetNet's SplitToSequence: the export goes on."""
+    import pytest
+    from rewriter.targets.onnx import cleanup, export_onnx
+    from rewriter.targets.onnx_runtime import compare_with_torch
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Error during constant folding for node 'n' (::SplitToSequence)")
+
+    monkeypatch.setattr(cleanup, "fold_constants", broken)
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.GELU(), torch.nn.Linear(10, 6))
+    x = torch.randn(2, 3, 6)
+    with pytest.warns(UserWarning, match="constant folding stopped early"):
+        r = export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,))
+    assert compare_with_torch(model, r.path, (torch.randn(3, 5, 6),))["rel"] <= 1e-6
