@@ -311,6 +311,8 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
     for lin in linears:
         wanted[lin["x"]] = onnx.TensorProto.FLOAT
         wanted[lin["y"]] = onnx.TensorProto.FLOAT
+        if lin["w_scale"] not in inits:  # computed in the graph (not folded): read its value
+            wanted[lin["w_scale"]] = onnx.TensorProto.FLOAT
         if lin["mode"] == "w8a8":
             wanted[lin["x_scale"]] = onnx.TensorProto.FLOAT
             wanted[lin["q"]] = fp8_type
@@ -327,7 +329,9 @@ def check_fp8_linears(path: str | os.PathLike, inputs: Any,
     max_rel = 0.0
     for lin in linears:
         w_q = _fp8_tensor(numpy_helper.to_array(inits[lin["w"]]))  # (N, K) or (K, N)
-        s_rows = torch.from_numpy(numpy_helper.to_array(inits[lin["w_scale"]]).copy())
+        scale = (numpy_helper.to_array(inits[lin["w_scale"]]) if lin["w_scale"] in inits
+                 else np.asarray(values[lin["w_scale"]], dtype=np.float32))
+        s_rows = torch.from_numpy(scale.copy())
         if lin["transposed"]:  # stored W^T (K, N) with (Kb, N) scales
             w_q, s_rows = w_q.T.contiguous(), s_rows.T.contiguous()  # (N, K), (N, Kb)
         w_s = s_rows[::fp8_ref.BLOCK]  # (Nb, Kb): one row per 128-row block

@@ -189,6 +189,27 @@ def test_fp8_teacher_forced_check_catches_wrong_numbers(tmp_path):
     assert wrong["scale_mismatches"] > 0
 
 
+def test_fp8_check_reads_a_weight_scale_the_graph_computes(tmp_path):
+    """A hybrid model's export left a weight scale as a node output, not an initializer
+    (NemotronH): the check reads its value from the run."""
+    torch.manual_seed(1)
+    lin = FP8Linear(torch.randn(96, 300), torch.randn(96), mode="inference")
+    x = torch.randn(2, 7, 300)
+    report = export_onnx(lin, tmp_path / "lin.onnx", example_inputs=(x,))
+    proto = onnx.load(str(report.path))
+    fp8 = {i.name for i in proto.graph.initializer
+           if i.data_type == onnx.TensorProto.FLOAT8E4M3FN}
+    dq = next(n for n in proto.graph.node if n.op_type == "DequantizeLinear"
+              and n.input[0] in fp8)
+    scale = dq.input[1]
+    next(i for i in proto.graph.initializer if i.name == scale).name = scale + "_stored"
+    proto.graph.node.insert(0, onnx.helper.make_node("Identity", [scale + "_stored"], [scale]))
+    onnx.save(proto, str(tmp_path / "computed.onnx"))
+    got = check_fp8_linears(tmp_path / "computed.onnx", (x,), model=lin)
+    assert (got["linears"], got["weight_mismatches"], got["q_mismatches"]) == (1, 0, 0)
+    assert got["max_rel"] <= 1e-6
+
+
 def test_module_has_no_gpu_only_imports():
     # importable and usable on a CPU-only onnxruntime build
     assert onnx_runtime.default_providers() == ["CPUExecutionProvider"] or \
