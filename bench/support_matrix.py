@@ -247,6 +247,10 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
                                       + (f"; rejected: {'; '.join(near)}" if near else ""))
     else:
         near = [r.describe() for r in analysis.rejections if r.near_miss][:2]
+        if not near:  # no FFN-like candidate at all: say what the matcher saw at the outputs
+            near = [r.describe() for r in analysis.rejections][-2:]
+            near = [f"no linear reads an elementwise function of other linears ({n})"
+                    for n in near[:1]] + near[1:]
         why = ("already MoE: experts are 3-D parameters (" + experts[0] + "), not dense FFNs"
                if experts else "no FFN matched"
                + (f"; rejected: {'; '.join(near)}" if near else ""))
