@@ -271,10 +271,12 @@ def _region_module(gm: GraphModule, region: _Region, sink: Node,
     for node in gm.graph.nodes:  # graph order is a topological order
         if node in members:
             env[node] = graph.node_copy(node, lambda n: env[n])
-            if node.op == "get_attr":
+            if node.op in ("get_attr", "call_module"):  # a leaf module (fx's nn.Dropout)
                 value = _attr(gm, str(node.target))
                 name = str(node.target).replace(".", "_")
-                if isinstance(value, nn.Parameter):
+                if isinstance(value, nn.Module):
+                    root.add_module(name, value)
+                elif isinstance(value, nn.Parameter):
                     root.register_parameter(name, value)
                 elif isinstance(value, torch.Tensor):
                     root.register_buffer(name, value)

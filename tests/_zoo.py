@@ -193,16 +193,18 @@ class FirstCalled(nn.Module):
 
 
 class DtypeBranchLayer(nn.Module):
-    """An FFN in a layer's own forward that branches on a tensor's dtype (BART's fp16 clamp)
-    and makes a tensor while it runs (``torch.tensor``)."""
+    """An FFN in a layer's own forward that branches on a tensor's dtype (BART's fp16 clamp),
+    makes a tensor while it runs (``torch.tensor``) and has a dropout module inside the block
+    (XLNet, Funnel)."""
 
     def __init__(self, d=24, f=40):
         super().__init__()
         self.norm = nn.LayerNorm(d)
         self.fc1, self.fc2 = nn.Linear(d, f), nn.Linear(f, d)
+        self.drop = nn.Dropout(0.1)
 
     def forward(self, x):
-        h = x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+        h = x + self.fc2(self.drop(F.gelu(self.fc1(self.norm(x)))))
         if h.dtype == torch.float16 and not torch.isfinite(h).all():
             h = torch.clamp(h, -1000.0, 1000.0)
         return h * torch.tensor(0.75, dtype=h.dtype)
