@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.export import Dim
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
@@ -281,7 +282,8 @@ def _dynamic_dims(gm: torch.fx.GraphModule) -> dict[str, tuple[int, ...]]:
     for node in gm.graph.find_nodes(op="placeholder"):
         val = node.meta.get("val")
         if isinstance(val, torch.Tensor):
-            sym = tuple(i for i, s in enumerate(val.shape) if isinstance(s, torch.SymInt))
+            # a SymInt the trace specialised (the model's code fixed that size) is static
+            sym = tuple(i for i, s in enumerate(val.shape) if not is_concrete_int(s))
             if sym:
                 dims[node.name] = sym
     return dims

@@ -227,3 +227,20 @@ def test_w8a8_model_is_checked_with_activation_quantization_bypassed():
     assert (on - off_eager).abs().max() > 1e-4  # the bypass really bypasses
     w8a16 = convert(model, fp8=FP8Config(activations="none"), example_inputs=x)
     assert capture_info(capture(w8a16, x)).check == "exact"
+
+
+def test_dynamic_dims_leave_out_a_size_the_model_fixes():
+    """A size the model's code specialises (a Python list built from the length, CPM-Ant) is
+    not reported dynamic, though the trace still holds it as a SymInt."""
+
+    class ListFromLength(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+        def forward(self, x):  # (B, T, 8)
+            pos = torch.tensor(list(range(x.shape[1])), dtype=x.dtype)
+            return self.proj(x) + pos[None, :, None]
+
+    gm = capture(ListFromLength().eval(), (torch.randn(2, 7, 8),))
+    assert list(capture_info(gm).dynamic_dims.values()) == [(0,)]
