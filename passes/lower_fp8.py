@@ -15,6 +15,7 @@ Opt-in (``embeddings="fp8"``, deployment): embedding tables ->
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -241,6 +242,9 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
         elif not ((isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
                   or _nodes_of(gm, name) == {n for n in proj.nodes if n.op != "get_attr"}):
             reason = f"matmul inside {type(module).__name__}.forward with other ops: not swappable"
+        elif len(inspect.signature(module.forward).parameters) > 1:
+            reason = (f"{type(module).__name__}.forward takes more than its input (I-BERT's "
+                      "scaling factors): FP8Linear would drop the rest, not swappable")
         else:
             decisions.append(LoweringDecision(name, kind, True, f"{kind} -> FP8Linear", params))
             continue

@@ -416,6 +416,13 @@ def plan_module_swaps(model: nn.Module, gm: GraphModule, matches: Sequence[FFNMa
     the block, else an :class:`InlineRewrite` of the graph of the module that owns it. Raises
     :class:`InputError` naming the FFN when neither works; nothing is changed."""
     plans: list[ModuleSwap | InlineRewrite | None] = [_exact_swap(gm, m) for m in matches]
+    swapped = sorted({p.block for p in plans if p is not None})
+    if swapped:  # a module called with more than its input (I-BERT's scaling factors) would
+        calls = _record_inputs(model, swapped, example_inputs)  # lose the rest: rewrite its
+        for i, plan in enumerate(plans):  # owner's graph instead
+            args, kwargs = calls.get(plan.block, ((None,), {})) if plan else ((None,), {})
+            if plan is not None and len(args) + len(kwargs) > 1:
+                plans[i] = None
     inline = [(i, m, _owner_of(m)) for i, m in enumerate(matches) if plans[i] is None]
     if not inline:
         return plans  # type: ignore[return-value]

@@ -231,3 +231,41 @@ def test_an_ffn_called_twice_is_one_block_in_both_modes():
             calls = [n for n in out.graph.nodes if n.op == "call_module"
                      and isinstance(out.get_submodule(str(n.target)), MoEFFN)]
             assert len(calls) == 4 and len({n.target for n in calls}) == 2
+
+
+class _ScaledLinear(nn.Module):
+    """I-BERT style: called with (x, scaling_factor), returns (y, scaling_factor)."""
+
+    def __init__(self, d_in, d_out):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(d_out, d_in) / 5)
+
+    def forward(self, x, scale=None):
+        return torch.nn.functional.linear(x, self.weight), scale
+
+
+class _ScaledLayer(nn.Module):
+    def __init__(self, d=24, f=40):
+        super().__init__()
+        self.up, self.down = _ScaledLinear(d, f), _ScaledLinear(f, d)
+
+    def forward(self, x):
+        h, s = self.up(x, None)
+        y, _ = self.down(torch.relu(h), s)
+        return x + y
+
+
+def test_modules_called_with_more_than_their_input_are_not_swapped():
+    """Swapping a module called as m(x, scale) by an MoE block or an FP8Linear would drop the
+    extra argument and its tuple result: MoE rewrites the owner's graph, FP8 keeps them."""
+    torch.manual_seed(7)
+    model = _ScaledLayer().eval()
+    x = torch.randn(2, 5, 24)
+    moe = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                  example_inputs=(x,))
+    y = torch.randn(3, 7, 24)
+    with torch.no_grad():
+        assert _rel(moe(y), model(y)) < 1e-6
+    with pytest.raises(InputError, match=r"nothing to lower.*down: _ScaledLinear\.forward "
+                       "takes more than its input"):
+        convert(model, fp8=FP8Config(), example_inputs=(x,))
