@@ -176,6 +176,19 @@ def _rel(a, b) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
 
 
+def _feed(fixed: list[int], fresh: dict, ids: torch.Tensor, vocab: int,
+          g: torch.Generator) -> dict:
+    """``fresh``, or a fresh input of the example's size on the axes the graph fixes."""
+    if not fixed:
+        return fresh
+    shape = tuple(ids.shape[a] if a in fixed else fresh["input_ids"].shape[a] for a in (0, 1))
+    return {"input_ids": torch.randint(4, min(vocab, 256), shape, generator=g)}
+
+
+def _axes(fixed: list[int]) -> str:
+    return " and ".join(("batch size", "sequence length")[a] for a in fixed)
+
+
 def _logits(out):
     return first_float_output(out)
 
@@ -224,9 +237,9 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
         gm = rewriter.capture(model, inputs)
         row["steps"]["capture"] = "ok"
         row["capture_method"] = rewriter.capture_info(gm).method
-        # the model's own code may fix the sequence length (a Python list built from it)
-        row["static_seq"] = 1 not in rewriter.capture_info(gm).dynamic_dims.get("input_ids",
-                                                                                  (1,))
+        # the model's own code may fix the batch or sequence size (a list built from it)
+        row["fixed_axes"] = sorted({0, 1} - set(
+            rewriter.capture_info(gm).dynamic_dims.get("input_ids", (0, 1))))
     except Exception as exc:
         fail("capture", exc)
         return skip("ffns", "capture failed")
@@ -286,16 +299,16 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
             moe_graph = rewriter.convert(model, moe=MoEConfig(num_experts=e, top_k=e,
                                                               gate="hard"),
                                          example_inputs=inputs, mode="graph")
-            feed = fresh if not row["static_seq"] else {  # the graph takes that length only
-                "input_ids": torch.randint(4, min(vocab, 256), (3, ids.shape[1]), generator=g)}
+            feed = _feed(row["fixed_axes"], fresh, ids, vocab, g)  # the graph takes no other
             with torch.no_grad():
                 rel = _rel(_logits(moe_graph(**feed)), _logits(model(**feed)))
             row["moe_graph_rel"] = rel
-            if rel <= EXACT_TOL and row["static_seq"]:
+            if rel <= EXACT_TOL and row["fixed_axes"]:
                 row["steps"]["moe_graph"] = "partial"
                 row["reasons"]["moe_graph"] = (
-                    "exact at the captured sequence length; the model's own code fixes it "
-                    "(torch.export specialised it; upstream), so the graph takes no other")
+                    f"exact at the captured {_axes(row['fixed_axes'])}; the model's own code "
+                    "fixes it (torch.export specialised it; upstream), so the graph takes no "
+                    "other")
             elif rel <= EXACT_TOL:
                 row["steps"]["moe_graph"] = "ok"
             else:
@@ -342,17 +355,15 @@ def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "model.onnx"
             report = rewriter.export_onnx(target, path, example_inputs=inputs)
-            static_seq = 1 not in report.dynamic_axes.get("input_ids", {1: None})
-            feed = fresh if not static_seq else {  # the graph takes the example's length only
-                "input_ids": torch.randint(4, min(vocab, 256), (3, ids.shape[1]), generator=g)}
-            parity = check_parity(target, path, feed)
+            fixed = sorted({0, 1} - set(report.dynamic_axes.get("input_ids", {0: 0, 1: 1})))
+            parity = check_parity(target, path, _feed(fixed, fresh, ids, vocab, g))
         row["onnx_rel"] = parity.get("rel")
         row["onnx_mode"] = parity.get("mode")
-        if parity.get("passed") and static_seq:
+        if parity.get("passed") and fixed:
             row["steps"]["onnx"] = "partial"
             row["reasons"]["onnx"] = (
-                "the model's own code fixes the sequence length when exported (torch.export "
-                f"specialised it to {ids.shape[1]}; upstream): parity holds at that length only")
+                f"the model's own code fixes the {_axes(fixed)} when exported (torch.export "
+                "specialised it; upstream): parity holds at the example's size only")
         elif parity.get("passed"):
             row["steps"]["onnx"] = "ok"
         else:
