@@ -239,6 +239,9 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
             reason = "output head: kept in high precision (DeepSeek-V3)"
         elif filter_fn is not None and not filter_fn(module, name):
             reason = "excluded by filter_fn"
+        elif not _nodes_of(gm, name):
+            reason = (f"{type(module).__name__} is never called: another module's forward "
+                      "multiplies by its weight (NeoMME's x @ unembedding.weight), not swappable")
         elif not ((isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward)
                   or _nodes_of(gm, name) == {n for n in proj.nodes if n.op != "get_attr"}):
             reason = f"matmul inside {type(module).__name__}.forward with other ops: not swappable"

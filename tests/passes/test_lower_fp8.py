@@ -162,3 +162,29 @@ def test_routers_stay_high_precision_and_custom_linear_forwards_are_not_swapped(
     with torch.no_grad():
         ref, got = model(x), out(x)
     assert 0 < float((got - ref).norm() / ref.norm()) < 0.1
+
+
+class _WeightReadByParent(nn.Module):
+    """NeoMME: the parent multiplies by a Linear's weight; the Linear is never called."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+        self.unembed = nn.Linear(48, 32, bias=False)  # weight (32, 48) used as (in, out)
+        self.head = nn.Linear(48, 16)
+
+    def forward(self, x):
+        return self.head(self.proj(x) @ self.unembed.weight)
+
+
+def test_a_linear_whose_weight_another_forward_reads_is_not_swapped():
+    torch.manual_seed(4)
+    model = _WeightReadByParent().eval()
+    x = torch.randn(2, 5, 32)
+    out = rewriter.convert(model, fp8=FP8Config(), example_inputs=(x,))
+    decisions = {d.fqn: d for d in rewriter.conversion_info(out).fp8_decisions}
+    assert decisions["proj"].lowered and not decisions["unembed"].lowered
+    assert "never called" in decisions["unembed"].reason
+    with torch.no_grad():
+        ref, got = model(x), out(x)
+    assert 0 < float((got - ref).norm() / ref.norm()) < 0.1
