@@ -90,7 +90,7 @@ def test_pipeline_runs_checks_and_records_history(gpt):
     [
         (_raises, "run", "boom"),
         (_returns_nothing, "contract", "must return PassResult"),
-        (_dangling_use, "lint", ""),
+        (_dangling_use, "lint", "used before it has been defined"),
         (_double_output, "numerics", "max relative error 1 > rtol"),
     ],
 )
