@@ -562,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[{i + 1}/{len(todo)}] {row['task']} {row['model_type']}: "
                   + " ".join(f"{s}={row['steps'][s]}" for s in STEPS)
                   + f" ({row['seconds']} s)", flush=True)
+    if todo:  # one line per architecture: the latest run of each
+        args.jsonl.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
     print(json.dumps(render(rows, args.doc)))
     return 0
 
