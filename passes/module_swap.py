@@ -40,7 +40,14 @@ from torch.fx import Graph, GraphModule, Node
 
 from rewriter.capture import kv_cache_off, normalize_inputs, outputs_close
 from rewriter.errors import InputError
-from rewriter.graph_ops import common_module, module_stack, owning_module, slice_split_views
+from rewriter.graph_ops import (
+    attach,
+    common_module,
+    fetch_attr,
+    module_stack,
+    owning_module,
+    slice_split_views,
+)
 from rewriter.patterns import FFNMatch, analyze_ffns
 
 from .cleanup import is_identity_op
@@ -254,9 +261,7 @@ class _OwnerTracer(torch.fx.Tracer):
                     out = self.inputs.get(str(node.target), missing)
                     out = out.clone() if isinstance(out, torch.Tensor) else out
                 elif node.op == "get_attr":
-                    out = self.root
-                    for part in str(node.target).split("."):
-                        out = getattr(out, part)
+                    out = fetch_attr(self.root, str(node.target))
                 elif node.op == "call_function":
                     out = node.target(*args, **kwargs)
                 elif node.op == "call_method":
@@ -477,31 +482,17 @@ def _targets(graph: Graph) -> set[str]:
     return {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
 
 
-def _get(root: nn.Module, fqn: str) -> Any:
-    obj: Any = root
-    for part in fqn.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _delete(root: nn.Module, fqn: str) -> None:
     parent, _, name = fqn.rpartition(".")
-    holder = _get(root, parent) if parent else root
+    holder = fetch_attr(root, parent) if parent else root
     if hasattr(holder, name):
         delattr(holder, name)
 
 
 def _put(root: nn.Module, fqn: str, value: Any) -> None:
     parent, _, name = fqn.rpartition(".")
-    holder = _get(root, parent) if parent else root
-    if isinstance(value, nn.Module):
-        holder.add_module(name, value)
-    elif isinstance(value, nn.Parameter):
-        holder.register_parameter(name, value)
-    elif isinstance(value, torch.Tensor):
-        holder.register_buffer(name, value)
-    else:
-        setattr(holder, name, value)
+    holder = fetch_attr(root, parent) if parent else root
+    attach(holder, name, value)
 
 
 def _graph_forward(graph_fn: Callable[..., Any], signature: inspect.Signature,
@@ -564,7 +555,7 @@ def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
     new = result.graph_module
     before, after = _targets(first.graph), _targets(new.graph)
     for target in sorted(after - before):  # the MoE blocks (and any constants fx made)
-        _put(owner, target, _get(new, target))
+        _put(owner, target, fetch_attr(new, target))
     for target in sorted(before - after, key=len, reverse=True):  # the dense FFN's modules
         if not any(t == target or t.startswith(target + ".") for t in after):
             _delete(owner, target)

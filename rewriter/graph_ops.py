@@ -28,6 +28,8 @@ __all__ = [
     "tensor_meta",
     "weight_bytes",
     "slice_split_views",
+    "fetch_attr",
+    "attach",
 ]
 
 _OPERATOR_NAMES = {
@@ -257,3 +259,24 @@ def slice_split_views(gm: GraphModule) -> int:
     if rewritten:
         gm.recompile()
     return rewritten
+
+
+def fetch_attr(root: nn.Module, target: str) -> Any:
+    """``root.a.b.c`` for the dotted ``target`` of a get_attr / call_module node."""
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def attach(holder: nn.Module, name: str, value: Any) -> None:
+    """Register ``value`` on ``holder`` as what it is: a submodule, a parameter, a buffer (a
+    plain tensor) or a plain attribute."""
+    if isinstance(value, nn.Module):
+        holder.add_module(name, value)
+    elif isinstance(value, nn.Parameter):
+        holder.register_parameter(name, value)
+    elif isinstance(value, torch.Tensor):
+        holder.register_buffer(name, value)
+    else:
+        setattr(holder, name, value)

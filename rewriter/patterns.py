@@ -36,7 +36,9 @@ from torch.fx import Graph, GraphModule, Node
 
 from .errors import NoFFNError
 from .graph_ops import (
+    attach,
     common_module,
+    fetch_attr,
     is_elementwise,
     is_split,
     op_name,
@@ -272,26 +274,11 @@ def _region_module(gm: GraphModule, region: _Region, sink: Node,
         if node in members:
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node.op in ("get_attr", "call_module"):  # a leaf module (fx's nn.Dropout)
-                value = _attr(gm, str(node.target))
                 name = str(node.target).replace(".", "_")
-                if isinstance(value, nn.Module):
-                    root.add_module(name, value)
-                elif isinstance(value, nn.Parameter):
-                    root.register_parameter(name, value)
-                elif isinstance(value, torch.Tensor):
-                    root.register_buffer(name, value)
-                else:
-                    setattr(root, name, value)
+                attach(root, name, fetch_attr(gm, str(node.target)))
                 env[node].target = name
     graph.output(env[sink])
     return GraphModule(root, graph)
-
-
-def _attr(root: nn.Module, target: str) -> object:
-    value: object = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
 
 
 def _region_function(
