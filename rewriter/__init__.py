@@ -44,6 +44,7 @@ from rewriter.inspection import Report, inspect, to_networkx
 from rewriter.passes.calibration import calibrate
 from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import FP8Config
+from rewriter.passes.recovery import RecoveryConfig, RecoveryReport, recover
 from rewriter.serialization import load, save
 from rewriter.targets.onnx import export_onnx
 
@@ -58,6 +59,8 @@ __all__ = [
     "ConversionInfo",
     "MoEConfig",
     "FP8Config",
+    "RecoveryConfig",
+    "RecoveryReport",
     "CaptureInfo",
     "FFNAnalysis",
     "FFNMatch",
@@ -88,6 +91,7 @@ __all__ = [
     "find_ffns",
     "inspect",
     "load",
+    "recover",
     "save",
     "require_ffns",
     "run_passes",

@@ -25,6 +25,7 @@ from rewriter.models.text import model_batches, split_ids, token_ids
 from rewriter.passes.allocation import ALLOCATIONS
 from rewriter.passes.ffn_to_moe import MoEConfig
 from rewriter.passes.lower_fp8 import WEIGHT_ROUNDINGS, FP8Config
+from rewriter.passes.recovery import RecoveryConfig
 from rewriter.targets.fp8_linear import ACTIVATION_MODES
 from rewriter.targets.fp8_linear import MODES as FP8_MODES
 from rewriter.targets.onnx import export_onnx
@@ -39,6 +40,7 @@ from .training import TextData, TrainConfig, train
 
 __all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
 
+RECOVERY_SEQS = 512  # --recover-seqs: 64k tokens of 128, ~7 min on 2 cores for SmolLM2-135M
 DEFAULT_MODEL = "llama-tiny"
 
 
@@ -159,11 +161,21 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
         return resolved.model
     needs_calibration = (moe is not None or recipe is not None  # fp8-only: GPTQ rounding
                          or (fp8 is not None and fp8.weight_rounding != "nearest"))
-    calib = (calibration_batches(resolved, args.calib_seqs, args.calib_len)
-             if needs_calibration and args.calib_seqs > 0 else None)
+    recovery = _recovery_config(args)
+    seqs = max(args.calib_seqs, recovery.sequences if recovery else 0)
+    calib = (calibration_batches(resolved, seqs, args.calib_len)
+             if needs_calibration and seqs > 0 else None)
     return convert(resolved.model, recipe=recipe, moe=moe, fp8=fp8,
                    example_inputs=resolved.example_inputs, calibration=calib,
-                   mode="graph" if getattr(args, "graph", False) else "module")
+                   mode="graph" if getattr(args, "graph", False) else "module",
+                   recovery=recovery)
+
+
+def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
+    """--recover [--recover-seqs N]: RecoveryConfig, or None."""
+    if not getattr(args, "recover", False):
+        return None
+    return RecoveryConfig(sequences=args.recover_seqs)
 
 
 def _check_output(path: str | None, kind: str) -> None:
@@ -211,7 +223,7 @@ def _run_pipeline(args: argparse.Namespace) -> int:
         calibration_seqs=args.calib_seqs, eval_tokens=args.eval_tokens,
         train_steps=args.train_steps, onnx_path=args.onnx, report_dir=args.report,
         save_dir=args.save, save_format=args.format, pad_to=args.pad_to,
-        echo=lambda line: print("  " + line, flush=True))
+        recovery=_recovery_config(args), echo=lambda line: print("  " + line, flush=True))
     print()
     print(result.table())
     if args.report:
@@ -379,6 +391,12 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="how inference-mode FP8 weights are rounded: gptq (error-compensating, "
                         "on the calibration text), nearest, or auto (default: gptq when "
                         "calibrating)")
+    g.add_argument("--recover", action="store_true",
+                   help="after the MoE rewrite, train every MoE block to reproduce the dense "
+                        "FFN it replaced (block-wise distillation on the calibration text)")
+    g.add_argument("--recover-seqs", type=_positive, default=RECOVERY_SEQS,
+                   help=f"calibration sequences the recovery step trains on (default "
+                        f"{RECOVERY_SEQS}; the calibration text is cut into that many)")
     g.add_argument("--calib-seqs", type=_non_negative, default=16,
                    help="calibration sequences of real text (default 16; 0: none)")
     g.add_argument("--calib-len", type=_positive, default=128,

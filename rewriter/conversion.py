@@ -31,6 +31,7 @@ from rewriter.passes.ffn_to_moe import (
 )
 from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, gptq_rounding, plan_fp8, uses_gptq
 from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
+from rewriter.passes.recovery import RecoveryConfig, recover
 
 from .capture import (
     activation_quantization_bypassed,
@@ -72,6 +73,8 @@ class ConversionInfo:
     # quantization bypassed (weights FP8, activations unquantized) is continuous and measures
     # what the rewrite and the weight format cost. None when nothing quantizes activations.
     output_error_bypassed: float | None = None
+    # the recovery step's report (passes/recovery.RecoveryReport.to_dict()), or None
+    recovery: dict[str, Any] | None = field(default=None, repr=False)
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -138,6 +141,7 @@ def convert(
     inplace: bool = False,
     progress: bool | None = None,
     active: float | None = None,
+    recovery: RecoveryConfig | bool | None = None,
 ) -> nn.Module:
     """Convert ``model``: feed-forward blocks to DeepSeekMoE blocks and/or matmuls to FP8.
 
@@ -155,7 +159,11 @@ def convert(
     the model with the new blocks swapped in (HF APIs keep working); "graph" returns the
     rewritten GraphModule. ``inplace``: modify ``model`` itself (module mode). ``active``:
     with a recipe, the fraction of each FFN's neurons active per token (the recipe picks the
-    layout: :meth:`rewriter.recipes.Recipe.with_active`).
+    layout: :meth:`rewriter.recipes.Recipe.with_active`). ``recovery``: after the MoE rewrite
+    (before FP8 lowering), train every MoE block to reproduce the dense FFN it was cut from
+    on the ``calibration`` batches (:func:`rewriter.passes.recovery.recover`; ``True`` takes
+    :class:`RecoveryConfig`'s defaults); its before/after errors are in
+    ``conversion_info(result).recovery``.
     """
 
     if not isinstance(model, nn.Module):
@@ -183,6 +191,16 @@ def convert(
         calibration = list(calibration)  # iterate it more than once; fail early if broken
     if calibration is not None and len(calibration) == 0:
         raise InputError("calibration is empty: give at least one batch, or calibration=None")
+    if recovery is True:
+        recovery = RecoveryConfig()
+    elif recovery is False:
+        recovery = None
+    if recovery is not None and not isinstance(recovery, RecoveryConfig):
+        raise InputError(f"recovery must be a RecoveryConfig or a bool, got "
+                         f"{type(recovery).__name__}")
+    if recovery is not None and not calibration:
+        raise InputError("recovery trains the MoE blocks on calibration text: give "
+                         "calibration=batches")
 
     inputs = example_inputs if example_inputs is not None else _default_inputs(model)
     gm = capture(model, inputs)
@@ -202,6 +220,9 @@ def convert(
     if fp8 is not None and uses_gptq(fp8, bool(calibration)) and not calibration:
         raise InputError("FP8Config(weight_rounding='gptq') rounds the weights on calibration "
                          "inputs: give calibration=batches, or weight_rounding='nearest'")
+    if moe is None and recovery is not None:
+        raise InputError("recovery= trains MoE blocks: give moe=MoEConfig(...) or a recipe "
+                         "that converts FFNs to MoE")
     if moe is None:
         return _lower_only(model, gm, inputs, fp8, filter_fn, mode, inplace, base,
                            calibration=calibration, progress=progress)
@@ -264,10 +285,16 @@ def convert(
         result = PassManager([FFNToMoE(every_match, [blocks[i] for i in block_of],
                                        [reports[i] for i in block_of])]).run(gm)
         out = result.graph_module
+        if recovery is not None:
+            info = replace(info, recovery=recover(out, calibration, recovery,
+                                                  progress=progress).to_dict())
         out.meta[CONVERSION_ATTR] = replace(info, **_errors(reference, out, inputs))
         return out
     target = model if inplace else _copy(model)
     apply_module_swaps(target, swaps, blocks, reports)
+    if recovery is not None:
+        info = replace(info, recovery=recover(target, calibration, recovery,
+                                              progress=progress).to_dict())
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,
                            True, info, reference, calibration=calibration, progress=progress)

@@ -342,6 +342,12 @@ class Report:
             checks.append(f"outputs vs the model given to convert, on the example inputs: max "
                           f"rel. error "
                           f"{c.output_error:.2e}")
+        recovery = getattr(c, "recovery", None)
+        if recovery and recovery.get("before") is not None:
+            checks.append(f"recovery: {recovery['steps']} steps on {recovery['sequences']} "
+                          f"sequences ({recovery['seconds']:.0f} s); MoE blocks vs the dense "
+                          f"FFNs on held-out text, mean rel. squared error "
+                          f"{recovery['before']:.4f} -> {recovery['after']:.4f}")
         if getattr(c, "recipe", None):
             checks.insert(0, f"recipe: {c.recipe}")
         return text + ("\n" + "\n".join(checks) if checks else "")

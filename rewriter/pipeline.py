@@ -37,6 +37,7 @@ from torch import nn
 from rewriter import models
 from rewriter.models.text import model_batches, token_ids
 from rewriter.passes.freeze_fp8 import freeze_fp8
+from rewriter.passes.recovery import RecoveryConfig, recover
 from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_parity
 
@@ -94,6 +95,7 @@ class PipelineReport:
     files: dict[str, str] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     train_history: list[dict[str, Any]] = field(default_factory=list)
+    recovery: dict[str, Any] | None = None  # RecoveryReport.to_dict() of the recover stage
     stages: list[str] = field(default_factory=list)  # finished, in order
     failed_stage: str | None = None
 
@@ -112,7 +114,8 @@ class PipelineReport:
     def to_dict(self) -> dict[str, Any]:
         return {"rows": [r.__dict__ for r in self.rows], "onnx": self.onnx,
                 "files": self.files, "seconds": self.seconds,
-                "train_history": self.train_history, "stages": self.stages,
+                "train_history": self.train_history, "recovery": self.recovery,
+                "stages": self.stages,
                 "failed_stage": self.failed_stage}
 
 
@@ -297,6 +300,7 @@ def run_pipeline(
     save_dir: str | Path | None = None,
     save_format: str = "rewriter",
     pad_to: int | None = None,
+    recovery: RecoveryConfig | None = None,
     progress: bool | None = None,
     echo: Callable[[str], None] | None = None,
     seed: int = 0,
@@ -316,6 +320,9 @@ def run_pipeline(
     ``save_dir``: the final model (frozen for inference) written there with
     :func:`rewriter.save` in ``save_format`` ("rewriter" or "hf", ``pad_to`` for "hf"); a
     model "hf" cannot represent fails the "save" stage with the reason (nothing written).
+    ``recovery``: after the MoE stage, the recovery step (:func:`rewriter.recover`: every MoE
+    block distilled from its dense FFN) on up to ``recovery.sequences`` sequences of the
+    training text, reported as its own row (perplexity before and after).
     ``seed``: the job is deterministic for a seed (the caller's RNG state is restored)."""
 
     if onnx_path is not None:
@@ -327,6 +334,8 @@ def run_pipeline(
                          f"{save_format!r}")
     if save_dir is not None:
         check_writable(Path(save_dir), "directory")
+    if recovery is not None and not isinstance(recovery, RecoveryConfig):
+        raise InputError(f"recovery must be a RecoveryConfig, got {type(recovery).__name__}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if tokenizer is None and (vocab is None or vocab < 256):
         raise InputError(f"{type(model).__name__} has no tokenizer and vocab_size={vocab}: the "
@@ -335,11 +344,12 @@ def run_pipeline(
         torch.manual_seed(seed)
         return _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs,
                     eval_tokens, train_steps, train_config, onnx_path, report_dir,
-                    (save_dir, save_format, pad_to), progress, echo or (lambda line: None))
+                    (save_dir, save_format, pad_to), recovery, progress,
+                    echo or (lambda line: None))
 
 
 def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, eval_tokens,
-         train_steps, train_config, onnx_path, report_dir, saving, progress,
+         train_steps, train_config, onnx_path, report_dir, saving, recovery, progress,
          say) -> PipelineReport:
     hf = hasattr(getattr(model, "config", None), "model_type")
     longest = models.max_seq_len(model) or 256
@@ -377,6 +387,15 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
                             calibration=calib, progress=progress)
             writer.row(_row("MoE", final, evaluate(final, data)))
         say(f"MoE: perplexity {report.rows[-1].perplexity:.2f}")
+    if recovery is not None and final is not model:
+        with stage("recover"):
+            n = min(recovery.sequences, data.train_ids.numel() // seq)
+            texts = model_batches(data.train_ids[:n * seq].reshape(n, seq), hf=hf)
+            done = recover(final, texts, recovery, progress=progress)
+            report.recovery = done.to_dict()
+            writer.row(_row("MoE, recovered", final, evaluate(final, data)))
+        say(f"MoE, recovered ({done.sequences} sequences, {done.seconds:.0f} s): perplexity "
+            f"{report.rows[-1].perplexity:.2f}")
     if fp8 is not None:
         label = "MoE + FP8" if final is not model else "FP8"
         with stage("FP8"):

@@ -162,3 +162,15 @@ def test_active_flag_reaches_the_recipe_and_needs_one():
     assert recipe.name == "deepseek-v3" and recipe.shared_fraction == pytest.approx(1 / 3)
     with pytest.raises(errors.InputError, match="give --recipe"):
         _conversion_configs(parse(["convert", "llama-tiny", "--active", "0.5"]))
+
+
+def test_convert_recover_flag_trains_the_blocks_and_reports_it(capsys):
+    assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "1", "--recover",
+                 "--recover-seqs", "24", "--calib-len", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "recovery: 3 steps on 22 sequences" in out
+    line = next(x for x in out.splitlines() if x.startswith("recovery:"))
+    before, after = (float(v) for v in line.rsplit(" ", 3)[1::2])
+    assert after < before
+    with pytest.raises(SystemExit):
+        main(["convert", "llama-tiny", "--experts", "4", "--recover", "--recover-seqs", "0"])

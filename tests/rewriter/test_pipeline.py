@@ -208,3 +208,19 @@ def test_the_job_saves_the_final_model_where_people_load_it(tmp_path, capsys):
     assert not (per_block / "hf").exists()
     reason = json.loads((per_block / "report.json").read_text())["files"]["hf checkpoint"]
     assert "deepseek-v3-hf" in reason  # what to change to get one
+
+
+def test_pipeline_recovery_stage_reports_before_and_after(tmp_path):
+    model = models.build_model("llama-tiny", seed=0)
+    lines = []
+    result = run_pipeline(model, recipe="moe-only", calibration_seqs=4, eval_tokens=512,
+                          recovery=rewriter.RecoveryConfig(sequences=40, lr=1e-3),
+                          report_dir=tmp_path / "rep", echo=lines.append)
+    assert [r.name for r in result.rows] == ["dense", "MoE", "MoE, recovered"]
+    rec = result.recovery
+    assert rec["sequences"] == 36 and rec["after"] < rec["before"]
+    assert any(line.startswith("MoE, recovered (36 sequences") for line in lines)
+    assert json.loads((tmp_path / "rep" / "report.json").read_text())["rows"][2]["name"] \
+        == "MoE, recovered"
+    with pytest.raises(InputError, match="recovery must be a RecoveryConfig"):
+        run_pipeline(model, recipe="moe-only", recovery=True)

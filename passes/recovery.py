@@ -1,0 +1,349 @@
+"""Recovery after an MoE conversion: block-wise distillation of every MoE block from the dense
+FFN it replaced.
+
+    report = recover(moe_model, batches, RecoveryConfig(lr=1e-4))
+    report.before, report.after   # mean relative error of the blocks vs the dense FFNs
+
+The dense FFN a block was cut from is still inside the block at conversion time: its routed
+experts partition the dense FFN's neurons, so the dense output is *every* expert at weight 1
+plus the shared expert and the output bias (:func:`dense_output`). :func:`recover` freezes a
+copy of each block as that teacher, then streams the batches through the converted model
+(CMoE's and LLaMA-MoE's "expert tuning", done layer-locally as in BRECQ / block-wise
+reconstruction): each block sees its own input x (the converted model's hidden states: the
+distribution it meets at inference), and its router, routed and shared experts are trained to
+minimise ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` with AdamW. The input of every block
+is detached and its output is handed on detached, so no gradient flows through attention, the
+embeddings or the head: one step costs one forward of the model plus a backward through the
+blocks alone (CPU-feasible: SmolLM2-135M, hundreds of sequences in minutes).
+
+Hard gates pass the router a straight-through gradient; sigmoid/softmax gates a true one.
+The expert biases (DeepSeek-V3's balancing state) are not changed here.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from rewriter.models.moe import MoEFFN
+from torch import nn
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+from rewriter.errors import InputError
+
+__all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
+
+RECOVERY_PARTS = ("router", "experts", "all")
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """How :func:`recover` trains the MoE blocks (validated; errors name the field).
+
+    ``sequences``: at most this many calibration sequences are used (the first ones; the
+    issue-16 budget is 2,000). ``epochs`` passes over them, ``batch_size`` sequences per step.
+    ``lr``: AdamW's peak learning rate (linear warm-up over the first 5% of the steps, cosine
+    to 10% of it). ``train``: "router" (routers only), "experts" (routed + shared experts, the
+    routers kept), "all" (both). ``holdout``: fraction of the sequences kept out of training to
+    report the before/after error on (at least one batch when > 0).
+    """
+
+    sequences: int = 2000
+    epochs: int = 1
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    train: str = "all"
+    holdout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name, low in (("sequences", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InputError(f"RecoveryConfig.{name} must be an int >= {low}, got {value!r}")
+        for name, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
+                                ("holdout", 0.0, 0.5)):
+            value = getattr(self, name)
+            ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value) and low <= value <= high
+                  and not (name == "lr" and value == 0))
+            if not ok:
+                raise InputError(f"RecoveryConfig.{name} must be a number in "
+                                 f"{'(0' if name == 'lr' else f'[{low}'}, {high}], got {value!r}")
+        if self.train not in RECOVERY_PARTS:
+            raise InputError(f"RecoveryConfig.train must be one of {', '.join(RECOVERY_PARTS)}, "
+                             f"got {self.train!r}")
+
+    def lr_at(self, step: int, steps: int) -> float:
+        """Learning rate of (0-based) ``step`` of ``steps``."""
+        warm = max(1, steps // 20)
+        if step < warm:
+            return self.lr * (step + 1) / warm
+        t = (step - warm) / max(1, steps - warm)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+@dataclass
+class RecoveryReport:
+    """What :func:`recover` did. ``before`` / ``after``: mean over blocks of the relative
+    squared error ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` on the held-out sequences
+    (``None`` without a holdout); ``per_block``: (name, before, after) per block; ``steps``,
+    ``sequences`` (trained on), ``tokens``, ``seconds``; ``history``: (step, mean train
+    loss) every few steps; ``restored``: blocks whose held-out error training did not lower,
+    put back as they were (then ``after`` is measured again)."""
+
+    config: RecoveryConfig
+    blocks: int
+    sequences: int
+    tokens: int
+    steps: int
+    seconds: float
+    before: float | None
+    after: float | None
+    per_block: list[tuple[str, float, float]] = field(default_factory=list)
+    history: list[tuple[int, float]] = field(default_factory=list)
+    restored: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"config": vars(self.config) | {}, "blocks": self.blocks,
+                "sequences": self.sequences, "tokens": self.tokens, "steps": self.steps,
+                "seconds": round(self.seconds, 1), "before": self.before, "after": self.after,
+                "per_block": [list(r) for r in self.per_block],
+                "history": [list(h) for h in self.history], "restored": self.restored}
+
+
+def dense_output(block: MoEFFN, x: torch.Tensor) -> torch.Tensor:
+    """The dense FFN ``block`` partitions, on x (..., d) -> (..., d): every routed expert at
+    weight 1, plus the shared expert and the output bias (exactly the FFN the block was cut
+    from, while its weights are the conversion's)."""
+    shape = x.shape
+    xt = x.reshape(-1, block.d_model).to(block.compute_dtype)  # (T, d)
+    h = block.expert_hidden(xt)  # (T, E, F)
+    out = torch.einsum("tef,edf->td", h, block.w_down)  # (T, d)
+    if block.shared is not None:
+        out = out + block.shared(xt)
+    if block.b_out is not None:
+        out = out + block.b_out
+    return out.to(x.dtype).reshape(shape)
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, MoEFFN]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)]
+
+
+def _trained(block: MoEFFN, part: str) -> list[nn.Parameter]:
+    router = list(block.router.parameters())
+    experts = [p for n, p in block.named_parameters() if not n.startswith("router.")]
+    return {"router": router, "experts": experts, "all": router + experts}[part]
+
+
+def _call(model: nn.Module, batch: Any) -> None:
+    if isinstance(batch, dict):
+        model(**batch)
+    elif isinstance(batch, (tuple, list)):
+        model(*batch)
+    else:
+        model(batch)
+
+
+def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+
+
+class _Taps:
+    """Forward hooks on every block: the input detached, the teacher's output, the relative
+    error (with the graph when training), the output handed on detached."""
+
+    def __init__(self, blocks: list[tuple[str, MoEFFN]], teachers: list[MoEFFN]):
+        self.losses: list[torch.Tensor] = []
+        self.handles = []
+        for (_, block), teacher in zip(blocks, teachers):
+            self.handles.append(block.register_forward_pre_hook(self._detach))
+            self.handles.append(block.register_forward_hook(self._make(teacher)))
+
+    @staticmethod
+    def _detach(_module, args):
+        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+
+    def _make(self, teacher: MoEFFN):
+        def hook(_module, args, out):
+            with torch.no_grad():
+                target = dense_output(teacher, args[0])
+            self.losses.append(_rel(out.float(), target.float()))
+            return out.detach()
+        return hook
+
+    def take(self) -> list[torch.Tensor]:
+        losses, self.losses = self.losses, []
+        return losses
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _measure(model: nn.Module, taps: _Taps, batches: Sequence[Any], n: int) -> list[float]:
+    """Mean relative error per block over ``batches`` (no gradient)."""
+    sums = [0.0] * n
+    with torch.no_grad():
+        for batch in batches:
+            _call(model, batch)
+            for i, loss in enumerate(taps.take()):
+                sums[i] += float(loss) / len(batches)
+    return sums
+
+
+def _split(batch: Any, size: int) -> list[Any]:
+    """A batch (tensor, dict of tensors, tuple) of B sequences -> batches of ``size``."""
+    def rows(b: Any) -> int:
+        if isinstance(b, torch.Tensor):
+            return b.shape[0]
+        if isinstance(b, dict):
+            return rows(next(iter(b.values())))
+        return rows(b[0])
+
+    def take(b: Any, s: slice) -> Any:
+        if isinstance(b, torch.Tensor):
+            return b[s]
+        if isinstance(b, dict):
+            return {k: take(v, s) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
+        return type(b)(take(v, s) if isinstance(v, torch.Tensor) else v for v in b)
+
+    n = rows(batch)
+    return [take(batch, slice(i, i + size)) for i in range(0, n, size)]
+
+
+def recover(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: RecoveryConfig | None = None,
+    *,
+    progress: bool | None = None,
+) -> RecoveryReport:
+    """Train ``model``'s MoE blocks, in place, to reproduce the dense FFNs they were cut from
+    (module doc). ``batches``: model inputs (tensors of token ids, dicts, tuples) of the
+    calibration text, re-cut into ``config.batch_size`` sequences; the first
+    ``config.sequences`` are used, ``config.holdout`` of them only to measure. ``progress``:
+    a progress bar with the running loss (default: on a terminal). Returns a
+    :class:`RecoveryReport`.
+
+    A block whose held-out error training did not lower is restored to its state before
+    (``RecoveryReport.restored``), so recovery never makes a block worse on held-out text.
+
+    Raises InputError when ``model`` has no MoE block or there are no batches. The model's
+    other parameters, its buffers and its train/eval mode are left as they were."""
+    config = config or RecoveryConfig()
+    blocks = _blocks(model)
+    if not blocks:
+        raise InputError("recover: the model has no MoE block (convert it with moe= first)")
+    seqs = [b for batch in batches for b in _split(batch, 1)][: config.sequences]
+    if not seqs:
+        raise InputError("recover: no calibration batches")
+    held = max(1, round(len(seqs) * config.holdout)) if config.holdout > 0 and len(seqs) > 1 \
+        else 0
+    train_seqs, held_seqs = seqs[: len(seqs) - held], seqs[len(seqs) - held:]
+    merge = _merger(seqs[0])
+    train_batches = [merge(train_seqs[i:i + config.batch_size])
+                     for i in range(0, len(train_seqs), config.batch_size)]
+    held_batches = [merge(held_seqs[i:i + config.batch_size])
+                    for i in range(0, len(held_seqs), config.batch_size)]
+
+    teachers = [copy.deepcopy(b).requires_grad_(False).eval() for _, b in blocks]
+    params = [p for _, b in blocks for p in _trained(b, config.train)]
+    ids = {id(p) for p in params}
+    flags = {id(p): p.requires_grad for p in model.parameters()}
+    modes = [(m, m.training) for m in model.modules()]  # restored module by module
+    taps = _Taps(blocks, teachers)
+    t0 = time.perf_counter()
+    steps = len(train_batches) * config.epochs
+    history: list[tuple[int, float]] = []
+    try:
+        for p in model.parameters():
+            p.requires_grad_(id(p) in ids)
+        if not isinstance(model, GraphModule):  # an exported graph has no train/eval switch
+            model.eval()  # dropout off; the blocks' forward is the same in both modes
+        before = _measure(model, taps, held_batches, len(blocks)) if held_batches else None
+        generator = torch.Generator().manual_seed(config.seed)
+        opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        step, running = 0, 0.0
+        bar = _bar(steps, progress)
+        for _ in range(config.epochs):
+            order = torch.randperm(len(train_batches), generator=generator).tolist()
+            for i in order:
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(step, steps)
+                with torch.enable_grad():
+                    _call(model, train_batches[i])
+                    losses = taps.take()
+                    loss = torch.stack(losses).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
+                running += loss.item() / len(blocks)
+                if step % 10 == 0 or step == steps:
+                    history.append((step, running / (10 if step % 10 == 0 else step % 10)))
+                    running = 0.0
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss.item() / len(blocks):.4f}")
+        if bar is not None:
+            bar.close()
+        after = _measure(model, taps, held_batches, len(blocks)) if held_batches else None
+        restored = [] if after is None else [i for i, (b, a) in enumerate(zip(before, after))
+                                             if a >= b]
+        for i in restored:  # training made this block worse on held-out text: undo it
+            blocks[i][1].load_state_dict(teachers[i].state_dict())
+        if restored:
+            after = _measure(model, taps, held_batches, len(blocks))
+    finally:
+        taps.remove()
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        for m, was_training in modes:
+            m.training = was_training
+    per_block = ([(n, b, a) for (n, _), b, a in zip(blocks, before, after)]
+                 if before is not None else [])
+    tokens = sum(_tokens(b) for b in train_batches) * config.epochs
+    return RecoveryReport(
+        config=config, blocks=len(blocks), sequences=len(train_seqs), tokens=tokens,
+        steps=steps, seconds=time.perf_counter() - t0,
+        before=sum(before) / len(before) if before else None,
+        after=sum(after) / len(after) if after else None,
+        per_block=per_block, history=history,
+        restored=[blocks[i][0] for i in restored] if after is not None else [])
+
+
+def _bar(steps: int, show: bool | None):
+    if show is None:
+        show = sys.stderr.isatty()
+    return tqdm(total=steps, desc="recovering", unit="step") if show else None
+
+
+def _tokens(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return batch.numel()
+    if isinstance(batch, dict):
+        return _tokens(next(iter(batch.values())))
+    return _tokens(batch[0])
+
+
+def _merger(example: Any) -> Callable[[list[Any]], Any]:
+    """How to stack single-sequence batches back into one batch of the same structure."""
+    if isinstance(example, torch.Tensor):
+        return lambda items: torch.cat(items)
+    if isinstance(example, dict):
+        return lambda items: {k: torch.cat([it[k] for it in items])
+                              if isinstance(example[k], torch.Tensor) else example[k]
+                              for k in example}
+    return lambda items: type(example)(
+        torch.cat([it[j] for it in items]) if isinstance(v, torch.Tensor) else v
+        for j, v in enumerate(example))

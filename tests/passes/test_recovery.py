@@ -1,0 +1,168 @@
+"""passes/recovery.py: the dense teacher inside each block, block-wise distillation that lowers
+the held-out error, leaves everything else untouched, and validates its inputs."""
+
+import pytest
+import torch
+import transformers
+from rewriter.models.moe import MoEFFN
+from rewriter.passes.recovery import dense_output
+
+from rewriter import (
+    InputError,
+    MoEConfig,
+    RecoveryConfig,
+    conversion_info,
+    convert,
+    models,
+    recover,
+)
+
+
+def _rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm())
+
+
+def _hf_llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=40, intermediate_size=120,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # weights of a trained scale: routing then matters
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def _text(n, seq=13, seed=5):
+    """Token ids with structure (a repeating walk), not uniform noise."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.randint(1, 6, (n, seq), generator=g)
+    return (steps.cumsum(1) + torch.randint(0, 97, (n, 1), generator=g)) % 97
+
+
+def _calib(n=48, seq=13, batch=6, seed=5):
+    ids = _text(n, seq, seed)
+    return [{"input_ids": ids[i:i + batch]} for i in range(0, n, batch)]
+
+
+def test_dense_output_is_the_ffn_the_block_was_cut_from():
+    """Right after conversion (top_k < E: the block itself drops experts), the teacher equals
+    the source model's MLP on fresh inputs, float64, odd shapes; the block's own output does
+    not."""
+    model = _hf_llama().double()
+    out = convert(model, moe=MoEConfig(num_experts=6, top_k=2, shared_width=24),
+                  example_inputs={"input_ids": _text(2, 9)})
+    x = torch.randn(3, 7, 40, dtype=torch.float64)
+    for i, layer in enumerate(out.model.layers):
+        block = layer.mlp
+        assert isinstance(block, MoEFFN)
+        reference = model.model.layers[i].mlp(x)
+        assert _rel(dense_output(block, x), reference) < 1e-12
+        assert _rel(block(x), reference) > 1e-3  # 2 of 6 routed experts: not the dense FFN
+
+
+def test_recover_lowers_the_held_out_error_and_touches_nothing_else():
+    model = _hf_llama()
+    moe = convert(model, moe=MoEConfig(num_experts=6, top_k=2, shared_width=24),
+                  example_inputs={"input_ids": _text(2, 9)})
+    moe.train()  # the user's mode comes back
+    others = {n: p.detach().clone() for n, p in moe.named_parameters() if ".mlp." not in n}
+    buffers = {n: b.detach().clone() for n, b in moe.named_buffers() if "last_load" not in n}
+    flags = {n: p.requires_grad for n, p in moe.named_parameters()}
+    routers = {n: p.detach().clone() for n, p in moe.named_parameters() if "router" in n}
+    report = recover(moe, _calib(), RecoveryConfig(lr=3e-3, epochs=4, batch_size=6),
+                     progress=False)
+    assert report.blocks == 2 and report.sequences == 43 and report.steps == 4 * 8
+    assert report.tokens == 4 * 43 * 13
+    assert report.after < 0.8 * report.before  # held out: the last 5 sequences
+    assert len(report.per_block) == 2 and all(a < b for _, b, a in report.per_block)
+    assert moe.training
+    for n, p in moe.named_parameters():
+        assert p.requires_grad == flags[n]
+        if n in others:
+            assert torch.equal(p, others[n]), n
+    for n, b in moe.named_buffers():
+        if n in buffers:  # expert_bias: balancing state, not trained here
+            assert torch.equal(b, buffers[n]), n
+    assert any(not torch.equal(p, routers[n]) for n, p in moe.named_parameters()
+               if n in routers)
+    # the whole model got closer to the dense one on text it did not train on
+    fresh = _text(4, 11, seed=9)
+    with torch.no_grad():
+        dense_logits = model(input_ids=fresh).logits
+        before = convert(model, moe=MoEConfig(num_experts=6, top_k=2, shared_width=24),
+                         example_inputs={"input_ids": _text(2, 9)})
+        assert _rel(moe(input_ids=fresh).logits, dense_logits) < _rel(
+            before(input_ids=fresh).logits, dense_logits)
+
+
+@pytest.mark.parametrize("part", ["router", "experts"])
+def test_recover_trains_only_the_part_asked_for(part):
+    moe = convert(_hf_llama(1), moe=MoEConfig(num_experts=4, top_k=1),
+                  example_inputs={"input_ids": _text(2, 9)})
+    start = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    recover(moe, _calib(12), RecoveryConfig(train=part, lr=1e-2, holdout=0.0), progress=False)
+    changed = {n for n, p in moe.named_parameters() if not torch.equal(p, start[n])}
+    assert changed
+    assert all((".router." in n) == (part == "router") for n in changed), changed
+
+
+def test_recover_errors_name_the_problem():
+    dense = models.build_model("llama-tiny", seed=0)
+    with pytest.raises(InputError, match="no MoE block"):
+        recover(dense, [(torch.randint(0, 256, (2, 9)),)])
+    moe = convert(_hf_llama(), moe=MoEConfig(num_experts=4, top_k=1),
+                  example_inputs={"input_ids": _text(2, 9)})
+    with pytest.raises(InputError, match="no calibration batches"):
+        recover(moe, [])
+    for field, value in (("sequences", 0), ("lr", 0.0), ("train", "head"), ("holdout", 0.9),
+                         ("epochs", 1.5)):
+        with pytest.raises(InputError, match=f"RecoveryConfig.{field}"):
+            RecoveryConfig(**{field: value})
+
+
+def test_convert_recovery_in_both_modes_and_its_errors():
+    model = _hf_llama(2)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = MoEConfig(num_experts=6, top_k=2, shared_width=24)
+    example = {"input_ids": _text(2, 9)}
+    calib = _calib()
+    plain = convert(model, moe=cfg, example_inputs=example, calibration=calib)
+    fresh = {"input_ids": _text(3, 10, seed=11)}
+    with torch.no_grad():
+        dense = model(**fresh).logits
+        plain_rel = _rel(plain(**fresh).logits, dense)
+    for mode in ("module", "graph"):
+        out = convert(model, moe=cfg, example_inputs=example, calibration=calib, mode=mode,
+                      recovery=RecoveryConfig(lr=3e-3, epochs=3, batch_size=6))
+        rec = conversion_info(out).recovery
+        assert rec["blocks"] == 2 and rec["after"] < rec["before"]
+        with torch.no_grad():
+            got = out(**fresh)
+            got = got.logits if hasattr(got, "logits") else got[0]
+        assert _rel(got, dense) < plain_rel, mode
+    assert all(torch.equal(p, start[n]) for n, p in model.named_parameters())
+    assert conversion_info(plain).recovery is None
+    with pytest.raises(InputError, match="calibration=batches"):
+        convert(model, moe=cfg, example_inputs=example, recovery=True)
+    with pytest.raises(InputError, match="trains MoE blocks"):
+        from rewriter import FP8Config
+        convert(model, fp8=FP8Config(), example_inputs=example, calibration=calib,
+                recovery=True)
+    with pytest.raises(InputError, match="recovery must be"):
+        convert(model, moe=cfg, example_inputs=example, calibration=calib, recovery="yes")
+
+
+def test_a_block_training_made_worse_is_put_back():
+    """A learning rate far too large: every block ends worse on the held-out sequences, so
+    every block is restored bit for bit and the report says so."""
+    moe = convert(_hf_llama(3), moe=MoEConfig(num_experts=4, top_k=1),
+                  example_inputs={"input_ids": _text(2, 9)})
+    start = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    report = recover(moe, _calib(24), RecoveryConfig(lr=5.0, batch_size=4), progress=False)
+    assert report.restored == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert report.after == pytest.approx(report.before, rel=1e-6)
+    assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
