@@ -28,6 +28,10 @@ Models (``--models``), library defaults throughout (no tuning here)::
     moe-75-16    (not by default) 768 shared + 16 x 48, top-8 (75%)
     moe-44       (not by default) 384 shared + 16 x 72, top-4: the deepseek-v3 recipe's layout
     active-75/50 (not by default) ``convert(recipe="moe-only", active=0.75 | 0.5)``
+    *-rec        (not by default) the same model (active-75, active-50, moe-44), then the
+                 recovery step: ``rewriter.recover(model, texts, RecoveryConfig())`` on
+                 ``--recover-seqs`` sequences of 128 tokens of pydoc_data.topics (shuffled,
+                 the held-out end excluded; 10% of them held out to report the block error)
 
 MoE models use ``rewriter.convert(model, moe=cfg, calibration=batches)`` with the MoEConfig
 defaults for everything else (with calibration: coactivation grouping, shared neurons by
@@ -50,10 +54,10 @@ from pathlib import Path
 import torch
 from _texts import DEV_DOMAINS, DOMAINS, HELD_BACK, eval_windows, pydoc_windows  # noqa: E402
 from rewriter.models.hf import load_smollm2  # noqa: E402
-from rewriter.models.text import perplexity  # noqa: E402
+from rewriter.models.text import perplexity, token_ids  # noqa: E402
 
 import rewriter  # noqa: E402
-from rewriter import FP8Config, MoEConfig  # noqa: E402
+from rewriter import FP8Config, MoEConfig, RecoveryConfig  # noqa: E402
 
 MODELS = {
     "dense": ("SmolLM2-135M fp32", None),
@@ -79,11 +83,32 @@ MODELS = {
     "active-50": ("recipe moe-only, active=0.5: 512 shared + 16 x 64, top-4",
                   ("moe-only", 0.5)),
 }
+for _name in ("active-75", "active-50", "moe-44"):
+    MODELS[_name + "-rec"] = (MODELS[_name][0] + ", + recovery", MODELS[_name][1])
 DEFAULT_MODELS = ("dense", "fp8-w8a8", "fp8-w8a16", "moe-75", "moe-50")
 
 
-def convert(dense, name: str, calib: torch.Tensor, calib_batch: int):
-    """The model ``name`` of MODELS, converted from ``dense`` (calibrated on ``calib``)."""
+def recovery_texts(tokenizer, eval_tokens: int, n: int, seq_len: int = 128) -> torch.Tensor:
+    """(n, seq_len) windows of pydoc_data.topics before its held-out end, shuffled (seed 0)
+    so that every part of the text is in them."""
+    ids = token_ids(tokenizer)
+    head = ids[: ids.numel() - eval_tokens]
+    windows = head[: head.numel() // seq_len * seq_len].view(-1, seq_len)
+    order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(0))
+    return windows[order][:n]
+
+
+def convert(dense, name: str, calib: torch.Tensor, calib_batch: int,
+            texts: torch.Tensor | None = None, record: dict | None = None):
+    """The model ``name`` of MODELS, converted from ``dense`` (calibrated on ``calib``); a
+    ``-rec`` model is then recovered on ``texts`` (its report into ``record``)."""
+    if name.endswith("-rec"):
+        model = convert(dense, name[:-4], calib, calib_batch)
+        report = rewriter.recover(model, [{"input_ids": texts}], RecoveryConfig(),
+                                  progress=False)
+        if record is not None:
+            record.update(report.to_dict())
+        return model.eval()
     cfg = MODELS[name][1]
     if cfg is None:
         return dense
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=8, help="sequences per evaluation batch")
     ap.add_argument("--calib-seqs", type=int, default=16)
     ap.add_argument("--calib-batch", type=int, default=4)
+    ap.add_argument("--recover-seqs", type=int, default=800,
+                    help="sequences of 128 tokens the -rec models recover on")
     ap.add_argument("--held-back", action="store_true",
                     help=f"also evaluate the held-back domain ({HELD_BACK}): only at the end")
     ap.add_argument("--threads", type=int, default=None)
@@ -173,9 +200,17 @@ def main(argv: list[str] | None = None) -> dict:
               "results": results}
     for name in args.models:
         t = time.perf_counter()
-        model = convert(dense, name, calib, args.calib_batch)
+        recovery: dict = {}
+        texts = (recovery_texts(tok, n * args.seq_len, args.recover_seqs)
+                 if name.endswith("-rec") else None)
+        model = convert(dense, name, calib, args.calib_batch, texts, recovery)
         ct = time.perf_counter() - t
         r = results[name] = {"label": MODELS[name][0], "ppl": {}, "convert_s": ct, "eval_s": {}}
+        if recovery:
+            r["recovery"] = recovery
+            print(f"  {name}: recovery on {recovery['sequences']} sequences, "
+                  f"{recovery['seconds']:.0f} s, block error {recovery['before']:.4f} -> "
+                  f"{recovery['after']:.4f}", flush=True)
         for d in domains:
             t = time.perf_counter()
             r["ppl"][d] = perplexity(model, windows[d], args.batch)
