@@ -31,7 +31,8 @@ Models (``--models``), library defaults throughout (no tuning here)::
     *-rec        (not by default) the same model (active-75, active-50, moe-44), then the
                  recovery step: ``rewriter.recover(model, texts, RecoveryConfig())`` on
                  ``--recover-seqs`` sequences of 128 tokens of pydoc_data.topics (shuffled,
-                 the held-out end excluded; 10% of them held out to report the block error)
+                 the held-out end excluded; 10% of them held out to report the block error),
+                 block phase then ``--recover-logit-steps`` steps of the logit phase
 
 MoE models use ``rewriter.convert(model, moe=cfg, calibration=batches)`` with the MoEConfig
 defaults for everything else (with calibration: coactivation grouping, shared neurons by
@@ -99,13 +100,14 @@ def recovery_texts(tokenizer, eval_tokens: int, n: int, seq_len: int = 128) -> t
 
 
 def convert(dense, name: str, calib: torch.Tensor, calib_batch: int,
-            texts: torch.Tensor | None = None, record: dict | None = None):
+            texts: torch.Tensor | None = None, record: dict | None = None,
+            recovery: RecoveryConfig | None = None):
     """The model ``name`` of MODELS, converted from ``dense`` (calibrated on ``calib``); a
     ``-rec`` model is then recovered on ``texts`` (its report into ``record``)."""
     if name.endswith("-rec"):
         model = convert(dense, name[:-4], calib, calib_batch)
-        report = rewriter.recover(model, [{"input_ids": texts}], RecoveryConfig(),
-                                  progress=False)
+        report = rewriter.recover(model, [{"input_ids": texts}], recovery or RecoveryConfig(),
+                                  teacher=dense, progress=False)
         if record is not None:
             record.update(report.to_dict())
         return model.eval()
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--calib-batch", type=int, default=4)
     ap.add_argument("--recover-seqs", type=int, default=800,
                     help="sequences of 128 tokens the -rec models recover on")
+    ap.add_argument("--recover-logit-steps", type=int, default=80,
+                    help="steps of the recovery's logit phase (RecoveryConfig.logit_steps)")
     ap.add_argument("--held-back", action="store_true",
                     help=f"also evaluate the held-back domain ({HELD_BACK}): only at the end")
     ap.add_argument("--threads", type=int, default=None)
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
         recovery: dict = {}
         texts = (recovery_texts(tok, n * args.seq_len, args.recover_seqs)
                  if name.endswith("-rec") else None)
-        model = convert(dense, name, calib, args.calib_batch, texts, recovery)
+        model = convert(dense, name, calib, args.calib_batch, texts, recovery,
+                        RecoveryConfig(logit_steps=args.recover_logit_steps))
         ct = time.perf_counter() - t
         r = results[name] = {"label": MODELS[name][0], "ppl": {}, "convert_s": ct, "eval_s": {}}
         if recovery:

@@ -1,8 +1,9 @@
-"""Recovery after an MoE conversion: block-wise distillation of every MoE block from the dense
-FFN it replaced.
+"""Recovery after an MoE conversion: every MoE block distilled from the dense model it was
+cut from, block by block and then (optionally) through the logits.
 
-    report = recover(moe_model, batches, RecoveryConfig(lr=1e-4))
+    report = recover(moe_model, batches, RecoveryConfig(logit_steps=40), teacher=dense)
     report.before, report.after   # mean relative error of the blocks vs the dense FFNs
+    report.logit_kl               # held-out KL(dense || model) before / after the logit phase
 
 The dense FFN a block was cut from is still inside the block at conversion time: its routed
 experts partition the dense FFN's neurons, so the dense output is *every* expert at weight 1
@@ -15,6 +16,12 @@ minimise ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` with AdamW. The input of
 is detached and its output is handed on detached, so no gradient flows through attention, the
 embeddings or the head: one step costs one forward of the model plus a backward through the
 blocks alone (CPU-feasible: SmolLM2-135M, hundreds of sequences in minutes).
+
+The logit phase (``logit_steps`` > 0) then trains the same parameters end to end on
+KL(dense || model) of the next-token distributions (knowledge distillation from the dense
+model, as CMoE's and LLaMA-MoE's recovery fine-tunes): errors the blocks leave that matter to
+the output are what it fixes. It back-propagates through the whole model (attention and head
+frozen), so a step costs several block-phase steps.
 
 Hard gates pass the router a straight-through gradient; sigmoid/softmax gates a true one.
 The expert biases (DeepSeek-V3's balancing state) are not changed here.
@@ -31,11 +38,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from rewriter.models.moe import MoEFFN
 from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
+from rewriter.capture import first_float_output
 from rewriter.errors import InputError
 
 __all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
@@ -52,7 +61,10 @@ class RecoveryConfig:
     ``lr``: AdamW's peak learning rate (linear warm-up over the first 5% of the steps, cosine
     to 10% of it). ``train``: "router" (routers only), "experts" (routed + shared experts, the
     routers kept), "all" (both). ``holdout``: fraction of the sequences kept out of training to
-    report the before/after error on (at least one sequence when > 0).
+    report the before/after error on (at least one sequence when > 0). ``logit_steps``:
+    steps of the logit phase (0: off; it needs the dense model as ``teacher``), each on
+    ``batch_size`` training sequences at learning rate ``logit_lr`` (same schedule, gradients
+    clipped to norm 1).
 
     Defaults measured on SmolLM2-135M at 50% active (144 training sequences of pydoc text,
     perplexity on licence texts / release notes, never on the calibration text): lr 1e-4
@@ -67,33 +79,29 @@ class RecoveryConfig:
     weight_decay: float = 0.0
     train: str = "all"
     holdout: float = 0.1
+    logit_steps: int = 0
+    logit_lr: float = 1e-4
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name, low in (("sequences", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0)):
+        for name, low in (("sequences", 1), ("epochs", 1), ("batch_size", 1), ("seed", 0),
+                          ("logit_steps", 0)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise InputError(f"RecoveryConfig.{name} must be an int >= {low}, got {value!r}")
-        for name, low, high in (("lr", 0.0, math.inf), ("weight_decay", 0.0, math.inf),
-                                ("holdout", 0.0, 0.5)):
+        for name, low, high in (("lr", 0.0, math.inf), ("logit_lr", 0.0, math.inf),
+                                ("weight_decay", 0.0, math.inf), ("holdout", 0.0, 0.5)):
             value = getattr(self, name)
+            positive = name in ("lr", "logit_lr")
             ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value) and low <= value <= high
-                  and not (name == "lr" and value == 0))
+                  and not (positive and value == 0))
             if not ok:
                 raise InputError(f"RecoveryConfig.{name} must be a number in "
-                                 f"{'(0' if name == 'lr' else f'[{low}'}, {high}], got {value!r}")
+                                 f"{'(0' if positive else f'[{low}'}, {high}], got {value!r}")
         if self.train not in RECOVERY_PARTS:
             raise InputError(f"RecoveryConfig.train must be one of {', '.join(RECOVERY_PARTS)}, "
                              f"got {self.train!r}")
-
-    def lr_at(self, step: int, steps: int) -> float:
-        """Learning rate of (0-based) ``step`` of ``steps``."""
-        warm = max(1, steps // 20)
-        if step < warm:
-            return self.lr * (step + 1) / warm
-        t = (step - warm) / max(1, steps - warm)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 @dataclass
@@ -103,7 +111,9 @@ class RecoveryReport:
     (``None`` without a holdout); ``per_block``: (name, before, after) per block; ``steps``,
     ``sequences`` (trained on), ``tokens``, ``seconds``; ``history``: (step, mean train
     loss) every few steps; ``restored``: blocks whose held-out error training did not lower,
-    put back as they were (then ``after`` is measured again)."""
+    put back as they were (then ``after`` is measured again); ``logit_kl``: held-out
+    KL(dense || model) per token before / after the logit phase, ``logit_kept`` whether it was
+    kept (None: no logit phase)."""
 
     config: RecoveryConfig
     blocks: int
@@ -116,13 +126,17 @@ class RecoveryReport:
     per_block: list[tuple[str, float, float]] = field(default_factory=list)
     history: list[tuple[int, float]] = field(default_factory=list)
     restored: list[str] = field(default_factory=list)
+    logit_kl: tuple[float | None, float | None] | None = None
+    logit_kept: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": vars(self.config) | {}, "blocks": self.blocks,
                 "sequences": self.sequences, "tokens": self.tokens, "steps": self.steps,
                 "seconds": round(self.seconds, 1), "before": self.before, "after": self.after,
                 "per_block": [list(r) for r in self.per_block],
-                "history": [list(h) for h in self.history], "restored": self.restored}
+                "history": [list(h) for h in self.history], "restored": self.restored,
+                "logit_kl": list(self.logit_kl) if self.logit_kl else None,
+                "logit_kept": self.logit_kept}
 
 
 def dense_output(block: MoEFFN, x: torch.Tensor) -> torch.Tensor:
@@ -150,13 +164,12 @@ def _trained(block: MoEFFN, part: str) -> list[nn.Parameter]:
     return {"router": router, "experts": experts, "all": router + experts}[part]
 
 
-def _call(model: nn.Module, batch: Any) -> None:
+def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, dict):
-        model(**batch)
-    elif isinstance(batch, (tuple, list)):
-        model(*batch)
-    else:
-        model(batch)
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
 
 
 def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -231,24 +244,32 @@ def recover(
     batches: Iterable[Any],
     config: RecoveryConfig | None = None,
     *,
+    teacher: nn.Module | None = None,
     progress: bool | None = None,
 ) -> RecoveryReport:
-    """Train ``model``'s MoE blocks, in place, to reproduce the dense FFNs they were cut from
+    """Train ``model``'s MoE blocks, in place, to reproduce the dense model they were cut from
     (module doc). ``batches``: model inputs (tensors of token ids, dicts, tuples) of the
     calibration text, re-cut into ``config.batch_size`` sequences; the first
-    ``config.sequences`` are used, ``config.holdout`` of them only to measure. ``progress``:
-    a progress bar with the running loss (default: on a terminal). Returns a
-    :class:`RecoveryReport`.
+    ``config.sequences`` are used, ``config.holdout`` of them only to measure. ``teacher``:
+    the dense model (needed when ``config.logit_steps > 0``; called on the same inputs, never
+    changed). ``progress``: a progress bar with the running loss (default: on a terminal).
+    Returns a :class:`RecoveryReport`.
 
-    A block whose held-out error training did not lower is restored to its state before
-    (``RecoveryReport.restored``), so recovery never makes a block worse on held-out text.
+    A block whose held-out error the block phase did not lower is restored to its state
+    before (``RecoveryReport.restored``); the logit phase is undone when it did not lower the
+    held-out KL divergence. Recovery never leaves the model worse on the held-out sequences
+    by the measure each phase trains.
 
-    Raises InputError when ``model`` has no MoE block or there are no batches. The model's
-    other parameters, its buffers and its train/eval mode are left as they were."""
+    Raises InputError when ``model`` has no MoE block, there are no batches, or the logit
+    phase has no teacher. The model's other parameters, its buffers and its train/eval mode
+    are left as they were."""
     config = config or RecoveryConfig()
     blocks = _blocks(model)
     if not blocks:
         raise InputError("recover: the model has no MoE block (convert it with moe= first)")
+    if config.logit_steps and teacher is None:
+        raise InputError("recover: RecoveryConfig.logit_steps > 0 distils the model's logits "
+                         "from the dense model: give teacher=dense_model")
     seqs = [b for batch in batches for b in _split(batch, 1)][: config.sequences]
     if not seqs:
         raise InputError("recover: no calibration batches")
@@ -266,65 +287,135 @@ def recover(
     ids = {id(p) for p in params}
     flags = {id(p): p.requires_grad for p in model.parameters()}
     modes = [(m, m.training) for m in model.modules()]  # restored module by module
-    taps = _Taps(blocks, teachers)
     t0 = time.perf_counter()
     steps = len(train_batches) * config.epochs
-    history: list[tuple[int, float]] = []
+    report = RecoveryReport(config=config, blocks=len(blocks), sequences=len(train_seqs),
+                            tokens=sum(_tokens(b) for b in train_batches) * config.epochs,
+                            steps=steps, seconds=0.0, before=None, after=None)
     try:
         for p in model.parameters():
             p.requires_grad_(id(p) in ids)
         if not isinstance(model, GraphModule):  # an exported graph has no train/eval switch
             model.eval()  # dropout off; the blocks' forward is the same in both modes
+        bar = _bar(steps + config.logit_steps, progress)
+        _block_phase(model, blocks, teachers, params, train_batches, held_batches, config,
+                     report, bar)
+        if config.logit_steps:
+            _logit_phase(model, teacher, blocks, params, train_batches, held_batches, config,
+                         report, bar)
+        if bar is not None:
+            bar.close()
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(flags[id(p)])
+        for m, was_training in modes:
+            m.training = was_training
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _schedule(opt: torch.optim.Optimizer, lr: float, step: int, steps: int) -> None:
+    """Linear warm-up over the first 5% of the steps, then cosine to 10% of ``lr``."""
+    warm = max(1, steps // 20)
+    t = (step - warm) / max(1, steps - warm)
+    now = lr * (step + 1) / warm if step < warm else \
+        lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    for group in opt.param_groups:
+        group["lr"] = now
+
+
+def _tick(bar, loss: float) -> None:
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+
+
+def _block_phase(model, blocks, teachers, params, train_batches, held_batches, config,
+                 report, bar) -> None:
+    """Every block towards its dense FFN on its own (detached) inputs; blocks the held-out
+    error says got worse are put back."""
+    taps = _Taps(blocks, teachers)
+    try:
         before = _measure(model, taps, held_batches, len(blocks)) if held_batches else None
         generator = torch.Generator().manual_seed(config.seed)
         opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
         step, running = 0, 0.0
-        bar = _bar(steps, progress)
         for _ in range(config.epochs):
-            order = torch.randperm(len(train_batches), generator=generator).tolist()
-            for i in order:
-                for group in opt.param_groups:
-                    group["lr"] = config.lr_at(step, steps)
+            for i in torch.randperm(len(train_batches), generator=generator).tolist():
+                _schedule(opt, config.lr, step, report.steps)
                 with torch.enable_grad():
                     _call(model, train_batches[i])
-                    losses = taps.take()
-                    loss = torch.stack(losses).sum()
+                    loss = torch.stack(taps.take()).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 step += 1
                 running += loss.item() / len(blocks)
-                if step % 10 == 0 or step == steps:
-                    history.append((step, running / (10 if step % 10 == 0 else step % 10)))
+                if step % 10 == 0 or step == report.steps:
+                    report.history.append((step, running / (10 if step % 10 == 0
+                                                            else step % 10)))
                     running = 0.0
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item() / len(blocks):.4f}")
-        if bar is not None:
-            bar.close()
-        after = _measure(model, taps, held_batches, len(blocks)) if held_batches else None
-        restored = [] if after is None else [i for i, (b, a) in enumerate(zip(before, after))
-                                             if a >= b]
+                _tick(bar, loss.item() / len(blocks))
+        if before is None:
+            return
+        after = _measure(model, taps, held_batches, len(blocks))
+        restored = [i for i, (b, a) in enumerate(zip(before, after)) if a >= b]
         for i in restored:  # training made this block worse on held-out text: undo it
             blocks[i][1].load_state_dict(teachers[i].state_dict())
         if restored:
             after = _measure(model, taps, held_batches, len(blocks))
+        report.before, report.after = sum(before) / len(before), sum(after) / len(after)
+        report.per_block = [(n, b, a) for (n, _), b, a in zip(blocks, before, after)]
+        report.restored = [blocks[i][0] for i in restored]
     finally:
         taps.remove()
-        for p in model.parameters():
-            p.requires_grad_(flags[id(p)])
-        for m, was_training in modes:
-            m.training = was_training
-    per_block = ([(n, b, a) for (n, _), b, a in zip(blocks, before, after)]
-                 if before is not None else [])
-    tokens = sum(_tokens(b) for b in train_batches) * config.epochs
-    return RecoveryReport(
-        config=config, blocks=len(blocks), sequences=len(train_seqs), tokens=tokens,
-        steps=steps, seconds=time.perf_counter() - t0,
-        before=sum(before) / len(before) if before else None,
-        after=sum(after) / len(after) if after else None,
-        per_block=per_block, history=history,
-        restored=[blocks[i][0] for i in restored] if after is not None else [])
+
+
+def _kl(model: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || model) of the next-token distributions."""
+    with torch.no_grad():
+        target = first_float_output(_call(teacher, batch)).float()
+    logits = first_float_output(_call(model, batch)).float()
+    vocab = logits.shape[-1]
+    return F.kl_div(F.log_softmax(logits.reshape(-1, vocab), -1),
+                    F.log_softmax(target.reshape(-1, vocab), -1),
+                    log_target=True, reduction="batchmean")
+
+
+def _logit_phase(model, teacher, blocks, params, train_batches, held_batches, config,
+                 report, bar) -> None:
+    """The MoE blocks trained end to end on KL(dense || model) of the logits; undone when the
+    held-out KL did not go down."""
+    saved = [copy.deepcopy(b.state_dict()) for _, b in blocks]
+
+    def held_kl() -> float | None:
+        if not held_batches:
+            return None
+        with torch.no_grad():
+            return sum(float(_kl(model, teacher, b)) for b in held_batches) / len(held_batches)
+
+    before = held_kl()
+    opt = torch.optim.AdamW(params, lr=config.logit_lr, weight_decay=config.weight_decay)
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    order: list[int] = []
+    for step in range(config.logit_steps):
+        if not order:
+            order = torch.randperm(len(train_batches), generator=generator).tolist()
+        _schedule(opt, config.logit_lr, step, config.logit_steps)
+        with torch.enable_grad():
+            loss = _kl(model, teacher, train_batches[order.pop()])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        _tick(bar, loss.item())
+    after = held_kl()
+    kept = before is None or after < before
+    if not kept:  # the logit phase made the held-out KL worse: undo it
+        for (_, block), state in zip(blocks, saved):
+            block.load_state_dict(state)
+    report.logit_kl = (before, after if kept else before)
+    report.logit_kept = kept
 
 
 def _bar(steps: int, show: bool | None):

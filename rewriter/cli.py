@@ -175,7 +175,7 @@ def _recovery_config(args: argparse.Namespace) -> RecoveryConfig | None:
     """--recover [--recover-seqs N]: RecoveryConfig, or None."""
     if not getattr(args, "recover", False):
         return None
-    return RecoveryConfig(sequences=args.recover_seqs)
+    return RecoveryConfig(sequences=args.recover_seqs, logit_steps=args.recover_logit_steps)
 
 
 def _check_output(path: str | None, kind: str) -> None:
@@ -397,6 +397,9 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-seqs", type=_positive, default=RECOVERY_SEQS,
                    help=f"calibration sequences the recovery step trains on (default "
                         f"{RECOVERY_SEQS}; the calibration text is cut into that many)")
+    g.add_argument("--recover-logit-steps", type=_non_negative, default=0,
+                   help="with --recover: then this many steps distilling the model's logits "
+                        "from the dense model's (end to end; default 0)")
     g.add_argument("--calib-seqs", type=_non_negative, default=16,
                    help="calibration sequences of real text (default 16; 0: none)")
     g.add_argument("--calib-len", type=_positive, default=128,

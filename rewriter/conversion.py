@@ -161,7 +161,8 @@ def convert(
     with a recipe, the fraction of each FFN's neurons active per token (the recipe picks the
     layout: :meth:`rewriter.recipes.Recipe.with_active`). ``recovery``: after the MoE rewrite
     (before FP8 lowering), train every MoE block to reproduce the dense FFN it was cut from
-    on the ``calibration`` batches (:func:`rewriter.passes.recovery.recover`; ``True`` takes
+    on the ``calibration`` batches, then, with ``RecoveryConfig.logit_steps``, the model's
+    logits those of ``model`` (:func:`rewriter.passes.recovery.recover`; ``True`` takes
     :class:`RecoveryConfig`'s defaults); its before/after errors are in
     ``conversion_info(result).recovery``.
     """
@@ -286,14 +287,17 @@ def convert(
                                        [reports[i] for i in block_of])]).run(gm)
         out = result.graph_module
         if recovery is not None:
-            info = replace(info, recovery=recover(out, calibration, recovery,
+            info = replace(info, recovery=recover(out, calibration, recovery, teacher=model,
                                                   progress=progress).to_dict())
         out.meta[CONVERSION_ATTR] = replace(info, **_errors(reference, out, inputs))
         return out
+    # the logit phase of recovery distils from the model as given: keep it when inplace
+    teacher = _copy(model) if inplace and recovery is not None and recovery.logit_steps \
+        else model
     target = model if inplace else _copy(model)
     apply_module_swaps(target, swaps, blocks, reports)
     if recovery is not None:
-        info = replace(info, recovery=recover(target, calibration, recovery,
+        info = replace(info, recovery=recover(target, calibration, recovery, teacher=teacher,
                                               progress=progress).to_dict())
     if fp8 is not None:
         return _lower_only(target, capture(target, inputs), inputs, fp8, filter_fn, mode,

@@ -391,7 +391,7 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
         with stage("recover"):
             n = min(recovery.sequences, data.train_ids.numel() // seq)
             texts = model_batches(data.train_ids[:n * seq].reshape(n, seq), hf=hf)
-            done = recover(final, texts, recovery, progress=progress)
+            done = recover(final, texts, recovery, teacher=model, progress=progress)
             report.recovery = done.to_dict()
             writer.row(_row("MoE, recovered", final, evaluate(final, data)))
         say(f"MoE, recovered ({done.sequences} sequences, {done.seconds:.0f} s): perplexity "

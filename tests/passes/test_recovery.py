@@ -166,3 +166,47 @@ def test_a_block_training_made_worse_is_put_back():
     assert report.restored == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert report.after == pytest.approx(report.before, rel=1e-6)
     assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
+
+
+def test_logit_phase_lowers_the_held_out_kl_and_needs_the_dense_model():
+    model = _hf_llama(4)
+    cfg = MoEConfig(num_experts=6, top_k=1, shared_width=24)
+    moe = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
+    with pytest.raises(InputError, match="teacher=dense_model"):
+        recover(moe, _calib(), RecoveryConfig(logit_steps=2))
+    report = recover(moe, _calib(), RecoveryConfig(lr=1e-3, logit_steps=24, logit_lr=3e-3,
+                                                   batch_size=6), teacher=model,
+                     progress=False)
+    kl_before, kl_after = report.logit_kl
+    assert report.logit_kept and 0 < kl_after < kl_before
+    # far too large a step: the logit phase is undone, the block phase's result stays
+    moe2 = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
+    first = recover(moe2, _calib(), RecoveryConfig(lr=1e-3, batch_size=6), progress=False)
+    moe3 = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
+    both = recover(moe3, _calib(), RecoveryConfig(lr=1e-3, batch_size=6, logit_steps=6,
+                                                  logit_lr=10.0), teacher=model,
+                   progress=False)
+    assert both.logit_kept is False and both.logit_kl[1] == both.logit_kl[0]
+    assert both.after == pytest.approx(first.after, rel=1e-6)
+    for p2, p3 in zip(moe2.parameters(), moe3.parameters()):
+        torch.testing.assert_close(p2, p3, rtol=1e-6, atol=1e-7)
+    with pytest.raises(InputError, match="RecoveryConfig.logit_lr"):
+        RecoveryConfig(logit_lr=0)
+
+
+def test_convert_inplace_with_the_logit_phase_distils_from_the_model_as_given():
+    """inplace=True swaps the blocks into the user's model: the logit phase's teacher is the
+    model as given (a copy), so the result equals the same conversion made on a copy."""
+    model, same = _hf_llama(5), _hf_llama(5)
+    kw = dict(moe=MoEConfig(num_experts=6, top_k=1, shared_width=24),
+              example_inputs={"input_ids": _text(2, 9)}, calibration=_calib(),
+              recovery=RecoveryConfig(logit_steps=12, logit_lr=3e-3, batch_size=6))
+    out = convert(model, inplace=True, **kw)
+    copied = convert(same, **kw)
+    assert out is model
+    rec = conversion_info(out).recovery
+    assert rec["logit_kept"] and rec["logit_kl"][1] < rec["logit_kl"][0]
+    assert rec["logit_kl"] == conversion_info(copied).recovery["logit_kl"]
+    fresh = {"input_ids": _text(3, 10, seed=12)}
+    with torch.no_grad():
+        torch.testing.assert_close(out(**fresh).logits, copied(**fresh).logits)
