@@ -369,6 +369,9 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
         recipe = replace(recipe, fp8_mode=None) if recipe.num_experts else None
     if moe is None and recipe is None and fp8 is None:
         raise InputError("nothing to convert: give a recipe, moe= or fp8=")
+    if recovery is not None and moe is None and recipe is None:
+        raise InputError("recovery trains MoE blocks: give moe=MoEConfig(...) or a recipe "
+                         "that converts FFNs to MoE")
 
     report = PipelineReport()
     out = Path(report_dir) if report_dir is not None else None
@@ -387,7 +390,7 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
                             calibration=calib, progress=progress)
             writer.row(_row("MoE", final, evaluate(final, data)))
         say(f"MoE: perplexity {report.rows[-1].perplexity:.2f}")
-    if recovery is not None and final is not model:
+    if recovery is not None:
         with stage("recover"):
             n = min(recovery.sequences, data.train_ids.numel() // seq)
             texts = model_batches(data.train_ids[:n * seq].reshape(n, seq), hf=hf)

@@ -224,3 +224,5 @@ def test_pipeline_recovery_stage_reports_before_and_after(tmp_path):
         == "MoE, recovered"
     with pytest.raises(InputError, match="recovery must be a RecoveryConfig"):
         run_pipeline(model, recipe="moe-only", recovery=True)
+    with pytest.raises(InputError, match="recovery trains MoE blocks"):
+        run_pipeline(model, recipe="fp8-only", recovery=rewriter.RecoveryConfig())
