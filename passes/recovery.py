@@ -33,6 +33,7 @@ import copy
 import math
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,6 +51,7 @@ from rewriter.errors import InputError
 __all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
 
 RECOVERY_PARTS = ("router", "experts", "all")
+FEW_SEQUENCES = 64  # fewer training sequences than this: a warning (the step over-fits them)
 
 
 @dataclass(frozen=True)
@@ -276,6 +278,10 @@ def recover(
     held = max(1, round(len(seqs) * config.holdout)) if config.holdout > 0 and len(seqs) > 1 \
         else 0
     train_seqs, held_seqs = seqs[: len(seqs) - held], seqs[len(seqs) - held:]
+    if len(train_seqs) < FEW_SEQUENCES:
+        warnings.warn(f"recover: training on {len(train_seqs)} sequences only; the figures in "
+                      f"BENCHMARKS.md used 720 (give more calibration batches: recovery uses "
+                      f"up to RecoveryConfig.sequences={config.sequences} of them)", stacklevel=2)
     merge = _merger(seqs[0])
     train_batches = [merge(train_seqs[i:i + config.batch_size])
                      for i in range(0, len(train_seqs), config.batch_size)]

@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 from rewriter.models.moe import MoEFFN
-from rewriter.passes.recovery import dense_output
+from rewriter.passes.recovery import FEW_SEQUENCES, dense_output
 
 from rewriter import (
     InputError,
@@ -16,6 +16,9 @@ from rewriter import (
     models,
     recover,
 )
+
+# these tiny models train on a few dozen sequences on purpose: the warning is tested once below
+pytestmark = pytest.mark.filterwarnings("ignore:recover. training on")
 
 
 def _rel(a, b):
@@ -118,6 +121,9 @@ def test_recover_errors_name_the_problem():
                   example_inputs={"input_ids": _text(2, 9)})
     with pytest.raises(InputError, match="no calibration batches"):
         recover(moe, [])
+    with pytest.warns(UserWarning, match=f"training on {FEW_SEQUENCES - 1} sequences only"):
+        recover(moe, [{"input_ids": _text(FEW_SEQUENCES, 5)}],
+                RecoveryConfig(holdout=0.0, sequences=FEW_SEQUENCES - 1))
     for field, value in (("sequences", 0), ("lr", 0.0), ("train", "head"), ("holdout", 0.9),
                          ("epochs", 1.5)):
         with pytest.raises(InputError, match=f"RecoveryConfig.{field}"):
