@@ -68,10 +68,12 @@ class RecoveryConfig:
     ``batch_size`` training sequences at learning rate ``logit_lr`` (same schedule, gradients
     clipped to norm 1).
 
-    Defaults measured on SmolLM2-135M at 50% active (144 training sequences of pydoc text,
-    perplexity on licence texts / release notes, never on the calibration text): lr 1e-4
-    3.22x -> 2.72x / 2.31x -> 2.12x of dense; 3e-4 2.64x / 1.99x; 1e-3 2.28x / 1.89x; 3e-3
-    2.25x / 1.88x (BENCHMARKS.md, "Recovery").
+    Defaults measured on SmolLM2-135M at 50% active (perplexity x dense on licence texts /
+    release notes, never on the calibration text; BENCHMARKS.md, "Recovery"): block-phase lr
+    on 144 training sequences 1e-4 3.22x -> 2.72x / 2.31x -> 2.12x; 3e-4 2.64x / 1.99x; 1e-3
+    2.28x / 1.89x; 3e-3 2.25x / 1.88x. On 720 sequences (lr 1e-3) 2.07x / 1.78x; then 40
+    logit steps at 1e-4 1.83x / 1.65x (2,048 tokens per domain). ``logit_steps=80`` with 720
+    sequences: 22.75 min on two cores.
     """
 
     sequences: int = 2000
@@ -81,7 +83,7 @@ class RecoveryConfig:
     weight_decay: float = 0.0
     train: str = "all"
     holdout: float = 0.1
-    logit_steps: int = 0
+    logit_steps: int = 80
     logit_lr: float = 1e-4
     seed: int = 0
 
@@ -271,7 +273,8 @@ def recover(
         raise InputError("recover: the model has no MoE block (convert it with moe= first)")
     if config.logit_steps and teacher is None:
         raise InputError("recover: RecoveryConfig.logit_steps > 0 distils the model's logits "
-                         "from the dense model: give teacher=dense_model")
+                         "from the dense model: give teacher=dense_model (or logit_steps=0 "
+                         "for the block phase alone)")
     seqs = [b for batch in batches for b in _split(batch, 1)][: config.sequences]
     if not seqs:
         raise InputError("recover: no calibration batches")

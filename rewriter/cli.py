@@ -40,7 +40,7 @@ from .training import TextData, TrainConfig, train
 
 __all__ = ["main", "build_parser", "resolve_model", "ResolvedModel", "calibration_batches"]
 
-RECOVERY_SEQS = 512  # --recover-seqs: 64k tokens of 128, ~7 min on 2 cores for SmolLM2-135M
+RECOVERY_SEQS = 800  # --recover-seqs: ~23 min on 2 cores for SmolLM2-135M (BENCHMARKS.md)
 DEFAULT_MODEL = "llama-tiny"
 
 
@@ -397,9 +397,11 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--recover-seqs", type=_positive, default=RECOVERY_SEQS,
                    help=f"calibration sequences the recovery step trains on (default "
                         f"{RECOVERY_SEQS}; the calibration text is cut into that many)")
-    g.add_argument("--recover-logit-steps", type=_non_negative, default=0,
+    g.add_argument("--recover-logit-steps", type=_non_negative,
+                   default=RecoveryConfig.logit_steps,
                    help="with --recover: then this many steps distilling the model's logits "
-                        "from the dense model's (end to end; default 0)")
+                        f"from the dense model's (end to end; default "
+                        f"{RecoveryConfig.logit_steps}; 0: the block phase alone)")
     g.add_argument("--calib-seqs", type=_non_negative, default=16,
                    help="calibration sequences of real text (default 16; 0: none)")
     g.add_argument("--calib-len", type=_positive, default=128,

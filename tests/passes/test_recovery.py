@@ -76,7 +76,7 @@ def test_recover_lowers_the_held_out_error_and_touches_nothing_else():
     buffers = {n: b.detach().clone() for n, b in moe.named_buffers() if "last_load" not in n}
     flags = {n: p.requires_grad for n, p in moe.named_parameters()}
     routers = {n: p.detach().clone() for n, p in moe.named_parameters() if "router" in n}
-    report = recover(moe, _calib(), RecoveryConfig(lr=3e-3, epochs=4, batch_size=6),
+    report = recover(moe, _calib(), RecoveryConfig(lr=3e-3, epochs=4, batch_size=6, logit_steps=0),
                      progress=False)
     assert report.blocks == 2 and report.sequences == 43 and report.steps == 4 * 8
     assert report.tokens == 4 * 43 * 13
@@ -107,7 +107,8 @@ def test_recover_trains_only_the_part_asked_for(part):
     moe = convert(_hf_llama(1), moe=MoEConfig(num_experts=4, top_k=1),
                   example_inputs={"input_ids": _text(2, 9)})
     start = {n: p.detach().clone() for n, p in moe.named_parameters()}
-    recover(moe, _calib(12), RecoveryConfig(train=part, lr=1e-2, holdout=0.0), progress=False)
+    recover(moe, _calib(12), RecoveryConfig(train=part, lr=1e-2, holdout=0.0, logit_steps=0),
+            progress=False)
     changed = {n for n, p in moe.named_parameters() if not torch.equal(p, start[n])}
     assert changed
     assert all((".router." in n) == (part == "router") for n in changed), changed
@@ -116,14 +117,14 @@ def test_recover_trains_only_the_part_asked_for(part):
 def test_recover_errors_name_the_problem():
     dense = models.build_model("llama-tiny", seed=0)
     with pytest.raises(InputError, match="no MoE block"):
-        recover(dense, [(torch.randint(0, 256, (2, 9)),)])
+        recover(dense, [(torch.randint(0, 256, (2, 9)),)], teacher=dense)
     moe = convert(_hf_llama(), moe=MoEConfig(num_experts=4, top_k=1),
                   example_inputs={"input_ids": _text(2, 9)})
     with pytest.raises(InputError, match="no calibration batches"):
-        recover(moe, [])
+        recover(moe, [], RecoveryConfig(logit_steps=0))
     with pytest.warns(UserWarning, match=f"training on {FEW_SEQUENCES - 1} sequences only"):
         recover(moe, [{"input_ids": _text(FEW_SEQUENCES, 5)}],
-                RecoveryConfig(holdout=0.0, sequences=FEW_SEQUENCES - 1))
+                RecoveryConfig(holdout=0.0, sequences=FEW_SEQUENCES - 1, logit_steps=0))
     for field, value in (("sequences", 0), ("lr", 0.0), ("train", "head"), ("holdout", 0.9),
                          ("epochs", 1.5)):
         with pytest.raises(InputError, match=f"RecoveryConfig.{field}"):
@@ -143,7 +144,7 @@ def test_convert_recovery_in_both_modes_and_its_errors():
         plain_rel = _rel(plain(**fresh).logits, dense)
     for mode in ("module", "graph"):
         out = convert(model, moe=cfg, example_inputs=example, calibration=calib, mode=mode,
-                      recovery=RecoveryConfig(lr=3e-3, epochs=3, batch_size=6))
+                      recovery=RecoveryConfig(lr=3e-3, epochs=3, batch_size=6, logit_steps=0))
         rec = conversion_info(out).recovery
         assert rec["blocks"] == 2 and rec["after"] < rec["before"]
         with torch.no_grad():
@@ -168,7 +169,8 @@ def test_a_block_training_made_worse_is_put_back():
     moe = convert(_hf_llama(3), moe=MoEConfig(num_experts=4, top_k=1),
                   example_inputs={"input_ids": _text(2, 9)})
     start = {n: p.detach().clone() for n, p in moe.named_parameters()}
-    report = recover(moe, _calib(24), RecoveryConfig(lr=5.0, batch_size=4), progress=False)
+    report = recover(moe, _calib(24), RecoveryConfig(lr=5.0, batch_size=4, logit_steps=0),
+                     progress=False)
     assert report.restored == ["model.layers.0.mlp", "model.layers.1.mlp"]
     assert report.after == pytest.approx(report.before, rel=1e-6)
     assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
@@ -187,7 +189,8 @@ def test_logit_phase_lowers_the_held_out_kl_and_needs_the_dense_model():
     assert report.logit_kept and 0 < kl_after < kl_before
     # far too large a step: the logit phase is undone, the block phase's result stays
     moe2 = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
-    first = recover(moe2, _calib(), RecoveryConfig(lr=1e-3, batch_size=6), progress=False)
+    first = recover(moe2, _calib(), RecoveryConfig(lr=1e-3, batch_size=6, logit_steps=0),
+                    progress=False)
     moe3 = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
     both = recover(moe3, _calib(), RecoveryConfig(lr=1e-3, batch_size=6, logit_steps=6,
                                                   logit_lr=10.0), teacher=model,

@@ -166,7 +166,7 @@ def test_active_flag_reaches_the_recipe_and_needs_one():
 
 def test_convert_recover_flag_trains_the_blocks_and_reports_it(capsys):
     assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "1", "--recover",
-                 "--recover-seqs", "24", "--calib-len", "32"]) == 0
+                 "--recover-seqs", "24", "--recover-logit-steps", "4", "--calib-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "recovery: 3 steps on 22 sequences" in out
     line = next(x for x in out.splitlines() if x.startswith("recovery:"))

@@ -214,7 +214,7 @@ def test_pipeline_recovery_stage_reports_before_and_after(tmp_path):
     model = models.build_model("llama-tiny", seed=0)
     lines = []
     result = run_pipeline(model, recipe="moe-only", calibration_seqs=4, eval_tokens=512,
-                          recovery=rewriter.RecoveryConfig(sequences=40, lr=1e-3),
+                          recovery=rewriter.RecoveryConfig(sequences=40, lr=1e-3, logit_steps=8),
                           report_dir=tmp_path / "rep", echo=lines.append)
     assert [r.name for r in result.rows] == ["dense", "MoE", "MoE, recovered"]
     rec = result.recovery

@@ -137,7 +137,8 @@ def test_round_trip_of_a_recovered_model(tmp_path):
     calib = [{"input_ids": torch.randint(0, model.config.vocab_size, (4, 11), generator=g)}
              for _ in range(5)]
     conv = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=1), example_inputs=x,
-                            calibration=calib, recovery=rewriter.RecoveryConfig(lr=3e-3))
+                            calibration=calib,
+                            recovery=rewriter.RecoveryConfig(lr=3e-3, logit_steps=4))
     back = rewriter.load(rewriter.save(conv, tmp_path / "own"))
     assert_same_model(conv, back)
     with torch.no_grad():
