@@ -132,11 +132,13 @@ class RecoveryReport:
     restored: list[str] = field(default_factory=list)
     logit_kl: tuple[float | None, float | None] | None = None
     logit_kept: bool | None = None
+    block_seconds: float = 0.0  # of ``seconds``: the block phase (the rest: the logit phase)
 
     def to_dict(self) -> dict[str, Any]:
         return {"config": vars(self.config) | {}, "blocks": self.blocks,
                 "sequences": self.sequences, "tokens": self.tokens, "steps": self.steps,
-                "seconds": round(self.seconds, 1), "before": self.before, "after": self.after,
+                "seconds": round(self.seconds, 1), "block_seconds": round(self.block_seconds, 1),
+                "before": self.before, "after": self.after,
                 "per_block": [list(r) for r in self.per_block],
                 "history": [list(h) for h in self.history], "restored": self.restored,
                 "logit_kl": list(self.logit_kl) if self.logit_kl else None,
@@ -309,6 +311,7 @@ def recover(
         bar = _bar(steps + config.logit_steps, progress)
         _block_phase(model, blocks, teachers, params, train_batches, held_batches, config,
                      report, bar)
+        report.block_seconds = time.perf_counter() - t0
         if config.logit_steps:
             _logit_phase(model, teacher, blocks, params, train_batches, held_batches, config,
                          report, bar)
