@@ -1,5 +1,5 @@
 """Recovery after an MoE conversion: every MoE block distilled from the dense model it was
-cut from, block by block and then (optionally) through the logits.
+cut from, block by block and then through the logits (``logit_steps``, default 80).
 
     report = recover(moe_model, batches, RecoveryConfig(logit_steps=40), teacher=dense)
     report.before, report.after   # mean relative error of the blocks vs the dense FFNs
@@ -69,7 +69,8 @@ class RecoveryConfig:
     clipped to norm 1).
 
     Defaults measured on SmolLM2-135M at 50% active (perplexity x dense on licence texts /
-    release notes, never on the calibration text; BENCHMARKS.md, "Recovery"): block-phase lr
+    release notes, never on the calibration text; BENCHMARKS.md, "Recovery after
+    conversion"): block-phase lr
     on 144 training sequences 1e-4 3.22x -> 2.72x / 2.31x -> 2.12x; 3e-4 2.64x / 1.99x; 1e-3
     2.28x / 1.89x; 3e-3 2.25x / 1.88x. On 720 sequences (lr 1e-3) 2.07x / 1.78x; then 40
     logit steps at 1e-4 1.83x / 1.65x (2,048 tokens per domain). ``logit_steps=80`` with 720
@@ -110,14 +111,16 @@ class RecoveryConfig:
 
 @dataclass
 class RecoveryReport:
-    """What :func:`recover` did. ``before`` / ``after``: mean over blocks of the relative
-    squared error ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` on the held-out sequences
-    (``None`` without a holdout); ``per_block``: (name, before, after) per block; ``steps``,
-    ``sequences`` (trained on), ``tokens``, ``seconds``; ``history``: (step, mean train
-    loss) every few steps; ``restored``: blocks whose held-out error training did not lower,
-    put back as they were (then ``after`` is measured again); ``logit_kl``: held-out
-    KL(dense || model) per token before / after the logit phase, ``logit_kept`` whether it was
-    kept (None: no logit phase)."""
+    """What :func:`recover` did.
+
+    ``before`` / ``after``: mean over blocks of the relative squared error
+    ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` on the held-out sequences (``None`` without
+    a holdout); ``per_block``: (name, before, after) per block; ``steps``, ``sequences``
+    (trained on), ``tokens`` (of the block phase), ``seconds`` (``block_seconds`` of them in
+    the block phase); ``history``: (step, mean train loss) every few steps; ``restored``:
+    blocks whose held-out error training did not lower, put back as they were (then ``after``
+    is measured again); ``logit_kl``: held-out KL(dense || model) per token before / after
+    the logit phase, ``logit_kept``: whether it was kept (None: no logit phase)."""
 
     config: RecoveryConfig
     blocks: int
@@ -135,7 +138,7 @@ class RecoveryReport:
     block_seconds: float = 0.0  # of ``seconds``: the block phase (the rest: the logit phase)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"config": vars(self.config) | {}, "blocks": self.blocks,
+        return {"config": dict(vars(self.config)), "blocks": self.blocks,
                 "sequences": self.sequences, "tokens": self.tokens, "steps": self.steps,
                 "seconds": round(self.seconds, 1), "block_seconds": round(self.block_seconds, 1),
                 "before": self.before, "after": self.after,
@@ -399,7 +402,21 @@ def _logit_phase(model, teacher, blocks, params, train_batches, held_batches, co
     """The MoE blocks trained end to end on KL(dense || model) of the logits; undone when the
     held-out KL did not go down."""
     saved = [copy.deepcopy(b.state_dict()) for _, b in blocks]
+    teacher_modes = [(m, m.training) for m in teacher.modules()]
+    if not isinstance(teacher, GraphModule):
+        teacher.eval()  # dropout off: the dense model's own distribution
+    try:
+        _logit_steps(model, teacher, blocks, params, train_batches, held_batches, config,
+                     report, bar, saved)
+    finally:
+        for m, was_training in teacher_modes:
+            m.training = was_training
 
+
+def _logit_steps(model, teacher, blocks, params, train_batches, held_batches, config, report,
+                 bar, saved) -> None:
+    """The logit phase's loop, the held-out KL before and after, and the undo (``saved``: the
+    blocks' states before the phase)."""
     def held_kl() -> float | None:
         if not held_batches:
             return None

@@ -182,9 +182,12 @@ def test_logit_phase_lowers_the_held_out_kl_and_needs_the_dense_model():
     moe = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
     with pytest.raises(InputError, match="teacher=dense_model"):
         recover(moe, _calib(), RecoveryConfig(logit_steps=2))
+    model.train()  # the teacher runs in eval mode and gets its own mode back
     report = recover(moe, _calib(), RecoveryConfig(lr=1e-3, logit_steps=24, logit_lr=3e-3,
                                                    batch_size=6), teacher=model,
                      progress=False)
+    assert all(m.training for m in model.modules())
+    model.eval()
     kl_before, kl_after = report.logit_kl
     assert report.logit_kept and 0 < kl_after < kl_before
     # far too large a step: the logit phase is undone, the block phase's result stays
