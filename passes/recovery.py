@@ -287,9 +287,9 @@ def recover(
         else 0
     train_seqs, held_seqs = seqs[: len(seqs) - held], seqs[len(seqs) - held:]
     if len(train_seqs) < FEW_SEQUENCES:
-        warnings.warn(f"recover: training on {len(train_seqs)} sequences only; the figures in "
-                      f"BENCHMARKS.md used 720 (give more calibration batches: recovery uses "
-                      f"up to RecoveryConfig.sequences={config.sequences} of them)", stacklevel=2)
+        warnings.warn(f"recover: training on {len(train_seqs)} sequences only (BENCHMARKS.md's "
+                      f"figures used 720); give it more calibration sequences, up to "
+                      f"RecoveryConfig.sequences (now {config.sequences})", stacklevel=2)
     merge = _merger(seqs[0])
     train_batches = [merge(train_seqs[i:i + config.batch_size])
                      for i in range(0, len(train_seqs), config.batch_size)]
