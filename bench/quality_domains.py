@@ -27,6 +27,8 @@ Models (``--models``), library defaults throughout (no tuning here)::
     moe-50       MoEConfig(num_experts=16, top_k=4, shared_width=512): 512 shared + 16 x 64, 50%
     moe-75-16    (not by default) 768 shared + 16 x 48, top-8 (75%)
     moe-44       (not by default) 384 shared + 16 x 72, top-4: the deepseek-v3 recipe's layout
+    moe-50-64/128  (not by default) 50% with finer routed experts: 512 shared + 64 x 16, top-16
+                 / 128 x 8, top-32 (the same neurons active as active-50's 16 x 64, top-4)
     active-75/50 (not by default) ``convert(recipe="moe-only", active=0.75 | 0.5)``
     *-rec        (not by default) the same model (active-75, active-50, moe-44), then the
                  recovery step: ``rewriter.recover(model, texts, RecoveryConfig())`` on
@@ -79,6 +81,10 @@ MODELS = {
                   MoEConfig(num_experts=16, top_k=8, shared_width=768)),
     "moe-44": ("MoE 44% active: 384 shared + 16 x 72, top-4",
                MoEConfig(num_experts=16, top_k=4, shared_width=384)),
+    "moe-50-64": ("MoE 50% active: 512 shared + 64 x 16, top-16",
+                  MoEConfig(num_experts=64, top_k=16, shared_width=512)),
+    "moe-50-128": ("MoE 50% active: 512 shared + 128 x 8, top-32",
+                   MoEConfig(num_experts=128, top_k=32, shared_width=512)),
     "active-75": ("recipe moe-only, active=0.75: 1024 shared + 16 x 32, top-4",
                   ("moe-only", 0.75)),
     "active-50": ("recipe moe-only, active=0.5: 512 shared + 16 x 64, top-4",
