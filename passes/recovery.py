@@ -190,25 +190,27 @@ class _Taps:
     error (with the graph when training), the output handed on detached."""
 
     def __init__(self, blocks: list[tuple[str, MoEFFN]], teachers: list[MoEFFN]):
-        self.losses: list[torch.Tensor] = []
+        self.losses: list[tuple[int, torch.Tensor]] = []  # (block index, loss) per call
         self.handles = []
-        for (_, block), teacher in zip(blocks, teachers):
+        for index, ((_, block), teacher) in enumerate(zip(blocks, teachers)):
             self.handles.append(block.register_forward_pre_hook(self._detach))
-            self.handles.append(block.register_forward_hook(self._make(teacher)))
+            self.handles.append(block.register_forward_hook(self._make(index, teacher)))
 
     @staticmethod
     def _detach(_module, args):
         return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
 
-    def _make(self, teacher: MoEFFN):
+    def _make(self, index: int, teacher: MoEFFN):
         def hook(_module, args, out):
             with torch.no_grad():
                 target = dense_output(teacher, args[0])
-            self.losses.append(_rel(out.float(), target.float()))
+            self.losses.append((index, _rel(out.float(), target.float())))
             return out.detach()
         return hook
 
-    def take(self) -> list[torch.Tensor]:
+    def take(self) -> list[tuple[int, torch.Tensor]]:
+        """(block index, loss) of every block call since the last take (a block the forward
+        calls several times, a looped FFN, has one per call)."""
         losses, self.losses = self.losses, []
         return losses
 
@@ -218,14 +220,15 @@ class _Taps:
 
 
 def _measure(model: nn.Module, taps: _Taps, batches: Sequence[Any], n: int) -> list[float]:
-    """Mean relative error per block over ``batches`` (no gradient)."""
-    sums = [0.0] * n
+    """Mean relative error per block over ``batches`` and calls (no gradient)."""
+    sums, counts = [0.0] * n, [0] * n
     with torch.no_grad():
         for batch in batches:
             _call(model, batch)
-            for i, loss in enumerate(taps.take()):
-                sums[i] += float(loss) / len(batches)
-    return sums
+            for i, loss in taps.take():
+                sums[i] += float(loss)
+                counts[i] += 1
+    return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
 def _split(batch: Any, size: int) -> list[Any]:
@@ -360,7 +363,7 @@ def _block_phase(model, blocks, teachers, params, train_batches, held_batches, c
                 _schedule(opt, config.lr, step, report.steps)
                 with torch.enable_grad():
                     _call(model, train_batches[i])
-                    loss = torch.stack(taps.take()).sum()
+                    loss = torch.stack([v for _, v in taps.take()]).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

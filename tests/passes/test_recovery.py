@@ -16,6 +16,7 @@ from rewriter import (
     models,
     recover,
 )
+from tests._zoo import FORMS, form_inputs
 
 # these tiny models train on a few dozen sequences on purpose: the warning is tested once below
 pytestmark = pytest.mark.filterwarnings("ignore:recover. training on")
@@ -222,3 +223,20 @@ def test_convert_inplace_with_the_logit_phase_distils_from_the_model_as_given():
     fresh = {"input_ids": _text(3, 10, seed=12)}
     with torch.no_grad():
         torch.testing.assert_close(out(**fresh).logits, copied(**fresh).logits)
+
+
+def test_an_ffn_called_twice_is_recovered_as_one_block():
+    """A looped FFN (one block, called twice per forward): its held-out error is the mean
+    over its calls, and training lowers it, in both modes."""
+    form = next(f for f in FORMS if f.name == "looped")
+    torch.manual_seed(6)
+    model = form.build().eval()
+    calib = [(form_inputs(form, 6, 9, seed=s),) for s in range(10)]
+    for mode in ("module", "graph"):
+        out = convert(model, moe=MoEConfig(num_experts=3, top_k=1), mode=mode,
+                      example_inputs=(form_inputs(form, 2, 5),), calibration=calib,
+                      recovery=RecoveryConfig(lr=3e-3, epochs=3, batch_size=6,
+                                              logit_steps=0))
+        rec = conversion_info(out).recovery
+        assert rec["blocks"] == 2 and len(rec["per_block"]) == 2, mode
+        assert rec["after"] < rec["before"], mode
