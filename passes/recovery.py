@@ -34,7 +34,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +45,7 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from rewriter.capture import first_float_output
+from rewriter.capture import first_float_output, normalize_inputs
 from rewriter.errors import InputError
 
 __all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
@@ -173,12 +173,42 @@ def _trained(block: MoEFFN, part: str) -> list[nn.Parameter]:
     return {"router": router, "experts": experts, "all": router + experts}[part]
 
 
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
+# A batch as normalize_inputs gives it: (positional inputs, keyword inputs), tensors or
+# scalars; the sequences are the rows of its tensors.
+_Batch = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _call(model: nn.Module, batch: _Batch) -> Any:
+    args, kwargs = batch
+    return model(*args, **kwargs)
+
+
+def _rows(batch: _Batch) -> list[_Batch]:
+    """A batch of B sequences -> B batches of one (tensors sliced, other inputs kept)."""
+    args, kwargs = batch
+    first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+    def take(v: Any, i: int) -> Any:
+        return v[i:i + 1] if isinstance(v, torch.Tensor) else v
+
+    return [(tuple(take(v, i) for v in args), {k: take(v, i) for k, v in kwargs.items()})
+            for i in range(first.shape[0])]
+
+
+def _stack(items: list[_Batch]) -> _Batch:
+    """Batches of the same structure -> one (tensors concatenated, other inputs the first's)."""
+    args, kwargs = items[0]
+
+    def cat(values: list[Any]) -> Any:
+        return torch.cat(values) if isinstance(values[0], torch.Tensor) else values[0]
+
+    return (tuple(cat([it[0][j] for it in items]) for j in range(len(args))),
+            {k: cat([it[1][k] for it in items]) for k in kwargs})
+
+
+def _tokens(batch: _Batch) -> int:
+    args, kwargs = batch
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).numel()
 
 
 def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -231,26 +261,6 @@ def _measure(model: nn.Module, taps: _Taps, batches: Sequence[Any], n: int) -> l
     return [s / max(c, 1) for s, c in zip(sums, counts)]
 
 
-def _split(batch: Any, size: int) -> list[Any]:
-    """A batch (tensor, dict of tensors, tuple) of B sequences -> batches of ``size``."""
-    def rows(b: Any) -> int:
-        if isinstance(b, torch.Tensor):
-            return b.shape[0]
-        if isinstance(b, dict):
-            return rows(next(iter(b.values())))
-        return rows(b[0])
-
-    def take(b: Any, s: slice) -> Any:
-        if isinstance(b, torch.Tensor):
-            return b[s]
-        if isinstance(b, dict):
-            return {k: take(v, s) if isinstance(v, torch.Tensor) else v for k, v in b.items()}
-        return type(b)(take(v, s) if isinstance(v, torch.Tensor) else v for v in b)
-
-    n = rows(batch)
-    return [take(batch, slice(i, i + size)) for i in range(0, n, size)]
-
-
 def recover(
     model: nn.Module,
     batches: Iterable[Any],
@@ -272,8 +282,9 @@ def recover(
     held-out KL divergence. Recovery never leaves the model worse on the held-out sequences
     by the measure each phase trains.
 
-    Raises InputError when ``model`` has no MoE block, there are no batches, or the logit
-    phase has no teacher. The model's other parameters, its buffers and its train/eval mode
+    Raises InputError, before anything changes, when ``model`` has no MoE block, there are no
+    batches, a batch is not a tensor / tuple / dict of tensors (naming it), or the logit phase
+    has no teacher. The model's other parameters, its buffers and its train/eval mode
     are left as they were."""
     config = config or RecoveryConfig()
     blocks = _blocks(model)
@@ -283,7 +294,13 @@ def recover(
         raise InputError("recover: RecoveryConfig.logit_steps > 0 distils the model's logits "
                          "from the dense model: give teacher=dense_model (or logit_steps=0 "
                          "for the block phase alone)")
-    seqs = [b for batch in batches for b in _split(batch, 1)][: config.sequences]
+    seqs = []
+    for i, batch in enumerate(batches):
+        try:
+            seqs += _rows(normalize_inputs(batch))
+        except InputError as exc:
+            raise InputError(f"recover: calibration batch {i}: {exc}") from exc
+    seqs = seqs[: config.sequences]
     if not seqs:
         raise InputError("recover: no calibration batches")
     held = max(1, round(len(seqs) * config.holdout)) if config.holdout > 0 and len(seqs) > 1 \
@@ -293,10 +310,9 @@ def recover(
         warnings.warn(f"recover: training on {len(train_seqs)} sequences only (BENCHMARKS.md's "
                       f"figures used 720); give it more calibration sequences, up to "
                       f"RecoveryConfig.sequences (now {config.sequences})", stacklevel=2)
-    merge = _merger(seqs[0])
-    train_batches = [merge(train_seqs[i:i + config.batch_size])
+    train_batches = [_stack(train_seqs[i:i + config.batch_size])
                      for i in range(0, len(train_seqs), config.batch_size)]
-    held_batches = [merge(held_seqs[i:i + config.batch_size])
+    held_batches = [_stack(held_seqs[i:i + config.batch_size])
                     for i in range(0, len(held_seqs), config.batch_size)]
 
     teachers = [copy.deepcopy(b).requires_grad_(False).eval() for _, b in blocks]
@@ -454,24 +470,3 @@ def _bar(steps: int, show: bool | None):
     if show is None:
         show = sys.stderr.isatty()
     return tqdm(total=steps, desc="recovering", unit="step") if show else None
-
-
-def _tokens(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return batch.numel()
-    if isinstance(batch, dict):
-        return _tokens(next(iter(batch.values())))
-    return _tokens(batch[0])
-
-
-def _merger(example: Any) -> Callable[[list[Any]], Any]:
-    """How to stack single-sequence batches back into one batch of the same structure."""
-    if isinstance(example, torch.Tensor):
-        return lambda items: torch.cat(items)
-    if isinstance(example, dict):
-        return lambda items: {k: torch.cat([it[k] for it in items])
-                              if isinstance(example[k], torch.Tensor) else example[k]
-                              for k in example}
-    return lambda items: type(example)(
-        torch.cat([it[j] for it in items]) if isinstance(v, torch.Tensor) else v
-        for j, v in enumerate(example))

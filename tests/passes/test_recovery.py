@@ -123,6 +123,12 @@ def test_recover_errors_name_the_problem():
                   example_inputs={"input_ids": _text(2, 9)})
     with pytest.raises(InputError, match="no calibration batches"):
         recover(moe, [], RecoveryConfig(logit_steps=0))
+    start = {n: p.detach().clone() for n, p in moe.named_parameters()}
+    with pytest.raises(InputError, match="calibration batch 1: example input input_ids must "
+                                         "be a tensor"):
+        recover(moe, [{"input_ids": _text(4, 5)}, {"input_ids": "some text"}],
+                RecoveryConfig(logit_steps=0))
+    assert all(torch.equal(p, start[n]) for n, p in moe.named_parameters())
     with pytest.warns(UserWarning, match=f"training on {FEW_SEQUENCES - 1} sequences only"):
         recover(moe, [{"input_ids": _text(FEW_SEQUENCES, 5)}],
                 RecoveryConfig(holdout=0.0, sequences=FEW_SEQUENCES - 1, logit_steps=0))
