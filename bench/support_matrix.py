@@ -1,7 +1,8 @@
 """Support matrix: every causal-LM and masked-LM (encoder) architecture of the installed
 transformers whose tiny config builds offline from its config class, through every step.
 
-Per architecture (one subprocess each, with a time budget): tiny config (hidden 64, 2 layers,
+Per architecture (one child process each, forked from a parent that imported everything once,
+with a time budget): tiny config (hidden 64, 2 layers,
 vocab 256, no hub) -> model -> capture -> FFNs found (count vs layers, kind, activation) ->
 MoE at top_k = E, hard gates, exact vs dense (module mode, fresh odd-shaped input) -> FP8 lowering
 of the MoE model -> ONNX export + onnxruntime parity (check_parity: valid for W8A8) -> generate
@@ -24,26 +25,33 @@ import contextlib
 import copy
 import io
 import json
+import multiprocessing
+import multiprocessing.connection
 import os
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
-import transformers
-from rewriter.targets.onnx_runtime import check_parity
-from transformers import CONFIG_MAPPING
-from transformers.models.auto import modeling_auto
+# before transformers is imported: every forked child inherits them
+os.environ.update(PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import rewriter
-from rewriter import FP8Config, MoEConfig
-from rewriter.capture import first_float_output
-from rewriter.patterns import analyze_ffns
+import onnxruntime  # noqa: E402, F401  (imported once here, not in every child)
+import onnxscript  # noqa: E402, F401
+import torch  # noqa: E402
+import torch.onnx  # noqa: E402, F401
+import transformers  # noqa: E402
+from rewriter.targets.onnx_runtime import check_parity  # noqa: E402
+from transformers import CONFIG_MAPPING  # noqa: E402
+from transformers.models.auto import modeling_auto  # noqa: E402
+
+import rewriter  # noqa: E402
+from rewriter import FP8Config, MoEConfig  # noqa: E402
+from rewriter.capture import first_float_output  # noqa: E402
+from rewriter.patterns import analyze_ffns  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 JSONL = ROOT / "bench" / "results" / "support_matrix.jsonl"
@@ -58,6 +66,7 @@ FP8_BAND = 0.25
 # weights and activations, so 2 x 16 x the error of rounding its weights to bf16
 FP8_VS_BF16 = 32.0
 
+MAX_PARAMS = 60_000_000  # a tiny config that keeps more than this is not tiny
 TINY = {  # attribute -> value, set where the config class has the attribute
     "hidden_size": 64, "n_embd": 64, "d_model": 64, "dim": 64, "embed_dim": 64,
     "intermediate_size": 128, "ffn_dim": 128, "n_inner": 128, "d_ff": 128,
@@ -119,8 +128,10 @@ def _tiny_model(model_type: str, class_name: str):
         try:
             torch.manual_seed(0)
             config = _tiny_config(model_type, tier)
-            model = getattr(transformers, class_name)(config).eval()
-            if sum(p.numel() for p in model.parameters()) > 60_000_000:
+            cls = getattr(transformers, class_name)
+            _check_size(cls, config)
+            model = cls(config).eval()
+            if sum(p.numel() for p in model.parameters()) > MAX_PARAMS:
                 raise RuntimeError("default widths too large for a tiny model")
             with torch.no_grad():  # a zero-initialised router ties every expert score, which
                 for p in model.parameters():  # no trained model does: give weights values
@@ -132,6 +143,19 @@ def _tiny_model(model_type: str, class_name: str):
         except Exception as exc:
             errors.append(f"{type(exc).__name__}: {exc}")
     raise RuntimeError(" | ".join(dict.fromkeys(errors)))
+
+
+def _check_size(cls, config) -> None:
+    """Refuse a config whose model is not tiny before building it for real (on the meta
+    device: no memory, no initialisation; a class that cannot build there is built as usual)."""
+    try:
+        with torch.device("meta"):
+            n = sum(p.numel() for p in cls(config).parameters())
+    except Exception:
+        return
+    if n > MAX_PARAMS:
+        raise RuntimeError(f"default widths too large for a tiny model ({n / 1e6:.0f}M "
+                           "parameters)")
 
 
 def _tiny_config(model_type: str, tiny: dict):
@@ -196,9 +220,15 @@ def _logits(out):
 def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None:
     """Fill the row step by step (written after each step, so a timeout keeps it)."""
     row: dict = {"task": task, "model_type": model_type, "class": class_name, "steps": {},
-                 "reasons": {}}
+                 "reasons": {}, "timings": {}}
+    clock = [time.perf_counter()]
 
-    def save():
+    def save():  # the seconds since the last save go to the step(s) it first records
+        new = [s for s in row["steps"] if s not in row["timings"]]
+        if new:
+            now = time.perf_counter()
+            row["timings"].update({s: 0.0 for s in new[1:]}, **{new[0]: round(now - clock[0], 2)})
+            clock[0] = now
         row_path.write_text(json.dumps(row))
 
     def fail(step: str, exc: BaseException | str) -> None:
@@ -492,29 +522,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated model_types")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per architecture")
     ap.add_argument("--jobs", type=int, default=1,
-                    help="architectures run at once (one subprocess each, OMP_NUM_THREADS=1)")
+                    help="architectures run at once (one forked child each, one thread each)")
     ap.add_argument("--jsonl", type=Path, default=JSONL)
     ap.add_argument("--doc", type=Path, default=DOC)
     ap.add_argument("--render", action="store_true", help="only write the doc from the JSONL")
     ap.add_argument("--redo", action="store_true", help="run rows already in the JSONL again")
     ap.add_argument("--redo-failed", action="store_true",
                     help="run again the rows that built but did not pass every step")
-    ap.add_argument("--one", nargs=4, metavar=("TASK", "TYPE", "CLASS", "ROW"),
-                    help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.one:
-        task, model_type, cls, row = args.one
-        with contextlib.redirect_stdout(io.StringIO()):
-            try:
-                run_one(task, model_type, cls, Path(row))
-            except Exception:
-                traceback.print_exc()
-        return 0
     rows = _load(args.jsonl)
     if args.render:
         print(json.dumps(render(rows, args.doc)))
         return 0
     only = {s for s in args.only.split(",") if s}
+
     def passed(row: dict) -> bool:
         return row["steps"].get("config") != "ok" or all(
             row["steps"].get(s) in ("ok", "n/a") for s in STEPS)
@@ -522,50 +543,79 @@ def main(argv: list[str] | None = None) -> int:
     todo = [a for a in _architectures() if (not only or a[1] in only)
             and (args.redo or (a[0], a[1]) not in rows
                  or (args.redo_failed and not passed(rows[(a[0], a[1])])))]
+    # longest first (the last run's seconds), so the jobs finish together
+    todo.sort(key=lambda a: -rows.get((a[0], a[1]), {}).get("seconds", 60.0))
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error",
-               HF_HUB_OFFLINE="1", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    def run_isolated(arch: tuple[str, str, str]) -> dict:
-        task, model_type, cls = arch
-        t0 = time.time()
-        with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
-            row_path = Path(f.name)
-        cmd = [sys.executable, __file__, "--one", task, model_type, cls, str(row_path)]
-        timed_out = False
-        try:
-            subprocess.run(cmd, env=env, timeout=args.timeout, capture_output=True, cwd=ROOT)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-        text = row_path.read_text() if row_path.exists() else ""
-        row_path.unlink(missing_ok=True)
-        row = json.loads(text) if text.strip() else {
-            "task": task, "model_type": model_type, "class": cls, "steps": {}, "reasons": {}}
-        missing = [s for s in STEPS if s not in row["steps"]]
-        for s in missing:
-            row["steps"][s] = "fail" if s == missing[0] else "skip"
-            row["reasons"][s] = (f"over the {args.timeout:.0f} s budget" if timed_out
-                                 else "the run crashed") if s == missing[0] else \
-                f"{missing[0]} did not finish"
-        row["seconds"] = round(time.time() - t0, 1)
-        return row
-
-    # Each architecture runs in its own subprocess (a crash or hang costs one row); --jobs
-    # of them at once. Only this thread writes the JSONL and the doc.
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        futures = [pool.submit(run_isolated, arch) for arch in todo]
-        for i, future in enumerate(as_completed(futures)):
-            row = future.result()
-            rows[(row["task"], row["model_type"])] = row
-            with args.jsonl.open("a") as out:
-                out.write(json.dumps(row) + "\n")
-            render(rows, args.doc)
-            print(f"[{i + 1}/{len(todo)}] {row['task']} {row['model_type']}: "
-                  + " ".join(f"{s}={row['steps'][s]}" for s in STEPS)
-                  + f" ({row['seconds']} s)", flush=True)
+    t_start = time.time()
+    for i, row in enumerate(_sweep(todo, args.jobs, args.timeout)):
+        rows[(row["task"], row["model_type"])] = row
+        with args.jsonl.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        render(rows, args.doc)
+        print(f"[{i + 1}/{len(todo)}, {time.time() - t_start:.0f} s] {row['task']} "
+              f"{row['model_type']}: " + " ".join(f"{s}={row['steps'][s]}" for s in STEPS)
+              + f" ({row['seconds']} s)", flush=True)
     if todo:  # one line per architecture: the latest run of each
         args.jsonl.write_text("".join(json.dumps(rows[k]) + "\n" for k in sorted(rows)))
-    print(json.dumps(render(rows, args.doc)))
+    print(json.dumps(render(rows, args.doc) | {"seconds": round(time.time() - t_start)}))
     return 0
+
+
+def _child(arch: tuple[str, str, str], row_path: Path) -> None:
+    """One architecture in a forked child: its own copy of the parent's imports and state."""
+    torch.set_num_threads(1)
+    with contextlib.redirect_stdout(io.StringIO()):
+        try:
+            run_one(*arch, row_path)
+        except Exception:
+            traceback.print_exc()
+
+
+def _finish(arch: tuple[str, str, str], row_path: Path, seconds: float,
+            timed_out: bool, timeout: float) -> dict:
+    """The row the child wrote; the first step it did not record fails with why."""
+    task, model_type, cls = arch
+    text = row_path.read_text() if row_path.exists() else ""
+    row_path.unlink(missing_ok=True)
+    row = json.loads(text) if text.strip() else {
+        "task": task, "model_type": model_type, "class": cls, "steps": {}, "reasons": {}}
+    missing = [s for s in STEPS if s not in row["steps"]]
+    for s in missing:
+        row["steps"][s] = "fail" if s == missing[0] else "skip"
+        row["reasons"][s] = (f"over the {timeout:.0f} s budget" if timed_out
+                             else "the run crashed") if s == missing[0] else \
+            f"{missing[0]} did not finish"
+    row["seconds"] = round(seconds, 1)
+    return row
+
+
+def _sweep(todo: list[tuple[str, str, str]], jobs: int, timeout: float):
+    """Yield each architecture's row as it finishes, ``jobs`` of them at once.
+
+    Each architecture runs in a child forked from this process, which imported torch,
+    transformers, onnxruntime and the project once (~8 s a subprocess would pay per row): a
+    crash or hang costs one row, and the parent stays single-threaded, so forking is safe."""
+    ctx = multiprocessing.get_context("fork")
+    pending, running = list(todo), {}
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            arch = pending.pop(0)
+            with tempfile.NamedTemporaryFile("w+", suffix=".json", delete=False) as f:
+                row_path = Path(f.name)
+            proc = ctx.Process(target=_child, args=(arch, row_path), daemon=True)
+            proc.start()
+            running[proc.sentinel] = (proc, arch, row_path, time.time())
+        ready = set(multiprocessing.connection.wait(list(running), timeout=1.0))
+        for sentinel, (proc, arch, row_path, t0) in list(running.items()):
+            late = time.time() - t0 > timeout
+            if sentinel not in ready and not late:
+                continue
+            if late and sentinel not in ready:
+                proc.kill()
+            proc.join()
+            del running[sentinel]
+            yield _finish(arch, row_path, time.time() - t0, late and sentinel not in ready,
+                          timeout)
 
 
 if __name__ == "__main__":

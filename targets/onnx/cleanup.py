@@ -4,7 +4,8 @@
 on small graphs, and onnxruntime does the same fusions at load): inlining, constant folding
 (never of anything touching FP8, so FP8 weights stay FP8 and ``DequantizeLinear`` is never
 folded into an fp32 copy), :class:`FoldFP8DataMovement` (FP8 weight slicing folded into
-per-expert initializers), dead-code removal, CSE (shared activation QDQ of q/k/v).
+per-expert initializers), dead-code removal, CSE (shared activation QDQ of q/k/v), and
+:class:`WidenFP8Operands` for what could not be folded.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "FoldFP8DataMovement",
     "RenameDims",
     "StripNodeMetadata",
+    "WidenFP8Operands",
     "count_fp8_initializers",
     "ir_op_counts",
     "op_counts",
@@ -176,6 +178,75 @@ class FoldFP8DataMovement(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+_FP8_TYPE = "tensor(float8e4m3fn)"
+
+
+def _fp8_formals(node: ir.Node, opset: int) -> tuple[list[str | None], list[str | None]]:
+    """The type parameters (e.g. ``T``) of ``node``'s inputs and outputs whose ONNX schema at
+    ``opset`` does NOT allow FLOAT8E4M3FN (None where it does, or for an op onnx does not know:
+    a custom domain is not ours to judge)."""
+    try:
+        schema = onnx.defs.get_schema(node.op_type, opset, node.domain)
+    except Exception:
+        return [None] * len(node.inputs), [None] * len(node.outputs)
+    allowed = {t.type_param_str: _FP8_TYPE in t.allowed_type_strs
+               for t in schema.type_constraints}
+
+    def params(formals, n):
+        out = []
+        for i in range(n):
+            f = formals[min(i, len(formals) - 1)] if formals else None
+            ok = f is None or allowed.get(f.type_str, f.type_str == _FP8_TYPE)
+            out.append(None if ok else f.type_str)
+        return out
+
+    return params(list(schema.inputs), len(node.inputs)), \
+        params(list(schema.outputs), len(node.outputs))
+
+
+class WidenFP8Operands(ir.passes.InPlacePass):
+    """An op whose schema at the model's opset does not take FLOAT8E4M3FN (Slice, Gather,
+    Split, Concat at opset <= 21), left on an FP8 value that could not be folded (its indices
+    are computed at run time, e.g. where the constant folder stopped early: ProphetNet), runs
+    in float16: each FP8 input is ``Cast`` to float16, and each output of the same type
+    parameter cast back. Exact both ways: every E4M3 value is a float16 value, and data
+    movement creates no new values. Without it the file fails ``onnx.checker`` (and
+    onnxruntime's shape inference)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        opset = model.opset_imports.get("", 21)
+        fp8, half = ir.DataType.FLOAT8E4M3FN, ir.DataType.FLOAT16
+        modified = False
+        for node in list(graph):
+            ins, outs = _fp8_formals(node, opset)
+            bad = [i for i, (v, t) in enumerate(zip(node.inputs, ins))
+                   if v is not None and v.dtype == fp8 and t is not None]
+            if not bad:
+                continue
+            widened = {ins[i] for i in bad}  # type parameters now float16
+            for i in bad:
+                cast = ir.node("Cast", inputs=[node.inputs[i]], attributes={"to": half})
+                cast.outputs[0].type = ir.TensorType(half)
+                cast.outputs[0].shape = node.inputs[i].shape
+                graph.insert_before(node, cast)
+                node.replace_input_with(i, cast.outputs[0])
+            for out, t in zip(node.outputs, outs):
+                if t not in widened:
+                    continue
+                back = ir.node("Cast", inputs=[out], attributes={"to": fp8})
+                back.outputs[0].type, back.outputs[0].shape = ir.TensorType(fp8), out.shape
+                for user, index in list(out.uses()):
+                    if user is not back:
+                        user.replace_input_with(index, back.outputs[0])
+                if out in graph.outputs:
+                    graph.outputs[graph.outputs.index(out)] = back.outputs[0]
+                out.type = ir.TensorType(half)
+                graph.insert_after(node, back)
+            modified = True
+        return ir.passes.PassResult(model, modified)
+
+
 class StripNodeMetadata(ir.passes.InPlacePass):
     """Drop the exporter's per-node debug metadata (stack traces, FX nodes, module paths):
     ~1 KB a node, more than the weights of a small model."""
@@ -218,12 +289,13 @@ class RenameDims(ir.passes.InPlacePass):
 
 def optimize(model: ir.Model, fold: bool) -> None:
     """Clean ``model`` in place (see the module docstring); ``fold=False``: inline and remove
-    dead code only (FP8 data movement is folded either way: the graph is invalid without)."""
+    dead code only (FP8 data movement is folded, or else widened, either way: the graph is
+    invalid without)."""
     passes: list[ir.passes.PassBase] = [common.InlinePass()]
     if fold:
         passes.append(ir.passes.PassManager([FoldConstants(), common.RemoveUnusedNodesPass()],
                                             steps=2, early_stop=True))
-    passes += [FoldFP8DataMovement(), common.RemoveUnusedNodesPass(),
+    passes += [FoldFP8DataMovement(), WidenFP8Operands(), common.RemoveUnusedNodesPass(),
                common.RemoveUnusedFunctionsPass(), common.RemoveUnusedOpsetsPass()]
     if fold:
         passes += [common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),

@@ -16,6 +16,7 @@ from rewriter.targets.onnx.cleanup import (
     FoldFP8DataMovement,
     RenameDims,
     StripNodeMetadata,
+    WidenFP8Operands,
     count_fp8_initializers,
     ir_op_counts,
     op_counts,
@@ -73,6 +74,42 @@ def test_fp8_data_movement_folds_into_new_fp8_initializers_bit_exactly():
     ref = torch.from_numpy(x) @ (t[1].T.float() * s)
     np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
     assert not FoldFP8DataMovement()(model).modified  # nothing left to fold
+
+
+def test_fp8_slice_with_run_time_bounds_runs_in_float16_exactly():
+    """A Slice of an FP8 weight whose end is computed at run time (the input's length) cannot
+    be folded: it is widened to float16 and narrowed back, so the file is valid and exact."""
+    w, t = _fp8((9, 130), seed=3)
+    scale = numpy_helper.from_array(np.array([[0.5, 2.0]], np.float32).T.repeat(9, 1).T, "s")
+    nodes = [
+        h.make_node("Shape", ["x"], ["xs"], start=0, end=1),  # (1,): the number of rows n
+        h.make_node("Slice", ["w", "zero", "xs"], ["wn"]),  # (n, 130) FP8: invalid ONNX
+        h.make_node("Transpose", ["wn"], ["wt"], perm=[1, 0]),  # (130, n)
+        h.make_node("Slice", ["s", "zero", "xs"], ["sn"]),  # (n, 2) scales
+        h.make_node("Transpose", ["sn"], ["st"], perm=[1, 0]),
+        h.make_node("DequantizeLinear", ["wt", "st"], ["wf"], axis=0, block_size=128),
+        h.make_node("MatMul", ["x", "wf"], ["y"]),  # (n, 130) @ (130, n)
+    ]
+    zero = numpy_helper.from_array(np.array([0], np.int64), "zero")
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", TP.FLOAT, ["n", 130])],
+                         [h.make_tensor_value_info("y", TP.FLOAT, ["n", "n"])],
+                         [w, scale, zero])
+    model = ir.serde.deserialize_model(h.make_model(graph, opset_imports=[h.make_opsetid("", 21)]))
+    optimize(model, fold=True)
+    ops = ir_op_counts(model)
+    assert ops["Cast"] == 2 and ops["DequantizeLinear"] == 1, ops  # fp8 -> fp16 -> fp8
+    assert count_fp8_initializers(model) == 1  # the file keeps the FP8 bytes
+    out = ir.serde.serialize_model(model)
+    onnx.checker.check_model(out, full_check=True)
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (4, 7):
+        x = np.random.default_rng(n).standard_normal((n, 130)).astype(np.float32)
+        s = torch.from_numpy(numpy_helper.to_array(scale)[:n].T.copy()).repeat_interleave(
+            128, 0)[:130]
+        ref = torch.from_numpy(x) @ (t[:n].T.float() * s)
+        y = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(y, ref.numpy(), rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
+    assert not WidenFP8Operands()(model).modified  # nothing left on FP8 that needs it
 
 
 def test_optimize_never_folds_fp8_into_fp32():
