@@ -2,12 +2,12 @@
 transformers whose tiny config builds offline from its config class, through every step.
 
 Per architecture (one child process each, forked from a parent that imported everything once,
-with a time budget): tiny config (hidden 64, 2 layers,
-vocab 256, no hub) -> model -> capture -> FFNs found (count vs layers, kind, activation) ->
-MoE at top_k = E, hard gates, exact vs dense (module mode, fresh odd-shaped input) -> FP8 lowering
-of the MoE model -> ONNX export + onnxruntime parity (check_parity: valid for W8A8) -> generate
-after conversion (causal LMs: greedy tokens equal the dense model's). Each failing step records
-its reason; later steps then say which step they needed.
+with a time budget): tiny config (hidden 64, 2 layers, vocab 256, no hub) -> model -> capture ->
+FFNs found (count vs layers, kind, activation) -> MoE at top_k = E, hard gates, exact vs dense
+(module mode, fresh odd-shaped input; then graph mode) -> FP8 lowering of the MoE model -> ONNX
+export + onnxruntime parity (check_parity: valid for W8A8) -> generate after conversion (causal
+LMs: greedy tokens equal the dense model's). Each failing step records its reason; later steps
+then say which step they needed. Each row keeps its seconds per step (``timings``).
 
     python bench/support_matrix.py                  # all (resumes: rows kept in --jsonl)
     python bench/support_matrix.py --only llama,opt --timeout 300
@@ -220,7 +220,7 @@ def _logits(out):
 def run_one(task: str, model_type: str, class_name: str, row_path: Path) -> None:
     """Fill the row step by step (written after each step, so a timeout keeps it)."""
     row: dict = {"task": task, "model_type": model_type, "class": class_name, "steps": {},
-                 "reasons": {}, "timings": {}}
+                 "reasons": {}, "timings": {}, "transformers": transformers.__version__}
     clock = [time.perf_counter()]
 
     def save():  # the seconds since the last save go to the step(s) it first records
@@ -477,7 +477,9 @@ def render(rows: dict[tuple[str, str], dict], doc: Path) -> dict[str, int]:
         "transformers' exact batched-matmul experts in place of its fused kernel.",
         "",
         "Regenerate: `python bench/support_matrix.py --jobs 2` (resumes; `--redo-failed` "
-        "runs again the rows that did not pass every step).",
+        "runs again the rows that did not pass every step; `--redo` all of them). The slow CI "
+        "step runs the whole sweep (`tests/bench/test_support_matrix.py`) and fails when a "
+        "step this table marks passing fails, or a failure has no reason.",
         "",
         f"- architectures tried: {counts['architectures']}; tiny config builds: "
         f"{counts['tiny_config_builds']} ({counts['dense']} dense, {counts['already_moe']} "
@@ -529,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--redo", action="store_true", help="run rows already in the JSONL again")
     ap.add_argument("--redo-failed", action="store_true",
                     help="run again the rows that built but did not pass every step")
+    ap.add_argument("--order-from", type=Path, default=JSONL,
+                    help="a JSONL of an earlier run: its seconds order the work, longest first")
     args = ap.parse_args(argv)
     rows = _load(args.jsonl)
     if args.render:
@@ -543,8 +547,9 @@ def main(argv: list[str] | None = None) -> int:
     todo = [a for a in _architectures() if (not only or a[1] in only)
             and (args.redo or (a[0], a[1]) not in rows
                  or (args.redo_failed and not passed(rows[(a[0], a[1])])))]
-    # longest first (the last run's seconds), so the jobs finish together
-    todo.sort(key=lambda a: -rows.get((a[0], a[1]), {}).get("seconds", 60.0))
+    # longest first (an earlier run's seconds), so the jobs finish together
+    before = rows | (_load(args.order_from) if args.order_from.exists() else {})
+    todo.sort(key=lambda a: -before.get((a[0], a[1]), {}).get("seconds", 60.0))
     args.jsonl.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     for i, row in enumerate(_sweep(todo, args.jobs, args.timeout)):
