@@ -1,7 +1,7 @@
 """bench/support_matrix.py: the sweep over transformers' architectures.
 
 The slow CI step runs the whole sweep (every causal-LM and masked-LM architecture of the
-installed transformers, two at a time, ~45 min on 2 cores) and checks it against the committed
+installed transformers, two at a time, ~50 min on 2 cores) and checks it against the committed
 table (bench/results/support_matrix.jsonl -> docs/support.md): no step the table marks passing
 fails now, at least 90% of the dense architectures pass every step, every failure says why,
 and each FFN form and failure kind is reported as such.
