@@ -30,7 +30,7 @@ Models (``--models``), library defaults throughout (no tuning here)::
     moe-50-64/128  (not by default) 50% with finer routed experts: 512 shared + 64 x 16, top-16
                  / 128 x 8, top-32 (the same neurons active as active-50's 16 x 64, top-4)
     active-75/50 (not by default) ``convert(recipe="moe-only", active=0.75 | 0.5)``
-    *-rec        (not by default) the same model (active-75, active-50, moe-44), then the
+    *-rec        (not by default) the same model (active-75, active-50, moe-44, moe-50-64), then the
                  recovery step: ``rewriter.recover(model, texts, RecoveryConfig())`` on
                  ``--recover-seqs`` sequences of 128 tokens of pydoc_data.topics (shuffled,
                  the held-out end excluded; 10% of them held out to report the block error),
@@ -90,7 +90,7 @@ MODELS = {
     "active-50": ("recipe moe-only, active=0.5: 512 shared + 16 x 64, top-4",
                   ("moe-only", 0.5)),
 }
-for _name in ("active-75", "active-50", "moe-44"):
+for _name in ("active-75", "active-50", "moe-44", "moe-50-64"):
     MODELS[_name + "-rec"] = (MODELS[_name][0] + ", + recovery", MODELS[_name][1])
 DEFAULT_MODELS = ("dense", "fp8-w8a8", "fp8-w8a16", "moe-75", "moe-50")
 
