@@ -35,23 +35,19 @@ import traceback
 import warnings
 from pathlib import Path
 
-# before transformers is imported: every forked child inherits them
-os.environ.update(PYTHONWARNINGS="ignore", TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import onnxruntime  # noqa: F401  (imported once here, not in every child)
+import onnxscript  # noqa: F401
+import torch
+import torch.onnx  # noqa: F401
+import transformers
+from rewriter.targets.onnx_runtime import check_parity
+from transformers import CONFIG_MAPPING
+from transformers.models.auto import modeling_auto
 
-import onnxruntime  # noqa: E402, F401  (imported once here, not in every child)
-import onnxscript  # noqa: E402, F401
-import torch  # noqa: E402
-import torch.onnx  # noqa: E402, F401
-import transformers  # noqa: E402
-from rewriter.targets.onnx_runtime import check_parity  # noqa: E402
-from transformers import CONFIG_MAPPING  # noqa: E402
-from transformers.models.auto import modeling_auto  # noqa: E402
-
-import rewriter  # noqa: E402
-from rewriter import FP8Config, MoEConfig  # noqa: E402
-from rewriter.capture import first_float_output  # noqa: E402
-from rewriter.patterns import analyze_ffns  # noqa: E402
+import rewriter
+from rewriter import FP8Config, MoEConfig
+from rewriter.capture import first_float_output
+from rewriter.patterns import analyze_ffns
 
 ROOT = Path(__file__).resolve().parents[1]
 JSONL = ROOT / "bench" / "results" / "support_matrix.jsonl"
@@ -567,8 +563,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _child(arch: tuple[str, str, str], row_path: Path) -> None:
-    """One architecture in a forked child: its own copy of the parent's imports and state."""
+    """One architecture in a forked child: its own copy of the parent's imports and state;
+    one thread, offline, quiet."""
     torch.set_num_threads(1)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    transformers.logging.set_verbosity_error()
     with contextlib.redirect_stdout(io.StringIO()):
         try:
             run_one(*arch, row_path)
