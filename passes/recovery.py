@@ -183,10 +183,15 @@ def _call(model: nn.Module, batch: _Batch) -> Any:
     return model(*args, **kwargs)
 
 
+def _first_tensor(batch: _Batch) -> torch.Tensor:
+    args, kwargs = batch
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+
+
 def _rows(batch: _Batch) -> list[_Batch]:
     """A batch of B sequences -> B batches of one (tensors sliced, other inputs kept)."""
     args, kwargs = batch
-    first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+    first = _first_tensor(batch)
 
     def take(v: Any, i: int) -> Any:
         return v[i:i + 1] if isinstance(v, torch.Tensor) else v
@@ -207,8 +212,7 @@ def _stack(items: list[_Batch]) -> _Batch:
 
 
 def _tokens(batch: _Batch) -> int:
-    args, kwargs = batch
-    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).numel()
+    return _first_tensor(batch).numel()
 
 
 def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
