@@ -611,15 +611,14 @@ def _sweep(todo: list[tuple[str, str, str]], jobs: int, timeout: float):
             running[proc.sentinel] = (proc, arch, row_path, time.time())
         ready = set(multiprocessing.connection.wait(list(running), timeout=1.0))
         for sentinel, (proc, arch, row_path, t0) in list(running.items()):
-            late = time.time() - t0 > timeout
-            if sentinel not in ready and not late:
+            killed = sentinel not in ready and time.time() - t0 > timeout
+            if sentinel not in ready and not killed:
                 continue
-            if late and sentinel not in ready:
+            if killed:
                 proc.kill()
             proc.join()
             del running[sentinel]
-            yield _finish(arch, row_path, time.time() - t0, late and sentinel not in ready,
-                          timeout)
+            yield _finish(arch, row_path, time.time() - t0, killed, timeout)
 
 
 if __name__ == "__main__":
