@@ -19,8 +19,10 @@ Models (``--models``), library defaults throughout (no tuning here)::
 
     dense        SmolLM2-135M fp32
     fp8-w8a8     FP8Config(): W8A8, activations 1x128, weights 128x128 (E4M3, FP32 accumulation),
-                 given the calibration batches: GPTQ weight rounding (weight_rounding="auto")
+                 given the calibration batches: GPTQ weight rounding (weight_rounding="auto"),
+                 the most sensitive linears kept in high precision (high_precision_budget=0.05)
     fp8-w8a16    FP8Config(activations="none"): weights only, GPTQ rounding likewise
+    fp8-*-all    the same with high_precision_budget=0 (every linear but the head FP8)
     fp8-*-nearest  the same with weight_rounding="nearest" (the rounding before GPTQ)
     moe-75       MoEConfig(num_experts=128, top_k=32, shared_width=1024): 1024 shared + 128 x 4,
                  75% of each FFN's neurons active (the best 75% layout on pydoc, BENCHMARKS.md)
@@ -64,10 +66,15 @@ from rewriter import FP8Config, MoEConfig, RecoveryConfig  # noqa: E402
 
 MODELS = {
     "dense": ("SmolLM2-135M fp32", None),
-    "fp8-w8a8": ("FP8 W8A8 1x128 / 128x128, FP8Config(), calibrated (GPTQ rounding)",
-                 FP8Config()),
+    "fp8-w8a8": ("FP8 W8A8 1x128 / 128x128, FP8Config(), calibrated (GPTQ rounding, the "
+                 "most sensitive linears up to 5% kept)", FP8Config()),
     "fp8-w8a16": ("FP8 W8A16 (weights only), FP8Config(activations=\"none\"), calibrated "
-                  "(GPTQ rounding)", FP8Config(activations="none")),
+                  "(GPTQ rounding, the most sensitive linears up to 5% kept)",
+                  FP8Config(activations="none")),
+    "fp8-w8a8-all": ("FP8 W8A8, FP8Config(high_precision_budget=0): GPTQ, every linear FP8",
+                     FP8Config(high_precision_budget=0.0)),
+    "fp8-w8a16-all": ("FP8 W8A16, FP8Config(activations=\"none\", high_precision_budget=0)",
+                      FP8Config(activations="none", high_precision_budget=0.0)),
     "fp8-w8a8-nearest": ("FP8 W8A8, FP8Config(weight_rounding=\"nearest\")",
                          FP8Config(weight_rounding="nearest")),
     "fp8-w8a16-nearest": ("FP8 W8A16, FP8Config(activations=\"none\", "

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 from rewriter.models.moe import MoEFFN
+from rewriter.targets.fp8 import dequantize_blockwise
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead
 from rewriter.targets.fp8_linear import (
     ACTIVATION_MODES,
@@ -40,6 +41,7 @@ from rewriter.projections import find_projections
 
 from .cleanup import is_identity_op
 from .gptq import DEFAULT_DAMPENING, collect_input_hessians, gptq_quantize_blockwise
+from .sensitivity import choose_high_precision, fisher_sensitivity
 
 __all__ = [
     "FP8Config",
@@ -49,6 +51,7 @@ __all__ = [
     "find_output_heads",
     "find_routers",
     "gptq_rounding",
+    "keep_sensitive",
     "uses_gptq",
     "WEIGHT_ROUNDINGS",
 ]
@@ -76,6 +79,11 @@ class FP8Config:
     given calibration batches and the mode is inference, nearest otherwise). GPTQ applies to
     the swapped linears; MoE experts and embeddings round to nearest. ``gptq_dampening``: the
     ridge added to the input Hessian's diagonal, as a fraction of its mean.
+    ``high_precision_budget``: where GPTQ rounds, the linears whose rounding costs the most
+    (diagonal-Fisher sensitivity on the calibration batches, :mod:`rewriter.passes.sensitivity`)
+    stay in high precision, most sensitive first, up to this fraction of the GPTQ-rounded
+    linears' parameters (0: none; each kept one is reported with its score and rank). The
+    default 0.05 was chosen on text of other domains than the calibration text (BENCHMARKS.md).
     """
 
     mode: str = "inference"
@@ -86,6 +94,7 @@ class FP8Config:
     cache_dequantized: bool = True
     weight_rounding: str = "auto"
     gptq_dampening: float = DEFAULT_DAMPENING
+    high_precision_budget: float = 0.05
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -117,6 +126,11 @@ class FP8Config:
                 not 0 < self.gptq_dampening < float("inf"):
             raise ValueError(f"FP8Config.gptq_dampening must be a positive number, got "
                              f"{self.gptq_dampening!r}")
+        if isinstance(self.high_precision_budget, bool) or \
+                not isinstance(self.high_precision_budget, (int, float)) or \
+                not 0 <= self.high_precision_budget < 1:
+            raise ValueError(f"FP8Config.high_precision_budget must be a fraction in [0, 1), "
+                             f"got {self.high_precision_budget!r}")
         if self.embeddings == "fp8" and self.mode != "inference":
             raise ValueError("FP8Config.embeddings='fp8' stores the tables FP8 for deployment: "
                              "it needs mode='inference'")
@@ -336,6 +350,36 @@ def gptq_rounding(model: nn.Module, decisions: list[LoweringDecision], config: F
             d = replace(d, reason=f"{d.reason} (nearest rounding: GPTQ covers linears only)")
         noted.append(d)
     return out, noted
+
+
+def keep_sensitive(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config,
+                   quantized: Mapping[str, tuple[Tensor, Tensor]], batches: list, *,
+                   progress: bool | None = None
+                   ) -> tuple[dict[str, tuple[Tensor, Tensor]], list[LoweringDecision]]:
+    """Keep the GPTQ-rounded linears whose rounding costs the most in high precision, within
+    ``config.high_precision_budget`` of their parameters (see :mod:`.sensitivity`); ``model``
+    unchanged. Returns ``(quantized without them, decisions with them not lowered)``."""
+    if config.high_precision_budget <= 0 or not quantized:
+        return dict(quantized), decisions
+    kinds = {d.fqn: d.kind for d in decisions}
+    rounded = {}
+    for fqn, (q, s) in quantized.items():
+        w = dequantize_blockwise(q, s).to(model.get_submodule(fqn).weight.dtype)  # (N, K)
+        rounded[fqn] = w.t() if kinds[fqn] == "conv1d" else w  # the module's weight layout
+    scores = fisher_sensitivity(model, rounded, batches, progress=progress)
+    sizes = {fqn: w.numel() for fqn, w in rounded.items()}
+    kept = choose_high_precision(scores, sizes, config.high_precision_budget)
+    total = sum(scores.values()) or 1.0
+    rank = {fqn: i + 1 for i, fqn in enumerate(sorted(scores, key=lambda f: (-scores[f], f)))}
+    noted = []
+    for d in decisions:
+        if d.fqn in kept:
+            d = replace(d, lowered=False, reason=(
+                f"kept in high precision: FP8 rounding sensitivity rank {rank[d.fqn]} of "
+                f"{len(scores)} ({scores[d.fqn] / total:.1%} of the Fisher-weighted rounding "
+                f"error; FP8Config.high_precision_budget={config.high_precision_budget})"))
+        noted.append(d)
+    return {f: v for f, v in quantized.items() if f not in kept}, noted
 
 
 def apply_fp8(model: nn.Module, decisions: list[LoweringDecision], config: FP8Config,

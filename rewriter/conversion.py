@@ -29,7 +29,14 @@ from rewriter.passes.ffn_to_moe import (
     plan_experts,
     split_error,
 )
-from rewriter.passes.lower_fp8 import FP8Config, apply_fp8, gptq_rounding, plan_fp8, uses_gptq
+from rewriter.passes.lower_fp8 import (
+    FP8Config,
+    apply_fp8,
+    gptq_rounding,
+    keep_sensitive,
+    plan_fp8,
+    uses_gptq,
+)
 from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
 from rewriter.passes.recovery import RecoveryConfig, recover
 
@@ -379,6 +386,8 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
     if uses_gptq(fp8, bool(calibration)):
         quantized, decisions = gptq_rounding(model, decisions, fp8, calibration,
                                              progress=progress)
+        quantized, decisions = keep_sensitive(model, decisions, fp8, quantized, calibration,
+                                              progress=progress)
     target = model if inplace else _copy(model)
     apply_fp8(target, decisions, fp8, quantized)
     info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions),

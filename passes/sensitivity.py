@@ -1,0 +1,114 @@
+"""Which lowered linears lose the most to FP8 rounding, and which to keep in high precision.
+
+Score of a linear with weight W (N, K) rounded to W' (its FP8 codes dequantized):
+
+    s = sum over calibration sequences of  sum_ij (dL_seq / dW_ij)^2 * (W'_ij - W_ij)^2
+
+the diagonal empirical-Fisher estimate of how much the loss grows when this linear alone is
+rounded (the second-order sensitivity of HAWQ-V2, Dong et al. 2020, and SqueezeLLM, Kim et al.
+2023). ``L_seq``: the next-token loss of the sequence when the model's first float output is
+language-model logits (B, T, V) over the batch's ``input_ids``; otherwise a seeded Rademacher
+projection of that output (a Hutchinson estimate of the Gauss-Newton diagonal), so every model
+gets a score without labels.
+
+:func:`choose_high_precision` keeps the largest scores first, within a budget of the lowered
+linears' parameters (the rest stay FP8). The model is left as it was: weights, ``requires_grad``
+flags, ``.grad`` and train/eval modes.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from rewriter.capture import first_float_output, normalize_inputs
+from rewriter.errors import InputError
+
+__all__ = ["fisher_sensitivity", "choose_high_precision", "sequence_loss"]
+
+
+def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Generator) -> Tensor:
+    """The scalar whose gradient measures sensitivity for one sequence's ``output``:
+    next-token cross-entropy when the output is logits (1, T, V) over ``input_ids`` (1, T),
+    else ``<v, output>`` for a Rademacher ``v`` drawn from ``generator``.
+    Raises :class:`InputError` when the output has no float tensor."""
+    y = first_float_output(output)
+    if y is None:
+        raise InputError("FP8 sensitivity: the model's output has no float tensor to measure")
+    ids = input_ids
+    if (isinstance(ids, Tensor) and y.dim() == 3 and ids.dim() == 2 and
+            tuple(y.shape[:2]) == tuple(ids.shape) and ids.shape[1] > 1 and
+            int(ids.max()) < y.shape[-1]):
+        return F.cross_entropy(y[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    v = torch.randint(0, 2, y.shape, generator=generator).to(y) * 2 - 1
+    return (v * y).sum()
+
+
+def _rows(batch: Any) -> list[Any]:
+    """A dict batch split into its sequences (tensors sharing the first dim of input_ids)."""
+    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), Tensor):
+        return [batch]
+    n = batch["input_ids"].shape[0]
+    return [{k: v[i:i + 1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
+             for k, v in batch.items()} for i in range(n)]
+
+
+def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches: Iterable[Any],
+                       *, seed: int = 0, progress: bool | None = None) -> dict[str, float]:
+    """FQN -> score (see the module doc) for every linear named in ``rounded`` (FQN -> its
+    rounded weight, dequantized, the shape of the module's ``weight``). One backward pass per
+    calibration sequence. Raises :class:`InputError` naming a batch that cannot run."""
+    params = {fqn: model.get_submodule(fqn).weight for fqn in rounded}
+    fisher = {fqn: torch.zeros_like(p, dtype=torch.float32) for fqn, p in params.items()}
+    flags = {fqn: p.requires_grad for fqn, p in params.items()}
+    modes = [(m, m.training) for m in model.modules()]
+    generator = torch.Generator().manual_seed(seed)
+    sequences = [s for b in batches for s in _rows(b)]
+    show = sys.stderr.isatty() if progress is None else progress
+    model.eval()
+    try:
+        for p in params.values():
+            p.requires_grad_(True)
+        for i, seq in enumerate(tqdm(sequences, desc="FP8 sensitivity", unit="seq",
+                                     disable=not show)):
+            args, kwargs = normalize_inputs(seq)
+            try:
+                with torch.enable_grad():
+                    loss = sequence_loss(model(*args, **kwargs), kwargs.get("input_ids"),
+                                         generator)
+                    grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+            except InputError:
+                raise
+            except Exception as exc:
+                raise InputError(f"calibration sequence {i} cannot run forward and backward "
+                                 f"for FP8 sensitivity: {type(exc).__name__}: {exc}") from exc
+            for fqn, g in zip(params, grads):
+                if g is not None:
+                    fisher[fqn] += g.detach().float() ** 2
+    finally:
+        for fqn, p in params.items():
+            p.requires_grad_(flags[fqn])
+        for m, was_training in modes:
+            m.train(was_training)
+    with torch.no_grad():
+        return {fqn: float((fisher[fqn] * (rounded[fqn].float() - params[fqn].float()) ** 2)
+                           .sum()) for fqn in params}
+
+
+def choose_high_precision(scores: Mapping[str, float], sizes: Mapping[str, int],
+                          budget: float) -> list[str]:
+    """The FQNs to keep in high precision: largest score first, each taken while the kept
+    parameters stay within ``budget`` (a fraction) of ``sum(sizes)``; ties in name order."""
+    total = sum(sizes.values())
+    kept, used = [], 0
+    for fqn in sorted(scores, key=lambda f: (-scores[f], f)):
+        if scores[fqn] > 0 and used + sizes[fqn] <= budget * total:
+            kept.append(fqn)
+            used += sizes[fqn]
+    return kept
