@@ -139,7 +139,8 @@ def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
         mode = "training" if training else args.fp8_mode
         fp8 = FP8Config(mode=mode, activations="fp8" if mode == "training"
                         else args.fp8_activations,
-                        weight_rounding="auto" if mode == "training" else args.fp8_rounding)
+                        weight_rounding="auto" if mode == "training" else args.fp8_rounding,
+                        high_precision_budget=args.fp8_high_precision)
     recipe = args.recipe
     if getattr(args, "active", None) is not None:
         if recipe is None:
@@ -333,6 +334,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {value}")
+    return value
+
+
 def _non_negative(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -391,6 +399,11 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="how inference-mode FP8 weights are rounded: gptq (error-compensating, "
                         "on the calibration text), nearest, or auto (default: gptq when "
                         "calibrating)")
+    g.add_argument("--fp8-high-precision", type=_fraction,
+                   default=FP8Config.high_precision_budget, metavar="FRACTION",
+                   help="where GPTQ rounds, keep the linears whose rounding costs the most in "
+                        "high precision, up to this fraction of their parameters (default "
+                        f"{FP8Config.high_precision_budget}; 0: every linear FP8)")
     g.add_argument("--recover", action="store_true",
                    help="after the MoE rewrite, train every MoE block to reproduce the dense "
                         "FFN it replaced (block-wise distillation on the calibration text)")

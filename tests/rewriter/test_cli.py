@@ -5,6 +5,7 @@ import sys
 import pytest
 from rewriter.models.moe import GATE_MODES
 from rewriter.passes.allocation import ALLOCATIONS
+from rewriter.passes.lower_fp8 import FP8Config
 from rewriter.targets.fp8_linear import ACTIVATION_MODES
 
 from rewriter import errors
@@ -148,6 +149,18 @@ def test_fp8_rounding_flag_reaches_the_config_and_training_ignores_it():
         == "auto"
     args = parse(["convert", "llama-tiny", "--fp8", "--fp8-rounding", "gptq"])
     assert _conversion_configs(args, training=True)[2].weight_rounding == "auto"
+
+
+def test_fp8_high_precision_flag_reaches_the_config_and_refuses_non_fractions(capsys):
+    parse = build_parser().parse_args
+    args = parse(["convert", "llama-tiny", "--fp8", "--fp8-high-precision", "0"])
+    assert _conversion_configs(args)[2].high_precision_budget == 0.0
+    default = _conversion_configs(parse(["convert", "llama-tiny", "--fp8"]))[2]
+    assert default.high_precision_budget == FP8Config().high_precision_budget == 0.05
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(SystemExit):
+            parse(["convert", "llama-tiny", "--fp8", "--fp8-high-precision", bad])
+        assert "--fp8-high-precision: must be a fraction" in capsys.readouterr().err
 
 
 def test_convert_fp8_only_rounds_with_gptq_on_the_calibration_text(capsys):
