@@ -7,7 +7,8 @@ Score of a linear with weight W (N, K) rounded to W' (its FP8 codes dequantized)
 the diagonal empirical-Fisher estimate of how much the loss grows when this linear alone is
 rounded (the second-order sensitivity of HAWQ-V2, Dong et al. 2020, and SqueezeLLM, Kim et al.
 2023). ``L_seq``: the next-token loss of the sequence when the model's first float output is
-language-model logits (B, T, V) over the batch's ``input_ids``; otherwise a seeded Rademacher
+language-model logits (B, T, V) over the batch's token ids (``input_ids``, or the first
+positional integer tensor); otherwise a seeded Rademacher
 projection of that output (a Hutchinson estimate of the Gauss-Newton diagonal), so every model
 gets a score without labels.
 
@@ -50,13 +51,36 @@ def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Genera
     return (v * y).sum()
 
 
+def _split(value: Any, n: int, i: int) -> Any:
+    return value[i:i + 1] if isinstance(value, Tensor) and value.dim() and value.shape[0] == n \
+        else value
+
+
 def _rows(batch: Any) -> list[Any]:
-    """A dict batch split into its sequences (tensors sharing the first dim of input_ids)."""
-    if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), Tensor):
+    """A batch (a tensor, a tuple or a dict, as ``convert`` takes them) split into its
+    sequences: every tensor whose first dim is the batch size is sliced; others are shared."""
+    values = list(batch.values()) if isinstance(batch, Mapping) else \
+        list(batch) if isinstance(batch, (tuple, list)) else [batch]
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    first = ids if isinstance(ids, Tensor) else next(
+        (v for v in values if isinstance(v, Tensor) and v.dim()), None)
+    if first is None:
         return [batch]
-    n = batch["input_ids"].shape[0]
-    return [{k: v[i:i + 1] if isinstance(v, Tensor) and v.dim() and v.shape[0] == n else v
-             for k, v in batch.items()} for i in range(n)]
+    n = first.shape[0]
+    if isinstance(batch, Mapping):
+        return [{k: _split(v, n, i) for k, v in batch.items()} for i in range(n)]
+    if isinstance(batch, (tuple, list)):
+        return [type(batch)(_split(v, n, i) for v in batch) for i in range(n)]
+    return [_split(batch, n, i) for i in range(n)]
+
+
+def _token_ids(args: tuple, kwargs: dict) -> Tensor | None:
+    """The batch's token ids: ``input_ids``, else the first positional integer tensor."""
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, Tensor):
+        return ids
+    return next((a for a in args if isinstance(a, Tensor) and not a.is_floating_point()
+                 and not a.is_complex() and a.dtype != torch.bool), None)
 
 
 def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches: Iterable[Any],
@@ -80,7 +104,7 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
             args, kwargs = normalize_inputs(seq)
             try:
                 with torch.enable_grad():
-                    loss = sequence_loss(model(*args, **kwargs), kwargs.get("input_ids"),
+                    loss = sequence_loss(model(*args, **kwargs), _token_ids(args, kwargs),
                                          generator)
                     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             except InputError:

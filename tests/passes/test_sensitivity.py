@@ -61,6 +61,9 @@ def test_fisher_sensitivity_is_the_diagonal_fisher_times_the_squared_rounding_er
             fisher += g ** 2
         ref[name] = float((fisher * (rounded[name] - w.detach()) ** 2).sum())
     assert scores == pytest.approx(ref, rel=1e-6)
+    # positional batches (a tuple, a bare tensor) are split and scored the same way
+    positional = fisher_sensitivity(model, rounded, [(ids[:2],), ids[2:]], progress=False)
+    assert positional == pytest.approx(ref, rel=1e-6)
     assert all(v > 0 for v in scores.values())
     # the model is as it was: weights, flags, grads, mode
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
@@ -163,3 +166,44 @@ def test_convert_keeps_the_most_sensitive_linears_in_high_precision():
 def test_bad_budget_is_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="high_precision_budget"):
         FP8Config(high_precision_budget=bad)
+
+
+@pytest.mark.parametrize("name", ["hf:gpt2", "hf:bert", "hf:phi3", "gpt-tiny", "bert-tiny"])
+def test_other_architectures_and_layouts_keep_their_most_sensitive_linears(name):
+    """GPT-2's Conv1D (weights stored (in, out)), a fused gate_up, encoders whose output is
+    hidden states or MLM logits: the kept modules are the originals, the rest FP8."""
+    from tests._zoo import CASES
+
+    case = {c.name: c for c in CASES}[name]
+    dense = case.build().eval()
+    calib = [case.inputs(dense, 2, 13, seed=s) for s in (1, 2)]
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    out = {}
+    for budget in (0.0, 0.3):
+        out[budget] = rewriter.convert(
+            dense, fp8=FP8Config(activations="none", high_precision_budget=budget),
+            example_inputs=calib[0], calibration=calib, progress=False)
+    decisions = out[0.3].rewriter_conversion.fp8_decisions
+    kept = [d for d in decisions if "rounding sensitivity" in d.reason]
+    fp8 = [d for d in decisions if d.lowered and d.kind in ("linear", "conv1d")]
+    assert kept and fp8
+    assert sum(d.params for d in kept) <= 0.3 * sum(d.params for d in kept + fp8)
+    originals = dict(dense.named_modules())
+    for d in kept:
+        module = out[0.3].get_submodule(d.fqn)
+        assert type(module) is type(originals[d.fqn])
+        assert torch.equal(module.weight, before[d.fqn + ".weight"])
+    assert all(isinstance(out[0.3].get_submodule(d.fqn), FP8Linear) for d in fp8)
+    assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
+    x = case.inputs(dense, 3, 11, seed=5)  # held-out inputs
+
+    def first(o):
+        return o if isinstance(o, torch.Tensor) else o[0]
+
+    def run(m):
+        return first(m(**x) if isinstance(x, dict) else m(*x) if isinstance(x, tuple) else m(x))
+
+    with torch.no_grad():
+        ref = run(dense)
+        errs = {b: (run(m) - ref).abs().max() for b, m in out.items()}
+    assert 0 < errs[0.3] < errs[0.0]
