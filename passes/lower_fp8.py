@@ -5,7 +5,9 @@ owning module computes exactly that projection, and every MoE block's routed exp
 Checks: DeepSeek-V3's high-precision list is kept by default: the output head (a projection with
 no projection downstream whose result reaches the output through single-input ops only), the
 MoE router, embeddings, norms and attention's softmax path (not projections, never touched);
-plus the user's ``filter_fn(module, fqn)``. Emits:
+plus the user's ``filter_fn(module, fqn)``; plus, where GPTQ rounds on calibration batches,
+the linears whose rounding costs the most (:func:`keep_sensitive`,
+``FP8Config.high_precision_budget``). Emits:
 :class:`rewriter.targets.fp8_linear.FP8Linear` / :class:`~rewriter.targets.fp8_linear.FP8MoEFFN`
 swapped into the model, and a report of what was lowered and what was skipped, with the reason.
 Opt-in (``embeddings="fp8"``, deployment): embedding tables ->
