@@ -8,9 +8,9 @@ the diagonal empirical-Fisher estimate of how much the loss grows when this line
 rounded (the second-order sensitivity of HAWQ-V2, Dong et al. 2020, and SqueezeLLM, Kim et al.
 2023). ``L_seq``: the next-token loss of the sequence when the model's first float output is
 language-model logits (B, T, V) over the batch's token ids (``input_ids``, or the first
-positional integer tensor); otherwise a seeded Rademacher
-projection of that output (a Hutchinson estimate of the Gauss-Newton diagonal), so every model
-gets a score without labels.
+positional integer tensor); otherwise a seeded Rademacher projection of that output (a
+Hutchinson estimate of the Gauss-Newton diagonal), so every model gets a score without labels.
+Padded positions (``attention_mask`` 0) count in neither, as in every calibration statistic.
 
 :func:`choose_high_precision` keeps the largest scores first, within a budget of the lowered
 linears' parameters (the rest stay FP8). The model is left as it was: weights, ``requires_grad``
@@ -34,20 +34,34 @@ from rewriter.errors import InputError
 __all__ = ["fisher_sensitivity", "choose_high_precision", "sequence_loss"]
 
 
-def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Generator) -> Tensor:
+def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Generator,
+                  attention_mask: Tensor | None = None) -> Tensor:
     """The scalar whose gradient measures sensitivity for one sequence's ``output``:
     next-token cross-entropy when the output is logits (1, T, V) over ``input_ids`` (1, T),
-    else ``<v, output>`` for a Rademacher ``v`` drawn from ``generator``.
+    else ``<v, output>`` for a Rademacher ``v`` drawn from ``generator``. Positions where
+    ``attention_mask`` (1, T) is 0 (padding) count in neither: not as targets, not as outputs.
     Raises :class:`InputError` when the output has no float tensor."""
     y = first_float_output(output)
     if y is None:
         raise InputError("FP8 sensitivity: the model's output has no float tensor to measure")
     ids = input_ids
+    real = None
+    if isinstance(attention_mask, Tensor) and y.dim() >= 2 and \
+            tuple(attention_mask.shape) == tuple(y.shape[:2]):
+        real = attention_mask != 0  # (1, T)
     if (isinstance(ids, Tensor) and y.dim() == 3 and ids.dim() == 2 and
             tuple(y.shape[:2]) == tuple(ids.shape) and ids.shape[1] > 1 and
             int(ids.max()) < y.shape[-1]):
-        return F.cross_entropy(y[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        targets = ids[:, 1:]
+        if real is not None:  # a target counts when it and the position predicting it are real
+            targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+        if not (targets != -100).any():
+            return y.sum() * 0.0  # nothing real to predict: no gradient
+        return F.cross_entropy(y[:, :-1].flatten(0, 1).float(), targets.flatten(),
+                               ignore_index=-100)
     v = torch.randint(0, 2, y.shape, generator=generator).to(y) * 2 - 1
+    if real is not None:
+        v = v * real.reshape(*real.shape, *([1] * (y.dim() - 2))).to(v)
     return (v * y).sum()
 
 
@@ -105,7 +119,7 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
             try:
                 with torch.enable_grad():
                     loss = sequence_loss(model(*args, **kwargs), _token_ids(args, kwargs),
-                                         generator)
+                                         generator, kwargs.get("attention_mask"))
                     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             except InputError:
                 raise

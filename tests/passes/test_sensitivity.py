@@ -207,3 +207,39 @@ def test_other_architectures_and_layouts_keep_their_most_sensitive_linears(name)
         ref = run(dense)
         errs = {b: (run(m) - ref).abs().max() for b, m in out.items()}
     assert 0 < errs[0.3] < errs[0.0]
+
+
+def test_padded_positions_count_in_no_score():
+    """Right padding (attention_mask 0) scores like the real tokens alone; a garbage pad id
+    and a different pad length change nothing."""
+    dense = _tiny_llama()
+    names = ["model.layers.0.mlp.down_proj", "model.layers.1.self_attn.o_proj"]
+    rounded = _perturbed(dense, names, seed=6)
+    g = torch.Generator().manual_seed(7)
+    real = torch.randint(0, 97, (2, 11), generator=g)
+    plain = fisher_sensitivity(dense, rounded, [{"input_ids": real}], progress=False)
+    for pad in (3, 9):
+        ids = torch.cat([real, torch.randint(0, 97, (2, pad), generator=g)], 1)
+        mask = torch.cat([torch.ones(2, 11, dtype=torch.long),
+                          torch.zeros(2, pad, dtype=torch.long)], 1)
+        padded = fisher_sensitivity(dense, rounded, [{"input_ids": ids, "attention_mask": mask}],
+                                    progress=False)
+        assert padded == pytest.approx(plain, rel=1e-4)
+        unmasked = fisher_sensitivity(dense, rounded, [{"input_ids": ids}], progress=False)
+        assert unmasked != pytest.approx(plain, rel=1e-2)  # the pads would have counted
+
+
+def test_sequence_loss_leaves_padding_out_of_both_forms():
+    from rewriter.passes.sensitivity import sequence_loss
+
+    g = torch.Generator().manual_seed(8)
+    logits = torch.randn(1, 6, 11, generator=g, requires_grad=True)
+    ids = torch.randint(0, 11, (1, 6), generator=g)
+    none = sequence_loss(logits, ids, g, torch.zeros(1, 6, dtype=torch.long))
+    assert none.item() == 0.0 and torch.isfinite(none)
+    hidden = torch.randn(1, 6, 5, generator=g, requires_grad=True)  # not logits over ids
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0]])
+    (grad,) = torch.autograd.grad(sequence_loss(hidden, None, g, mask), hidden)
+    assert (grad[0, 4:] == 0).all() and (grad[0, :4].abs() == 1).all()
+    with pytest.raises(InputError, match="no float tensor"):
+        sequence_loss({"ids": ids}, ids, g)
