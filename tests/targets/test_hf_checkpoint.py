@@ -174,6 +174,28 @@ def test_fp8_only_model_keeps_its_architecture(tmp_path):
     assert rel(got["logits"], want["logits"]) <= 1e-5
 
 
+def test_linears_kept_in_high_precision_are_left_unconverted_by_the_fp8_loader(tmp_path):
+    """GPTQ + the sensitivity-kept linears (FP8Config.high_precision_budget): the kept ones are
+    written in high precision and named in modules_to_not_convert; vanilla transformers matches."""
+    model = build_hf("qwen2", hidden_size=128, intermediate_size=256)
+    x = hf_example_inputs(model, 2, 11)
+    calib = [hf_example_inputs(model, 2, 17, seed=s) for s in (3, 4)]
+    conv = rewriter.convert(model, fp8=FP8Config(activations="none", high_precision_budget=0.3),
+                            example_inputs=x, calibration=calib)
+    kept = [d.fqn for d in conv.rewriter_conversion.fp8_decisions
+            if "rounding sensitivity" in d.reason]
+    assert kept
+    path = rewriter.save(conv, tmp_path / "hf", format="hf")
+    q = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert set(kept) <= set(q["modules_to_not_convert"])
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        for fqn in kept:
+            assert f.get_tensor(fqn + ".weight").dtype == torch.float32
+            assert fqn + ".weight_scale_inv" not in f.keys()
+    got, want = vanilla_run(path, x["input_ids"]), ours(conv, x["input_ids"])
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+
+
 # ----------------------------------------------------------------------------- refusals
 
 
