@@ -18,6 +18,7 @@ Opt-in (``embeddings="fp8"``, deployment): embedding tables ->
 from __future__ import annotations
 
 import inspect
+import numbers
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -83,8 +84,10 @@ class FP8Config:
     ridge added to the input Hessian's diagonal, as a fraction of its mean.
     ``high_precision_budget``: where GPTQ rounds, the linears whose rounding costs the most
     (diagonal-Fisher sensitivity on the calibration batches, :mod:`rewriter.passes.sensitivity`)
-    stay in high precision, most sensitive first, up to this fraction of the GPTQ-rounded
-    linears' parameters (0: none; each kept one is reported with its score and rank). The
+    stay in high precision, most sensitive first (above-mean scores only), up to this fraction
+    of the GPTQ-rounded linears' weight parameters (0: none; every rounded linear's reason gives
+    its rank and share; GPTQ rounds in inference mode, with calibration, unless
+    ``weight_rounding="nearest"``: elsewhere the budget does nothing). The
     default 0.05 was chosen on text of other domains than the calibration text (BENCHMARKS.md).
     """
 
@@ -129,7 +132,7 @@ class FP8Config:
             raise ValueError(f"FP8Config.gptq_dampening must be a positive number, got "
                              f"{self.gptq_dampening!r}")
         if isinstance(self.high_precision_budget, bool) or \
-                not isinstance(self.high_precision_budget, (int, float)) or \
+                not isinstance(self.high_precision_budget, numbers.Real) or \
                 not 0 <= self.high_precision_budget < 1:
             raise ValueError(f"FP8Config.high_precision_budget must be a fraction in [0, 1), "
                              f"got {self.high_precision_budget!r}")
@@ -380,6 +383,11 @@ def keep_sensitive(model: nn.Module, decisions: list[LoweringDecision], config: 
                 f"kept in high precision: FP8 rounding sensitivity rank {rank[d.fqn]} of "
                 f"{len(scores)} ({scores[d.fqn] / total:.1%} of the Fisher-weighted rounding "
                 f"error; FP8Config.high_precision_budget={config.high_precision_budget})"))
+        elif d.fqn in scores and d.reason.endswith(")"):  # rounded: its rank, why not kept
+            why = ("below the mean" if scores[d.fqn] <= total / len(scores) else
+                   "over the budget")
+            d = replace(d, reason=f"{d.reason[:-1]}; sensitivity rank {rank[d.fqn]} of "
+                        f"{len(scores)}, {scores[d.fqn] / total:.1%}, {why})")
         noted.append(d)
     return {f: v for f, v in quantized.items() if f not in kept}, noted
 

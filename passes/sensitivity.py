@@ -12,9 +12,9 @@ positional integer tensor); otherwise a seeded Rademacher projection of that out
 Hutchinson estimate of the Gauss-Newton diagonal), so every model gets a score without labels.
 Padded positions (``attention_mask`` 0) count in neither, as in every calibration statistic.
 
-:func:`choose_high_precision` keeps the largest scores first, within a budget of the lowered
-linears' parameters (the rest stay FP8). The model is left as it was: weights, ``requires_grad``
-flags, ``.grad`` and train/eval modes.
+:func:`choose_high_precision` keeps the largest scores first (above the mean only), within a
+budget of the scored linears' weight parameters (the rest stay FP8). The model is left as it
+was: weights, ``requires_grad`` flags, ``.grad`` and train/eval modes.
 """
 
 from __future__ import annotations
@@ -142,11 +142,17 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
 def choose_high_precision(scores: Mapping[str, float], sizes: Mapping[str, int],
                           budget: float) -> list[str]:
     """The FQNs to keep in high precision: largest score first, each taken while the kept
-    parameters stay within ``budget`` (a fraction) of ``sum(sizes)``; ties in name order."""
+    parameters stay within ``budget`` (a fraction) of ``sum(sizes)`` (one that does not fit is
+    skipped, smaller ones after it may be taken); ties in name order. Only linears scoring
+    above the mean are candidates: a below-average one would cost memory for less error than
+    an average linear carries."""
     total = sum(sizes.values())
+    mean = sum(scores.values()) / max(len(scores), 1)
     kept, used = [], 0
     for fqn in sorted(scores, key=lambda f: (-scores[f], f)):
-        if scores[fqn] > 0 and used + sizes[fqn] <= budget * total:
+        if not scores[fqn] > mean:
+            break
+        if used + sizes[fqn] <= budget * total:
             kept.append(fqn)
             used += sizes[fqn]
     return kept

@@ -24,7 +24,7 @@ from rewriter.models.moe import GATE_MODES
 from rewriter.models.text import model_batches, split_ids, token_ids
 from rewriter.passes.allocation import ALLOCATIONS
 from rewriter.passes.ffn_to_moe import MoEConfig
-from rewriter.passes.lower_fp8 import WEIGHT_ROUNDINGS, FP8Config
+from rewriter.passes.lower_fp8 import WEIGHT_ROUNDINGS, FP8Config, uses_gptq
 from rewriter.passes.recovery import RecoveryConfig
 from rewriter.targets.fp8_linear import ACTIVATION_MODES
 from rewriter.targets.fp8_linear import MODES as FP8_MODES
@@ -135,12 +135,15 @@ def _conversion_configs(args: argparse.Namespace, *, training: bool = False):
                         shared_experts=args.shared, shared_width=args.shared_width,
                         gate=args.gate, allocation=args.allocation)
     fp8 = None
+    keep = getattr(args, "fp8_high_precision", None)  # None: FP8Config's default
     if args.fp8:
         mode = "training" if training else args.fp8_mode
         fp8 = FP8Config(mode=mode, activations="fp8" if mode == "training"
                         else args.fp8_activations,
                         weight_rounding="auto" if mode == "training" else args.fp8_rounding,
-                        high_precision_budget=args.fp8_high_precision)
+                        **({} if keep is None else {"high_precision_budget": keep}))
+    elif keep is not None:
+        raise InputError("--fp8-high-precision keeps linears out of FP8: give --fp8")
     recipe = args.recipe
     if getattr(args, "active", None) is not None:
         if recipe is None:
@@ -164,6 +167,9 @@ def _convert_from_args(args: argparse.Namespace, resolved: ResolvedModel, *,
                          or (fp8 is not None and fp8.weight_rounding != "nearest"))
     recovery = _recovery_config(args)
     seqs = max(args.calib_seqs, recovery.sequences if recovery else 0)
+    if getattr(args, "fp8_high_precision", None) is not None and not uses_gptq(fp8, seqs > 0):
+        raise InputError("--fp8-high-precision chooses among the linears GPTQ rounds: it needs "
+                         "--fp8-mode inference, --calib-seqs > 0 and --fp8-rounding auto or gptq")
     calib = (calibration_batches(resolved, seqs, args.calib_len)
              if needs_calibration and seqs > 0 else None)
     return convert(resolved.model, recipe=recipe, moe=moe, fp8=fp8,
@@ -335,9 +341,12 @@ def _positive(text: str) -> int:
 
 
 def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {value}")
+    try:
+        value = float(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1), got {text!r}")
     return value
 
 
@@ -399,10 +408,10 @@ def _add_conversion_args(p: argparse.ArgumentParser) -> None:
                    help="how inference-mode FP8 weights are rounded: gptq (error-compensating, "
                         "on the calibration text), nearest, or auto (default: gptq when "
                         "calibrating)")
-    g.add_argument("--fp8-high-precision", type=_fraction,
-                   default=FP8Config.high_precision_budget, metavar="FRACTION",
-                   help="where GPTQ rounds, keep the linears whose rounding costs the most in "
-                        "high precision, up to this fraction of their parameters (default "
+    g.add_argument("--fp8-high-precision", type=_fraction, default=None, metavar="FRACTION",
+                   help="of the linears GPTQ rounds (inference mode with calibration), keep "
+                        "those whose rounding costs the most in high precision, up to this "
+                        "fraction of their weights (default "
                         f"{FP8Config.high_precision_budget}; 0: every linear FP8)")
     g.add_argument("--recover", action="store_true",
                    help="after the MoE rewrite, train every MoE block to reproduce the dense "

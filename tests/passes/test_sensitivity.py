@@ -103,13 +103,14 @@ def test_a_batch_that_cannot_run_is_named():
 
 
 def test_choose_high_precision_takes_the_largest_scores_within_the_budget():
-    scores = {"a": 5.0, "b": 9.0, "c": 1.0, "d": 9.0, "e": 0.0}
-    sizes = {"a": 10, "b": 60, "c": 10, "d": 10, "e": 10}
-    # total 100, budget 25: d (9, tie broken by name after b) fits, b (60) does not, a fits,
-    # c would reach 30
+    scores = {"a": 5.0, "b": 9.0, "c": 1.0, "d": 9.0, "e": 0.0, "f": 4.0}  # mean 4.67
+    sizes = {"a": 10, "b": 60, "c": 10, "d": 10, "e": 10, "f": 10}
+    # total 110, budget 0.25 -> 27.5: b (60) does not fit and is skipped; d (9, after b by
+    # name) and a fit; f would fit but scores below the mean, and so do c and e
     assert choose_high_precision(scores, sizes, 0.25) == ["d", "a"]
     assert choose_high_precision(scores, sizes, 0.0) == []
-    assert choose_high_precision(scores, sizes, 0.95) == ["b", "d", "a", "c"]  # never score 0
+    assert choose_high_precision(scores, sizes, 0.95) == ["b", "d", "a"]
+    assert choose_high_precision({"x": 1.0, "y": 1.0}, {"x": 1, "y": 1}, 0.9) == []  # all equal
 
 
 def _tiny_llama():
@@ -141,6 +142,8 @@ def test_convert_keeps_the_most_sensitive_linears_in_high_precision():
         assert type(module) is nn.Linear and torch.equal(module.weight, before[d.fqn + ".weight"])
     for d in rounded:
         assert isinstance(conv.get_submodule(d.fqn), FP8Linear)
+        assert "sensitivity rank" in d.reason and ("below the mean" in d.reason or
+                                                   "over the budget" in d.reason)
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
     # the kept ones are the top of the ranking the report gives
     ranks = sorted(int(d.reason.split("rank ")[1].split()[0]) for d in kept)
@@ -162,10 +165,17 @@ def test_convert_keeps_the_most_sensitive_linears_in_high_precision():
     assert 0 < err_kept < err_none
 
 
-@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "5%", float("nan")])
+@pytest.mark.parametrize("bad", [-0.1, 1.0, True, "5%", float("nan"), None])
 def test_bad_budget_is_refused_naming_the_field(bad):
     with pytest.raises(ValueError, match="high_precision_budget"):
         FP8Config(high_precision_budget=bad)
+
+
+def test_any_real_number_is_a_budget():
+    import numpy as np
+
+    assert FP8Config(high_precision_budget=np.float32(0.25)).high_precision_budget == 0.25
+    assert FP8Config(high_precision_budget=0).high_precision_budget == 0
 
 
 @pytest.mark.parametrize("name", ["hf:gpt2", "hf:bert", "hf:phi3", "gpt-tiny", "bert-tiny"])

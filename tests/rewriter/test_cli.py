@@ -157,10 +157,29 @@ def test_fp8_high_precision_flag_reaches_the_config_and_refuses_non_fractions(ca
     assert _conversion_configs(args)[2].high_precision_budget == 0.0
     default = _conversion_configs(parse(["convert", "llama-tiny", "--fp8"]))[2]
     assert default.high_precision_budget == FP8Config().high_precision_budget == 0.05
-    for bad in ("1.5", "-0.1"):
+    for bad in ("1.5", "-0.1", "abc"):
         with pytest.raises(SystemExit):
             parse(["convert", "llama-tiny", "--fp8", "--fp8-high-precision", bad])
-        assert "--fp8-high-precision: must be a fraction" in capsys.readouterr().err
+        assert f"--fp8-high-precision: must be a fraction in [0, 1), got '{bad}'" in \
+            capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra", [["--fp8-rounding", "nearest"], ["--fp8-mode", "training"],
+                                   ["--calib-seqs", "0"], None])
+def test_fp8_high_precision_flag_is_refused_where_gptq_does_not_round(extra, capsys):
+    argv = ["convert", "llama-tiny", "--fp8-high-precision", "0.3"]
+    argv += ["--fp8", *extra] if extra else []
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--fp8-high-precision" in err and ("GPTQ" in err or "--fp8" in err)
+
+
+def test_convert_reports_every_rounded_linears_sensitivity_rank(capsys):
+    assert main(["convert", "llama-tiny", "--fp8", "--calib-seqs", "2",
+                 "--fp8-high-precision", "0.3"]) == 0
+    out = capsys.readouterr().out
+    assert "kept in high precision: FP8 rounding sensitivity rank 1 of" in out
+    assert "sensitivity rank" in out and ("below the mean" in out or "over the budget" in out)
 
 
 def test_convert_fp8_only_rounds_with_gptq_on_the_calibration_text(capsys):
