@@ -44,7 +44,7 @@ from rewriter.projections import find_projections
 
 from .cleanup import is_identity_op
 from .gptq import DEFAULT_DAMPENING, collect_input_hessians, gptq_quantize_blockwise
-from .sensitivity import choose_high_precision, fisher_sensitivity
+from .sensitivity import choose_high_precision, fisher_sensitivity, ranking
 
 __all__ = [
     "FP8Config",
@@ -375,7 +375,7 @@ def keep_sensitive(model: nn.Module, decisions: list[LoweringDecision], config: 
     sizes = {fqn: w.numel() for fqn, w in rounded.items()}
     kept = choose_high_precision(scores, sizes, config.high_precision_budget)
     total = sum(scores.values()) or 1.0
-    rank = {fqn: i + 1 for i, fqn in enumerate(sorted(scores, key=lambda f: (-scores[f], f)))}
+    rank = {fqn: i + 1 for i, fqn in enumerate(ranking(scores))}
     noted = []
     for d in decisions:
         if d.fqn in kept:

@@ -45,7 +45,7 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from rewriter.capture import first_float_output, normalize_inputs
+from rewriter.capture import first_float_output, normalize_inputs, sequence_rows
 from rewriter.errors import InputError
 
 __all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
@@ -183,23 +183,6 @@ def _call(model: nn.Module, batch: _Batch) -> Any:
     return model(*args, **kwargs)
 
 
-def _first_tensor(batch: _Batch) -> torch.Tensor:
-    args, kwargs = batch
-    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
-
-
-def _rows(batch: _Batch) -> list[_Batch]:
-    """A batch of B sequences -> B batches of one (tensors sliced, other inputs kept)."""
-    args, kwargs = batch
-    first = _first_tensor(batch)
-
-    def take(v: Any, i: int) -> Any:
-        return v[i:i + 1] if isinstance(v, torch.Tensor) else v
-
-    return [(tuple(take(v, i) for v in args), {k: take(v, i) for k, v in kwargs.items()})
-            for i in range(first.shape[0])]
-
-
 def _stack(items: list[_Batch]) -> _Batch:
     """Batches of the same structure -> one (tensors concatenated, other inputs the first's)."""
     args, kwargs = items[0]
@@ -212,7 +195,8 @@ def _stack(items: list[_Batch]) -> _Batch:
 
 
 def _tokens(batch: _Batch) -> int:
-    return _first_tensor(batch).numel()
+    args, kwargs = batch
+    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).numel()
 
 
 def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -301,7 +285,7 @@ def recover(
     seqs = []
     for i, batch in enumerate(batches):
         try:
-            seqs += _rows(normalize_inputs(batch))
+            seqs += sequence_rows(*normalize_inputs(batch))
         except InputError as exc:
             raise InputError(f"recover: calibration batch {i}: {exc}") from exc
     seqs = seqs[: config.sequences]

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rewriter.capture import first_float_output, normalize_inputs
+from rewriter.capture import first_float_output, normalize_inputs, sequence_rows
 from rewriter.errors import InputError
 
-__all__ = ["fisher_sensitivity", "choose_high_precision", "sequence_loss"]
+__all__ = ["fisher_sensitivity", "choose_high_precision", "ranking", "sequence_loss"]
 
 
 def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Generator,
@@ -65,29 +65,6 @@ def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Genera
     return (v * y).sum()
 
 
-def _split(value: Any, n: int, i: int) -> Any:
-    return value[i:i + 1] if isinstance(value, Tensor) and value.dim() and value.shape[0] == n \
-        else value
-
-
-def _rows(batch: Any) -> list[Any]:
-    """A batch (a tensor, a tuple or a dict, as ``convert`` takes them) split into its
-    sequences: every tensor whose first dim is the batch size is sliced; others are shared."""
-    values = list(batch.values()) if isinstance(batch, Mapping) else \
-        list(batch) if isinstance(batch, (tuple, list)) else [batch]
-    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
-    first = ids if isinstance(ids, Tensor) else next(
-        (v for v in values if isinstance(v, Tensor) and v.dim()), None)
-    if first is None:
-        return [batch]
-    n = first.shape[0]
-    if isinstance(batch, Mapping):
-        return [{k: _split(v, n, i) for k, v in batch.items()} for i in range(n)]
-    if isinstance(batch, (tuple, list)):
-        return [type(batch)(_split(v, n, i) for v in batch) for i in range(n)]
-    return [_split(batch, n, i) for i in range(n)]
-
-
 def _token_ids(args: tuple, kwargs: dict) -> Tensor | None:
     """The batch's token ids: ``input_ids``, else the first positional integer tensor."""
     ids = kwargs.get("input_ids")
@@ -107,7 +84,7 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
     flags = {fqn: p.requires_grad for fqn, p in params.items()}
     modes = [(m, m.training) for m in model.modules()]
     generator = torch.Generator().manual_seed(seed)
-    sequences = [s for b in batches for s in _rows(b)]
+    sequences = [row for b in batches for row in sequence_rows(*normalize_inputs(b))]
     show = sys.stderr.isatty() if progress is None else progress
     model.eval()
     try:
@@ -115,7 +92,7 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
             p.requires_grad_(True)
         for i, seq in enumerate(tqdm(sequences, desc="FP8 sensitivity", unit="seq",
                                      disable=not show)):
-            args, kwargs = normalize_inputs(seq)
+            args, kwargs = seq
             try:
                 with torch.enable_grad():
                     loss = sequence_loss(model(*args, **kwargs), _token_ids(args, kwargs),
@@ -139,6 +116,11 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
                            .sum()) for fqn in params}
 
 
+def ranking(scores: Mapping[str, float]) -> list[str]:
+    """The FQNs of ``scores``, largest score first; ties in name order."""
+    return sorted(scores, key=lambda f: (-scores[f], f))
+
+
 def choose_high_precision(scores: Mapping[str, float], sizes: Mapping[str, int],
                           budget: float) -> list[str]:
     """The FQNs to keep in high precision: largest score first, each taken while the kept
@@ -149,7 +131,7 @@ def choose_high_precision(scores: Mapping[str, float], sizes: Mapping[str, int],
     total = sum(sizes.values())
     mean = sum(scores.values()) / max(len(scores), 1)
     kept, used = [], 0
-    for fqn in sorted(scores, key=lambda f: (-scores[f], f)):
+    for fqn in ranking(scores):
         if not scores[fqn] > mean:
             break
         if used + sizes[fqn] <= budget * total:

@@ -36,6 +36,7 @@ __all__ = [
     "kv_cache_off",
     "normalize_inputs",
     "outputs_close",
+    "sequence_rows",
 ]
 
 CAPTURE_META_KEY = "rewriter.capture"
@@ -89,6 +90,24 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
                 f"example input {name} must be a tensor, got {type(value).__name__}"
             )
     return args, kwargs
+
+
+def sequence_rows(args: tuple, kwargs: Mapping) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    """(args, kwargs) of a batch of B sequences -> B (args, kwargs) of one sequence each. B is
+    the first dim of ``input_ids``, else of the first tensor that has one; every tensor with that
+    first dim is sliced, other inputs are shared. No tensor with a dim: the batch as it is."""
+    ids = kwargs.get("input_ids")
+    first = ids if isinstance(ids, torch.Tensor) else next(
+        (v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor) and v.dim()), None)
+    if first is None:
+        return [(tuple(args), dict(kwargs))]
+    n = first.shape[0]
+
+    def take(v: Any, i: int) -> Any:
+        return v[i:i + 1] if isinstance(v, torch.Tensor) and v.dim() and v.shape[0] == n else v
+
+    return [(tuple(take(v, i) for v in args), {k: take(v, i) for k, v in kwargs.items()})
+            for i in range(n)]
 
 
 def detached_inputs(args: tuple, kwargs: Mapping) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -5,7 +5,11 @@ import torch
 from torch import nn
 
 from rewriter import CaptureError, FP8Config, InputError, capture, capture_info, convert, models
-from rewriter.capture import activation_quantization_bypassed, quantizes_activations
+from rewriter.capture import (
+    activation_quantization_bypassed,
+    quantizes_activations,
+    sequence_rows,
+)
 from tests._zoo import CASES, case_ids
 
 capture_mod = importlib.import_module("rewriter.capture")  # the package re-exports capture()
@@ -244,3 +248,21 @@ def test_dynamic_dims_leave_out_a_size_the_model_fixes():
 
     gm = capture(ListFromLength().eval(), (torch.randn(2, 7, 8),))
     assert list(capture_info(gm).dynamic_dims.values()) == [(0,)]
+
+
+def test_sequence_rows_slices_every_batch_tensor_and_shares_the_rest():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 50, (3, 7), generator=g)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    bias = torch.randn(5, generator=g)  # not per sequence: shared
+    rows = sequence_rows((), {"input_ids": ids, "attention_mask": mask, "bias": bias,
+                              "use_cache": False})
+    assert len(rows) == 3
+    for i, (args, kwargs) in enumerate(rows):
+        assert args == () and torch.equal(kwargs["input_ids"], ids[i:i + 1])
+        assert torch.equal(kwargs["attention_mask"], mask[i:i + 1])
+        assert kwargs["bias"] is bias and kwargs["use_cache"] is False
+    x = torch.randn(4, 3, generator=g)
+    rows = sequence_rows((torch.tensor(2.0), x), {})  # a 0-d tensor first: B from x
+    assert len(rows) == 4 and all(torch.equal(a[1], x[i:i + 1]) for i, (a, _) in enumerate(rows))
+    assert sequence_rows((torch.tensor(1.0),), {})[0][0][0].item() == 1.0  # no batch dim
