@@ -13,9 +13,11 @@ dequantization folded at load). For each shape every model x runtime is called o
 in a rotating order, so a slow phase of the shared machine hits all alike; the ratios are of
 medians from that one run: MoE vs dense and FP8 vs the fp32 MoE model, each within one runtime.
 ``--unfolded`` adds the FP8 files in sessions that dequantize the weights on every run
-(rows ``ort/unfolded:NAME``). Each runtime is timed in its own rounds (all models of one
-runtime interleaved), with its own default threading: torch and onnxruntime both use
-``--threads`` and may spin-wait. Timing the two runtimes interleaved would need
+(rows ``ort/unfolded:NAME``); ``--fused-moe`` adds the fp32 MoE model exported with
+``fused_moe=True`` (each block's routed experts one ``com.microsoft.MoE`` node; row
+``ort/fused:moe``, its ratio against the dense model). Each runtime is timed in its own
+rounds (all models of one runtime interleaved), with its own default threading: torch and
+onnxruntime both use ``--threads`` and may spin-wait. Timing the two runtimes interleaved would need
 ``OMP_WAIT_POLICY=PASSIVE``, which makes every small torch op wake sleeping threads: measured
 here, the eager MoE model's (1, 128) forward took 722 ms that way against 345-359 ms with the
 default policy (dense 411 vs 359 ms).
@@ -74,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--unfolded", action="store_true",
                     help="also time the FP8 files in sessions made with "
                          "fold_weight_dequantization=False (rows 'ort/unfolded:NAME')")
+    ap.add_argument("--fused-moe", action="store_true",
+                    help="also time the MoE model exported with fused_moe=True (row "
+                         "'ort/fused:moe')")
     args = ap.parse_args(argv)
     if "moe" not in args.models:
         args.models.insert(0, "moe")
@@ -104,6 +109,12 @@ def main(argv: list[str] | None = None) -> dict:
                 sessions[f"unfolded:{name}"] = make_session(
                     path, ["CPUExecutionProvider"], threads=args.threads,
                     fold_weight_dequantization=False)
+            if args.fused_moe and name == "moe":
+                path = out / "moe-fused.onnx"
+                if not (args.reuse and path.exists()):
+                    export_onnx(model, path, example_inputs=example, fused_moe=True)
+                sessions["fused:moe"] = make_session(path, ["CPUExecutionProvider"],
+                                                     threads=args.threads)
             gc.collect()
     record = {"argv": argv, "torch": torch.__version__, "threads": args.threads,
               "load_start": os.getloadavg()[0], "shapes": {}}
@@ -118,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 if rt == "eager":
                     fns[f"eager/{name}"] = lambda m=model, x=ids: m(input_ids=x)
                 else:
-                    for key in (name, f"unfolded:{name}"):
+                    for key in (name, f"unfolded:{name}", f"fused:{name}"):
                         if key in sessions:
                             fns[f"ort/{key}"] = lambda s=sessions[key], x=ids: run_onnx(
                                 s, {"input_ids": x})
@@ -133,11 +144,12 @@ def main(argv: list[str] | None = None) -> dict:
                                                       on_round=progress)))
         rows = {}
         for rt in args.runtimes:
-            for name in [*models, *(k for k in sessions if k.startswith("unfolded:"))]:
+            for name in [*models, *(k for k in sessions if ":" in k)]:
                 key = f"{rt}/{name}"
                 if key not in ms:
                     continue
-                base_name = "dense" if name == "moe" else "moe" if name != "dense" else None
+                plain = name.split(":")[-1]
+                base_name = "dense" if plain == "moe" else "moe" if plain != "dense" else None
                 ratio = ms[f"{rt}/{base_name}"] / ms[key] if base_name else None
                 rows[key] = {"ms": ms[key], "speedup_vs": base_name, "speedup": ratio}
                 print(f"  {spec} {key:<16} {ms[key]:9.1f} ms" + (

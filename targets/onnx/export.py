@@ -89,6 +89,8 @@ class ExportReport:
     metadata: Mapping[str, str]
     op_counts: Mapping[str, int] = field(repr=False)
     seconds: float = 0.0
+    fused_moe_blocks: int = 0  # blocks exported as one com.microsoft.MoE node (fused_moe)
+    unfused: tuple[str, ...] = ()  # "<module>: <reason>" of the blocks fused_moe left sparse
 
     def summary(self) -> str:
         """One paragraph: file, size, opset, names, MoE/FP8 form, the 12 commonest ops."""
@@ -99,6 +101,8 @@ class ExportReport:
                 + f"), opset {self.opset}, inputs {list(self.input_names)}, outputs "
                 f"{list(self.output_names)}, MoE blocks {self.moe_blocks}"
                 + (" (dense)" if self.dense_moe and self.moe_blocks else "")
+                + (f" ({self.fused_moe_blocks} fused com.microsoft.MoE)"
+                   if self.fused_moe_blocks else "")
                 + (f", FP8 activations {self.activations!r}, {self.fp8_initializers} FP8 "
                    "initializers" if self.activations else "")
                 + f", {self.seconds:.1f} s\n  ops: {ops}")
@@ -166,12 +170,14 @@ def _weights_bytes(model: nn.Module) -> int:
     return total
 
 
-def _capture(wrapper: Exported, args: tuple, dims: tuple, dense_moe: bool):
-    with moe_dispatch(wrapper.model, dense_moe), warnings.catch_warnings():
+def _capture(wrapper: Exported, args: tuple, dims: tuple, dense_moe: bool,
+             fused_moe: bool = False):
+    """(the exported program, ["<module>: <reason>" per block ``fused_moe`` left sparse])."""
+    with moe_dispatch(wrapper.model, dense_moe, fused_moe) as kept, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return torch.export.export(wrapper, args, dynamic_shapes={"args": dims},
-                                       strict=False)
+                                       strict=False), list(kept)
         except Exception as e:
             reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise OnnxExportError("capture", f"torch.export could not capture the model: "
@@ -287,6 +293,7 @@ def export_onnx(
     opset: int | None = None,
     activations: str | None = None,
     dense_moe: bool = False,
+    fused_moe: bool = False,
     external_data: bool | None = None,
     check: bool = True,
     dynamic: bool = True,
@@ -302,7 +309,11 @@ def export_onnx(
     ``opset``: default 20, or 21 when the model has FP8 layers (the minimum for them).
     ``activations``: FP8 activation mode in the graph: None (each layer's own), "fp8" (W8A8,
     1x128 QDQ in the graph) or "none" (W8A16). ``dense_moe``: every expert on every token
-    (static shapes) instead of sparse routing. ``external_data``: weights in
+    (static shapes) instead of sparse routing. ``fused_moe``: each MoE block's routed experts as
+    one node of onnxruntime's ``com.microsoft.MoE`` contrib op (fp32 blocks with SiLU/quick-GELU
+    gated or relu/silu/gelu ungated experts; the others stay sparse and are named in the
+    report's ``unfused``): a file only onnxruntime runs, its MoE blocks ~4x faster there
+    (BENCHMARKS.md). ``external_data``: weights in
     ``<name>.data`` beside the file; None: only above 1 GiB of weights. ``check``: run
     ``onnx.checker`` (full check) on the saved file. ``dynamic``: batch and sequence axes
     symbolic. ``input_names``/``output_names``: override the names. ``config``: conversion
@@ -321,17 +332,21 @@ def export_onnx(
     has_fp8 = bool(fp8_modules(model)) or bool(fp8_tables(model))
     opset = _check_opset(opset, has_fp8)
     table = fp8_translation_table(activations)
-    for name, value in (("dense_moe", dense_moe), ("check", check), ("dynamic", dynamic),
-                        ("optimize", optimize), ("node_metadata", node_metadata)):
+    for name, value in (("dense_moe", dense_moe), ("fused_moe", fused_moe), ("check", check),
+                        ("dynamic", dynamic), ("optimize", optimize),
+                        ("node_metadata", node_metadata)):
         if not isinstance(value, bool):
             raise ExportInputError(f"{name} must be a bool, got {value!r}")
+    if dense_moe and fused_moe:
+        raise ExportInputError("dense_moe and fused_moe are two forms of the MoE blocks: pass "
+                               "one of them")
     if external_data is not None and not isinstance(external_data, bool):
         raise ExportInputError(f"external_data must be None or a bool, got {external_data!r}")
     names, tensors, as_kwargs = example_tensors(model, example_inputs)
     onnx_inputs = _check_names(input_names, len(tensors), "input_names") or list(names)
     graph_activations = activations if has_fp8 and activations else _mode(model)
     meta = metadata(model, config, activations=graph_activations, dense_moe=dense_moe,
-                    opset=opset)
+                    opset=opset, fused_moe=fused_moe)
 
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -355,8 +370,8 @@ def export_onnx(
             dims_spec.append({i: torch.export.Dim.AUTO for i in axes} or None)
             args.append(widen(t, list(axes)).contiguous())  # no stride guards
         with _exportable_experts(model):
-            program = _capture(Exported(model, names, as_kwargs), tuple(args),
-                               tuple(dims_spec), dense_moe)
+            program, unfused = _capture(Exported(model, names, as_kwargs), tuple(args),
+                                        tuple(dims_spec), dense_moe, fused_moe)
         onnx_program = translate(program, table, opset, onnx_inputs, onnx_outputs)
     finally:
         for m, training in modes:
@@ -400,5 +415,7 @@ def export_onnx(
         path=path, data_path=data_path, opset=opset, input_names=tuple(onnx_inputs),
         output_names=tuple(onnx_outputs), dynamic_axes=kept,
         activations=graph_activations, dense_moe=dense_moe, moe_blocks=len(moe_blocks(model)),
+        fused_moe_blocks=len(moe_blocks(model)) - len(unfused) if fused_moe else 0,
+        unfused=tuple(unfused),
         fp8_initializers=n_fp8, file_bytes=size, metadata=meta,
         op_counts=cleanup.ir_op_counts(graph), seconds=time.perf_counter() - start)

@@ -153,7 +153,7 @@ def _conversion_meta(config: Mapping[str, Any]) -> dict[str, str]:
 
 
 def metadata(model: nn.Module, config: Mapping[str, Any] | None, *, activations: str | None,
-             dense_moe: bool, opset: int) -> dict[str, str]:
+             dense_moe: bool, opset: int, fused_moe: bool = False) -> dict[str, str]:
     """String metadata props: the conversion config (``config`` or the model's duck-typed
     ``rewriter_conversion``), what the graph does, versions. Raises
     :class:`ExportInputError` when ``config`` is not a dict."""
@@ -173,7 +173,8 @@ def metadata(model: nn.Module, config: Mapping[str, Any] | None, *, activations:
             meta["rewriter.moe.top_k_per_block"] = ",".join(map(str, ks))
         meta["rewriter.moe.expert_dim"] = str(cfg.expert_dim)
         meta["rewriter.moe.shared_dim"] = str(cfg.shared_dim)
-        meta["rewriter.onnx.moe_dispatch"] = "dense" if dense_moe else "sparse"
+        meta["rewriter.onnx.moe_dispatch"] = ("dense" if dense_moe else "fused com.microsoft.MoE"
+                                              " where supported" if fused_moe else "sparse")
     if activations is not None:
         meta["rewriter.onnx.fp8_activations"] = activations
         meta["rewriter.onnx.fp8_pow2_scales"] = str(any(

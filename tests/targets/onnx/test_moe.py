@@ -18,6 +18,8 @@ from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx.moe import dense_dispatch, moe_blocks, moe_dispatch
 from rewriter.targets.onnx_runtime import compare_with_torch, make_session
 
+from rewriter.errors import ExportInputError
+
 TOL = 1e-5
 
 
@@ -110,3 +112,81 @@ def test_dense_dispatch_equals_the_sparse_path_and_is_scoped():
         assert "_dispatch_masked" not in block.__dict__
         with moe_dispatch(model, dense=False):
             assert "_dispatch_masked" not in block.__dict__
+
+
+# ----------------------------------------------------------------- fused com.microsoft.MoE
+
+
+@pytest.mark.parametrize("gate, glu, activation, bias", [
+    ("sigmoid", True, "silu", False), ("softmax", True, "silu", True),
+    ("hard", False, "relu", True), ("softmax", False, "gelu_tanh", False),
+    ("sigmoid", True, "quick_gelu", True), ("softmax", False, "silu", False)])
+def test_fused_moe_is_one_node_per_block_with_our_routing(tmp_path, gate, glu, activation, bias):
+    """fused_moe=True: the routed experts are one com.microsoft.MoE node fed our routing (the
+    selection bias, renormalisation, route_scale, hard gates), so onnxruntime gives PyTorch's
+    numbers, for a single token, experts without tokens and 99 tokens; the shared expert stays
+    outside the node."""
+    torch.manual_seed(3)
+    block = MoEFFN(40, 24, 5, 2, shared_dim=8, activation=activation, glu=glu, bias=bias,
+                   gate=gate, route_scale=2.5 if gate == "sigmoid" else 1.0).eval()
+    with torch.no_grad():
+        block.router.weight.normal_(0, 1.0)
+        block.expert_bias.copy_(torch.tensor([0.3, -0.2, 0.0, 0.1, -0.4]))  # selection only
+    r = export_onnx(block, tmp_path / "fused.onnx", example_inputs=(torch.randn(2, 7, 40),),
+                    fused_moe=True)
+    assert r.op_counts["MoE"] == 1 and "NonZero" not in r.op_counts and "ScatterND" not in \
+        r.op_counts
+    assert r.fused_moe_blocks == 1 and r.unfused == ()
+    assert "fused" in r.metadata["rewriter.onnx.moe_dispatch"]
+    assert "1 fused com.microsoft.MoE" in r.summary()
+    node = next(n for n in onnx.load(str(r.path)).graph.node if n.op_type == "MoE")
+    assert node.domain == "com.microsoft"
+    fused = make_session(r.path)
+    sparse = make_session(export_onnx(block, tmp_path / "sparse.onnx",
+                                      example_inputs=(torch.randn(2, 7, 40),)).path)
+    for x in (torch.randn(1, 1, 40), torch.randn(2, 7, 40), torch.randn(3, 33, 40)):
+        # as close to PyTorch as the sparse form on the same input (a random block's output
+        # can be ill-conditioned: both forms measured 1.8e-5 on one 99-token input here)
+        err = compare_with_torch(block, fused, (x,))["rel"]
+        assert err <= max(TOL, 1.5 * compare_with_torch(block, sparse, (x,))["rel"])
+        assert err <= 5 * TOL
+
+
+def test_fused_moe_keeps_unsupported_blocks_sparse_and_names_them(tmp_path):
+    """An activation the fused CPU kernel lacks (exact-erf GELU) or FP8 experts: the block
+    keeps the sparse form, the report names it with the reason, the numbers still match."""
+    model = torch.nn.Sequential(_moe_block(None, glu=False, bias=True),  # ungated exact GELU
+                                _moe_block("none", glu=True))  # FP8 W8A16 experts
+    r = export_onnx(model, tmp_path / "kept.onnx", example_inputs=(torch.randn(2, 7, 40),),
+                    fused_moe=True)
+    assert r.fused_moe_blocks == 0 and "MoE" not in r.op_counts
+    assert [u.split(":")[0] for u in r.unfused] == ["0", "1"]
+    assert "ungated gelu" in r.unfused[0] and "FP8" in r.unfused[1]
+    assert compare_with_torch(model, make_session(r.path), (torch.randn(3, 5, 40),))["rel"] \
+        <= TOL
+
+
+def test_fused_dispatch_weights_equal_our_routing():
+    """What the node is fed: softmax of the router input over the selected experts times the
+    per-token sum gives our routing weights back (to fp32 rounding), zeros elsewhere; a token
+    whose selected weights all underflow stays finite."""
+    torch.manual_seed(0)
+    w = torch.rand(9, 3) * 2
+    w[0] = 0.0  # every selected weight underflowed: log(0) must not reach the node
+    idx = torch.stack([torch.randperm(6)[:3] for _ in range(9)])
+    clamped = w.clamp_min(torch.finfo(torch.float32).tiny)
+    router = torch.full((9, 6), float("-inf")).scatter(1, idx, clamped.log())
+    got = torch.softmax(router, -1) * clamped.sum(-1, keepdim=True)
+    want = torch.zeros(9, 6).scatter(1, idx, w)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-37)
+
+
+def test_dense_and_fused_moe_are_exclusive(tmp_path):
+    with pytest.raises(ExportInputError, match="dense_moe and fused_moe"):
+        export_onnx(_moe_block(None), tmp_path / "m.onnx",
+                    example_inputs=(torch.randn(1, 3, 40),), dense_moe=True, fused_moe=True)
+    with pytest.raises(ExportInputError, match="fused_moe must be a bool"):
+        export_onnx(_moe_block(None), tmp_path / "m.onnx",
+                    example_inputs=(torch.randn(1, 3, 40),), fused_moe="yes")
+    assert not (tmp_path / "m.onnx").exists()
