@@ -244,10 +244,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     resolved = resolve_model(args.model, batch=args.batch, seq=args.seq)
     model = _convert_from_args(args, resolved, required=False)
     report = export_onnx(model, args.output, example_inputs=resolved.example_inputs,
-                         opset=args.opset)
+                         opset=args.opset, fused_moe=args.fused_moe)
+    fused = f" ({report.fused_moe_blocks} fused)" if args.fused_moe else ""
     print(f"wrote {report.path} (opset {report.opset}, {report.file_bytes:,} bytes; inputs "
-          f"{', '.join(report.input_names)}; MoE blocks {report.moe_blocks}; FP8 initializers "
-          f"{report.fp8_initializers}; checker passed)")
+          f"{', '.join(report.input_names)}; MoE blocks {report.moe_blocks}{fused}; FP8 "
+          f"initializers {report.fp8_initializers}; checker passed)")
+    for why in report.unfused:
+        print(f"  kept sparse: {why}")
     return 0
 
 
@@ -513,6 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the .onnx file to write (default out/model.onnx)")
     _add_conversion_args(p)
     p.add_argument("--opset", type=int, default=None, help="default 20, 21 with FP8")
+    p.add_argument("--fused-moe", action="store_true",
+                   help="each MoE block's routed experts as one onnxruntime com.microsoft.MoE "
+                        "node (faster in onnxruntime; the file runs only there)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(

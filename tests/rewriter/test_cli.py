@@ -87,6 +87,19 @@ def test_export_writes_a_checked_onnx_file(tmp_path, capsys):
     assert path.exists() and "MoE blocks 2" in capsys.readouterr().out
 
 
+def test_export_fused_moe(tmp_path, capsys):
+    """--fused-moe: every block of a SwiGLU model becomes one com.microsoft.MoE node."""
+    import onnx
+
+    path = tmp_path / "fused.onnx"
+    argv = ["export", "llama-tiny", str(path), "--experts", "4", "--top-k", "2", "--fused-moe"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "MoE blocks 2 (2 fused)" in out and "kept sparse" not in out
+    assert [n.domain for n in onnx.load(str(path)).graph.node if n.op_type == "MoE"] == [
+        "com.microsoft"] * 2
+
+
 @pytest.mark.parametrize("argv", [["--debug", "inspect", "no-such-model"],
                                   ["inspect", "no-such-model", "--debug"],
                                   ["--debug", "models"]])

@@ -159,6 +159,19 @@ def test_dense_moe_whole_models(exported, name, variant):
     _check_parity(model, inputs, report, variant)
 
 
+@pytest.mark.parametrize("name", ["llama-tiny", "hf:gpt2"])
+def test_fused_moe_whole_models(exported, tmp_path, name):
+    """fused_moe=True on whole models (SwiGLU experts; GPT-2's ungated tanh GELU): one
+    com.microsoft.MoE node per block, onnxruntime equal to PyTorch at every shape."""
+    model, inputs, sparse = exported(name, "moe")
+    report = export_onnx(model, tmp_path / "fused.onnx", example_inputs=inputs(2, 7),
+                         fused_moe=True)
+    ops = op_counts(report.path)
+    assert ops["MoE"] == report.fused_moe_blocks == sparse.moe_blocks >= 2
+    assert "NonZero" not in ops and report.unfused == ()
+    _check_parity(model, inputs, report, "moe")
+
+
 # ------------------------------------------------------------------------------ graph contents
 
 
