@@ -20,7 +20,10 @@ blocks alone (CPU-feasible: SmolLM2-135M, hundreds of sequences in minutes).
 The logit phase (``logit_steps`` > 0) then trains the same parameters end to end on
 KL(dense || model) of the next-token distributions (knowledge distillation from the dense
 model, as CMoE's and LLaMA-MoE's recovery fine-tunes): errors the blocks leave that matter to
-the output are what it fixes. It back-propagates through the whole model (attention and head
+the output are what it fixes. A model whose output is not language-model logits over its
+input ids (an encoder's hidden states) is distilled on the relative squared error of that
+output over the real positions instead (``attention_mask`` 1); ``logit_kl`` then reports it.
+It back-propagates through the whole model (attention and head
 frozen), so a step costs several block-phase steps.
 
 Hard gates pass the router a straight-through gradient; sigmoid/softmax gates a true one.
@@ -393,15 +396,32 @@ def _block_phase(model, blocks, teachers, params, train_batches, held_batches, c
         taps.remove()
 
 
-def _kl(model: nn.Module, teacher: nn.Module, batch: Any) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || model) of the next-token distributions."""
+def _kl(model: nn.Module, teacher: nn.Module, batch: _Batch) -> torch.Tensor:
+    """The output phase's loss on one batch: mean over tokens of KL(teacher || model) of the
+    next-token distributions when the output is language-model logits (B, T, V) over the
+    batch's token ids; otherwise (an encoder's hidden states, any other float output) the
+    relative squared error ||y - y_teacher||^2 / ||y_teacher||^2 over the real positions
+    (``attention_mask`` 1)."""
+    args, kwargs = batch
     with torch.no_grad():
         target = first_float_output(_call(teacher, batch)).float()
-    logits = first_float_output(_call(model, batch)).float()
-    vocab = logits.shape[-1]
-    return F.kl_div(F.log_softmax(logits.reshape(-1, vocab), -1),
-                    F.log_softmax(target.reshape(-1, vocab), -1),
-                    log_target=True, reduction="batchmean")
+    y = first_float_output(_call(model, batch)).float()
+    ids = kwargs.get("input_ids")
+    if ids is None:
+        ids = next((a for a in args if isinstance(a, torch.Tensor) and not
+                    a.is_floating_point() and a.dtype != torch.bool), None)
+    if isinstance(ids, torch.Tensor) and y.dim() == 3 and ids.dim() == 2 and \
+            tuple(y.shape[:2]) == tuple(ids.shape) and int(ids.max()) < y.shape[-1]:
+        vocab = y.shape[-1]
+        return F.kl_div(F.log_softmax(y.reshape(-1, vocab), -1),
+                        F.log_softmax(target.reshape(-1, vocab), -1),
+                        log_target=True, reduction="batchmean")
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and y.dim() >= 2 and \
+            tuple(mask.shape) == tuple(y.shape[:2]):
+        keep = (mask != 0).reshape(*mask.shape, *([1] * (y.dim() - 2))).to(y)
+        y, target = y * keep, target * keep
+    return _rel(y, target)
 
 
 def _logit_phase(model, teacher, blocks, params, train_batches, held_batches, config,

@@ -246,3 +246,47 @@ def test_an_ffn_called_twice_is_recovered_as_one_block():
         rec = conversion_info(out).recovery
         assert rec["blocks"] == 2 and len(rec["per_block"]) == 2, mode
         assert rec["after"] < rec["before"], mode
+
+
+def _hf_bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=97, hidden_size=40, intermediate_size=120,
+                                  num_hidden_layers=2, num_attention_heads=4,
+                                  max_position_embeddings=32)
+    model = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model
+
+
+def test_output_phase_of_an_encoder_is_the_relative_error_of_its_real_positions():
+    """An encoder's output is hidden states, not next-token logits: the output phase trains on
+    their relative squared error over the real (unpadded) positions, lowers it on held-out
+    sequences, and reports it in ``logit_kl``."""
+    from rewriter.passes.recovery import _kl
+
+    model = _hf_bert(2)
+    ids = _text(48, 13, seed=7)
+    mask = torch.ones_like(ids)
+    mask[::3, 9:] = 0  # a third of the sequences padded after 9 tokens
+    calib = [{"input_ids": ids[i:i + 6], "attention_mask": mask[i:i + 6]}
+             for i in range(0, 48, 6)]
+    moe = convert(model, moe=MoEConfig(num_experts=6, top_k=2, shared_width=24),
+                  example_inputs=calib[0])
+    batch = ((), calib[0])
+    with torch.no_grad():
+        y = moe(**calib[0]).last_hidden_state
+        t = model(**calib[0]).last_hidden_state
+        keep = calib[0]["attention_mask"].unsqueeze(-1).to(y)
+        want = ((y - t) * keep).pow(2).sum() / (t * keep).pow(2).sum()
+        assert float(_kl(moe, model, batch)) == pytest.approx(float(want), rel=1e-5)
+        # a padded position's output does not count
+        other = dict(calib[0], input_ids=calib[0]["input_ids"].clone())
+        other["input_ids"][0, 10:] = 3  # only padded positions of row 0 change
+        assert float(_kl(moe, model, ((), other))) == pytest.approx(float(want), rel=1e-4)
+    report = recover(moe, calib, RecoveryConfig(lr=1e-3, logit_steps=16, logit_lr=3e-3,
+                                                batch_size=6), teacher=model, progress=False)
+    before, after = report.logit_kl
+    assert report.logit_kept and 0 < after < before
