@@ -4,7 +4,8 @@
 - :mod:`.translations`: ``torch.onnx.export`` with the custom translation table of the
   ``rewriter::`` ops; unknown custom ops named.
 - :mod:`.fp8`: the onnxscript translations of the FP8 ops (blocked QDQ, FP8 embeddings).
-- :mod:`.moe`: MoE routing in the graph (sparse, or ``dense_moe=True``).
+- :mod:`.moe`: MoE routing in the graph (sparse, ``dense_moe=True``, or ``fused_moe=True``:
+  onnxruntime's ``com.microsoft.MoE``).
 - :mod:`.cleanup`: graph clean-up as ``onnx_ir`` passes (constant folding that keeps FP8,
   FP8 data movement folded, metadata stripped, dims renamed).
 - :mod:`.io`: input/output names, the exported wrapper, metadata props.

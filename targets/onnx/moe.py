@@ -22,14 +22,16 @@ instead of exactly 0.
 
 What the fused op computes is checked by :func:`fused_supported`: onnxruntime's CPU kernel runs
 gated experts only as interleaved SwiGLU, ``x * sigmoid(alpha x) * up`` (alpha 1: SiLU;
-1.702: quick-GELU), and ungated experts with relu / silu / gelu; another activation, a
-captured one or an FP8 block keeps the sparse form (the export report counts both).
+1.702: quick-GELU), and ungated experts with relu / silu / tanh-GELU (its "gelu" is the tanh
+form: 1e-4 off the exact one); another activation, a captured one or an FP8 block keeps the
+sparse form, named with the reason in the export report's ``unfused``.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 
 import torch
 from rewriter.models.moe import MoEFFN
@@ -42,13 +44,13 @@ __all__ = ["FUSED_ACTIVATIONS", "dense_dispatch", "fused_dispatch", "fused_suppo
 
 _TINY = torch.finfo(torch.float32).tiny  # smallest normal float32
 # (glu, activation) -> the fused op's (activation_type, activation_alpha)
-FUSED_ACTIVATIONS = {
+FUSED_ACTIVATIONS: Mapping[tuple[bool, str], tuple[str, float]] = MappingProxyType({
     (True, "silu"): ("swiglu", 1.0),
     (True, "quick_gelu"): ("swiglu", 1.702),
     (False, "relu"): ("relu", 1.0),
     (False, "silu"): ("silu", 1.0),
     (False, "gelu_tanh"): ("gelu", 1.0),
-}
+})
 
 
 def moe_blocks(model: nn.Module) -> list[MoEFFN]:
