@@ -312,7 +312,7 @@ def export_onnx(
     (static shapes) instead of sparse routing. ``fused_moe``: each MoE block's routed experts as
     one node of onnxruntime's ``com.microsoft.MoE`` contrib op (fp32 blocks with SiLU/quick-GELU
     gated or relu/silu/gelu ungated experts; the others stay sparse and are named in the
-    report's ``unfused``): a file only onnxruntime runs, its MoE blocks ~4x faster there
+    report's ``unfused``): a file only onnxruntime runs, its routed experts ~1.7x faster there
     (BENCHMARKS.md). ``external_data``: weights in
     ``<name>.data`` beside the file; None: only above 1 GiB of weights. ``check``: run
     ``onnx.checker`` (full check) on the saved file. ``dynamic``: batch and sequence axes
