@@ -48,7 +48,14 @@ from torch import nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from rewriter.capture import first_float_output, normalize_inputs, sequence_rows
+from rewriter.capture import (
+    first_float_output,
+    is_token_logits,
+    normalize_inputs,
+    real_positions,
+    sequence_rows,
+    token_ids,
+)
 from rewriter.errors import InputError
 
 __all__ = ["RECOVERY_PARTS", "RecoveryConfig", "RecoveryReport", "dense_output", "recover"]
@@ -406,21 +413,14 @@ def _kl(model: nn.Module, teacher: nn.Module, batch: _Batch) -> torch.Tensor:
     with torch.no_grad():
         target = first_float_output(_call(teacher, batch)).float()
     y = first_float_output(_call(model, batch)).float()
-    ids = kwargs.get("input_ids")
-    if ids is None:
-        ids = next((a for a in args if isinstance(a, torch.Tensor) and not
-                    a.is_floating_point() and a.dtype != torch.bool), None)
-    if isinstance(ids, torch.Tensor) and y.dim() == 3 and ids.dim() == 2 and \
-            tuple(y.shape[:2]) == tuple(ids.shape) and int(ids.max()) < y.shape[-1]:
+    if is_token_logits(y, token_ids(args, kwargs)):
         vocab = y.shape[-1]
         return F.kl_div(F.log_softmax(y.reshape(-1, vocab), -1),
                         F.log_softmax(target.reshape(-1, vocab), -1),
                         log_target=True, reduction="batchmean")
-    mask = kwargs.get("attention_mask")
-    if isinstance(mask, torch.Tensor) and y.dim() >= 2 and \
-            tuple(mask.shape) == tuple(y.shape[:2]):
-        keep = (mask != 0).reshape(*mask.shape, *([1] * (y.dim() - 2))).to(y)
-        y, target = y * keep, target * keep
+    real = real_positions(kwargs.get("attention_mask"), y)  # (B, T, 1...) or None
+    if real is not None:
+        y, target = y * real.to(y), target * real.to(y)
     return _rel(y, target)
 
 

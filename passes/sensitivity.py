@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from rewriter.capture import first_float_output, normalize_inputs, sequence_rows
+from rewriter.capture import (
+    first_float_output,
+    is_token_logits,
+    normalize_inputs,
+    real_positions,
+    sequence_rows,
+    token_ids,
+)
 from rewriter.errors import InputError
 
 __all__ = ["fisher_sensitivity", "choose_high_precision", "ranking", "sequence_loss"]
@@ -44,34 +51,20 @@ def sequence_loss(output: Any, input_ids: Tensor | None, generator: torch.Genera
     y = first_float_output(output)
     if y is None:
         raise InputError("FP8 sensitivity: the model's output has no float tensor to measure")
-    ids = input_ids
-    real = None
-    if isinstance(attention_mask, Tensor) and y.dim() >= 2 and \
-            tuple(attention_mask.shape) == tuple(y.shape[:2]):
-        real = attention_mask != 0  # (1, T)
-    if (isinstance(ids, Tensor) and y.dim() == 3 and ids.dim() == 2 and
-            tuple(y.shape[:2]) == tuple(ids.shape) and ids.shape[1] > 1 and
-            int(ids.max()) < y.shape[-1]):
-        targets = ids[:, 1:]
+    real = real_positions(attention_mask, y)  # (1, T, 1...) or None
+    if is_token_logits(y, input_ids) and input_ids.shape[1] > 1:
+        targets = input_ids[:, 1:]
         if real is not None:  # a target counts when it and the position predicting it are real
-            targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+            real_t = real.reshape(real.shape[:2])  # (1, T)
+            targets = targets.masked_fill(~(real_t[:, 1:] & real_t[:, :-1]), -100)
         if not (targets != -100).any():
             return y.sum() * 0.0  # nothing real to predict: no gradient
         return F.cross_entropy(y[:, :-1].flatten(0, 1).float(), targets.flatten(),
                                ignore_index=-100)
     v = torch.randint(0, 2, y.shape, generator=generator).to(y) * 2 - 1
     if real is not None:
-        v = v * real.reshape(*real.shape, *([1] * (y.dim() - 2))).to(v)
+        v = v * real.to(v)
     return (v * y).sum()
-
-
-def _token_ids(args: tuple, kwargs: dict) -> Tensor | None:
-    """The batch's token ids: ``input_ids``, else the first positional integer tensor."""
-    ids = kwargs.get("input_ids")
-    if isinstance(ids, Tensor):
-        return ids
-    return next((a for a in args if isinstance(a, Tensor) and not a.is_floating_point()
-                 and not a.is_complex() and a.dtype != torch.bool), None)
 
 
 def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches: Iterable[Any],
@@ -95,7 +88,7 @@ def fisher_sensitivity(model: nn.Module, rounded: Mapping[str, Tensor], batches:
             args, kwargs = seq
             try:
                 with torch.enable_grad():
-                    loss = sequence_loss(model(*args, **kwargs), _token_ids(args, kwargs),
+                    loss = sequence_loss(model(*args, **kwargs), token_ids(args, kwargs),
                                          generator, kwargs.get("attention_mask"))
                     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
             except InputError:

@@ -33,10 +33,13 @@ __all__ = [
     "capture_info",
     "detached_inputs",
     "first_float_output",
+    "is_token_logits",
     "kv_cache_off",
     "normalize_inputs",
     "outputs_close",
+    "real_positions",
     "sequence_rows",
+    "token_ids",
 ]
 
 CAPTURE_META_KEY = "rewriter.capture"
@@ -222,6 +225,32 @@ def first_float_output(output: Any) -> torch.Tensor | None:
     or None."""
     return next((leaf for leaf in pytree.tree_leaves(output)
                  if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()), None)
+
+
+def token_ids(args: tuple, kwargs: Mapping) -> torch.Tensor | None:
+    """A batch's token ids: ``input_ids``, else the first positional integer tensor."""
+    ids = kwargs.get("input_ids")
+    if isinstance(ids, torch.Tensor):
+        return ids
+    return next((a for a in args if isinstance(a, torch.Tensor) and not a.is_floating_point()
+                 and not a.is_complex() and a.dtype != torch.bool), None)
+
+
+def is_token_logits(y: torch.Tensor, ids: torch.Tensor | None) -> bool:
+    """True when ``y`` (B, T, V) reads as language-model logits over ``ids`` (B, T): the same
+    batch and length, and every id a valid index into the last dim."""
+    return (isinstance(ids, torch.Tensor) and y.dim() == 3 and ids.dim() == 2
+            and tuple(y.shape[:2]) == tuple(ids.shape)
+            and int(ids.max()) < y.shape[-1])
+
+
+def real_positions(attention_mask: Any, y: torch.Tensor) -> torch.Tensor | None:
+    """``attention_mask`` (B, T) as a bool mask broadcastable to ``y`` (B, T, ...): True at
+    real positions; None when there is no mask of y's first two dims."""
+    if not isinstance(attention_mask, torch.Tensor) or y.dim() < 2 or \
+            tuple(attention_mask.shape) != tuple(y.shape[:2]):
+        return None
+    return (attention_mask != 0).reshape(*attention_mask.shape, *([1] * (y.dim() - 2)))
 
 
 def outputs_close(reference: Any, actual: Any) -> float:

@@ -266,3 +266,23 @@ def test_sequence_rows_slices_every_batch_tensor_and_shares_the_rest():
     rows = sequence_rows((torch.tensor(2.0), x), {})  # a 0-d tensor first: B from x
     assert len(rows) == 4 and all(torch.equal(a[1], x[i:i + 1]) for i, (a, _) in enumerate(rows))
     assert sequence_rows((torch.tensor(1.0),), {})[0][0][0].item() == 1.0  # no batch dim
+
+
+def test_token_ids_logits_and_real_positions():
+    """The helpers the sensitivity pass and recovery share to read a batch's output."""
+    from rewriter.capture import is_token_logits, real_positions, token_ids
+
+    ids = torch.tensor([[3, 1, 4], [1, 5, 9]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    assert token_ids((), {"input_ids": ids, "x": torch.zeros(2)}) is ids
+    assert token_ids((torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), ids), {}) is ids
+    assert token_ids((torch.zeros(2, 3),), {}) is None
+    logits = torch.randn(2, 3, 10)
+    assert is_token_logits(logits, ids)
+    assert not is_token_logits(torch.randn(2, 3, 9), ids)  # id 9 out of range
+    assert not is_token_logits(torch.randn(2, 4, 10), ids) and not is_token_logits(logits, None)
+    real = real_positions(mask, logits)
+    assert real.shape == (2, 3, 1) and real.dtype == torch.bool
+    assert real.squeeze(-1).tolist() == [[True, True, False], [True, True, True]]
+    assert real_positions(mask, torch.randn(2, 4, 5)) is None and real_positions(None, logits) \
+        is None
