@@ -420,7 +420,8 @@ def _kl(model: nn.Module, teacher: nn.Module, batch: _Batch) -> torch.Tensor:
                         log_target=True, reduction="batchmean")
     real = real_positions(kwargs.get("attention_mask"), y)  # (B, T, 1...) or None
     if real is not None:
-        y, target = y * real.to(y), target * real.to(y)
+        keep = real.to(y)  # (B, T, 1...) 1.0 at real positions
+        y, target = y * keep, target * keep
     return _rel(y, target)
 
 
