@@ -35,9 +35,11 @@ def _rel(a: float, b: float) -> float:
 
 def _same_run(got: dict, ref: dict, tol: float, bias_step: float = 0.0) -> None:
     """``bias_step``: 0 = the expert biases are equal (loads all-reduced: same balancing);
-    else one sign-update step (the rate) on at most an eighth of the experts: a run that
-    differs at the FP8 level routes an occasional token elsewhere, which can flip the sign of
-    (mean load - load) for an expert whose load sits at the mean."""
+    else the rate of the sign updates, ``bias += rate * sign(mean load - load)`` once a step.
+    A run that differs at the FP8 level routes an occasional token elsewhere, which can flip
+    that sign for an expert whose load sits at the mean: 2 x rate apart per flipped step (CI
+    measured 0.02 on one expert), on at most an eighth of the experts. The first step routes
+    identically (its loss matches to 1e-6), so at most the later steps flip."""
     assert len(got["losses"]) == len(ref["losses"]) == 4
     for a, b in zip(got["losses"], ref["losses"]):
         assert _rel(a, b) <= tol, (got["losses"], ref["losses"])
@@ -48,8 +50,12 @@ def _same_run(got: dict, ref: dict, tol: float, bias_step: float = 0.0) -> None:
         pairs = [(a, b) for ga, ra in zip(got["expert_bias"], ref["expert_bias"])
                  for a, b in zip(ga, ra)]
         assert len(pairs) == sum(len(r) for r in ref["expert_bias"]) > 0
+        # both runs balance by sign updates only: every bias is a whole number of steps
+        steps = [v / bias_step for pair in pairs for v in pair]
+        assert max(abs(s - round(s)) for s in steps) < 1e-3, steps
         differ = [abs(a - b) for a, b in pairs if a != b]
-        assert max(differ, default=0.0) <= bias_step * 1.0001, differ
+        flippable = len(ref["losses"]) - 1
+        assert max(differ, default=0.0) <= 2 * bias_step * flippable * 1.0001, differ
         assert len(differ) <= len(pairs) // 8, (len(differ), len(pairs))
     assert got["param_abs_sum"].keys() == ref["param_abs_sum"].keys()
     for k, v in ref["param_abs_sum"].items():

@@ -30,13 +30,22 @@ from safetensors.torch import load_file, save_file
 directory, io, new_tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
 ids = load_file(io + "/in.safetensors")["input_ids"]
 model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+mlp_in, mlp_out = [], []
+def record(module, args, out):
+    mlp_in.append(args[0])
+    mlp_out.append(out)
+hooks = [layer.mlp.register_forward_hook(record) for layer in model.model.layers]
 with torch.no_grad():
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
     logits = out.logits
     hidden = torch.stack(out.hidden_states)
+    for hook in hooks:
+        hook.remove()
     gen = model.generate(ids[:1], max_new_tokens=new_tokens, do_sample=False,
                          min_new_tokens=new_tokens)
-save_file({"logits": logits.contiguous(), "gen": gen.contiguous(), "hidden": hidden.contiguous()},
+save_file({"logits": logits.contiguous(), "gen": gen.contiguous(), "hidden": hidden.contiguous(),
+           "mlp_in": torch.stack(mlp_in).contiguous(),
+           "mlp_out": torch.stack(mlp_out).contiguous()},
           io + "/out.safetensors")
 print(json.dumps({"class": type(model).__name__, "imported": sorted(
     k for k in sys.modules if k == "rewriter" or k.startswith("rewriter."))}))
@@ -46,8 +55,9 @@ print(json.dumps({"class": type(model).__name__, "imported": sorted(
 def vanilla_run(directory: Path, input_ids: torch.Tensor, new_tokens: int = 8) -> dict:
     """Load ``directory`` with ``AutoModelForCausalLM.from_pretrained`` in a fresh ``python
     -I`` process (no project import, no trust_remote_code): its logits and hidden states
-    (embeddings + every layer's output) on ``input_ids``, its greedy continuation of the
-    first row, its class."""
+    (embeddings + every layer's output) on ``input_ids``, every layer's feed-forward input and
+    output (``mlp_in`` / ``mlp_out``, [layers, batch, seq, hidden]), its greedy continuation of
+    the first row, its class."""
     io = Path(directory).parent / (Path(directory).name + "-io")
     io.mkdir(exist_ok=True)
     save_file({"input_ids": input_ids.contiguous()}, str(io / "in.safetensors"))
