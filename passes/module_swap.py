@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,7 +39,13 @@ import torch
 from torch import nn
 from torch.fx import Graph, GraphModule, Node
 
-from rewriter.capture import kv_cache_off, normalize_inputs, outputs_close
+from rewriter.capture import (
+    buffers_kept,
+    kv_cache_off,
+    normalize_inputs,
+    outputs_close,
+    training_mode,
+)
 from rewriter.errors import InputError
 from rewriter.graph_ops import (
     attach,
@@ -170,14 +177,10 @@ def _record_inputs(model: nn.Module, owners: Sequence[str],
 
         handles.append(model.get_submodule(fqn).register_forward_pre_hook(hook,
                                                                           with_kwargs=True))
-    modes = [(m, m.training) for m in model.modules()]  # restored module by module
     try:
-        model.eval()
-        with kv_cache_off(model), torch.no_grad():
+        with training_mode(model, False), kv_cache_off(model), torch.no_grad():
             model(*args, **kwargs)
     finally:
-        for m, was_training in modes:
-            m.training = was_training
         for h in handles:
             h.remove()
     return seen
@@ -309,6 +312,31 @@ def _same_output(a: Any, b: Any) -> bool:
     return error <= 1e-5 * max(scale, 1.0)
 
 
+def _train_mode_code(owner: nn.Module, trace: Callable[[], Graph]) -> str | None:
+    """The code of ``trace()`` run with ``owner`` in train mode (None if it fails). Tracing
+    runs every node on the recorded values: the global RNG (dropout) and the buffers (batch
+    norm's running statistics) are as they were afterwards."""
+    try:
+        with training_mode(owner, True), buffers_kept(owner), torch.random.fork_rng(), \
+                torch.no_grad():
+            return trace().python_code("self").src
+    except Exception:
+        return None
+
+
+def _warn_if_mode_dependent(owner: nn.Module, eval_code: str, train_code: str | None) -> None:
+    """The owner's graph is traced in eval mode. A forward that reads ``self.training`` itself
+    (``F.dropout(x, p, training=self.training)``: OPT's decoder layer) traces to other code in
+    train mode, and the rewritten forward keeps the eval behaviour in both; submodules such as
+    ``nn.Dropout`` stay calls and keep their runtime mode."""
+    if train_code != eval_code:
+        warnings.warn(
+            f"{type(owner).__name__}.forward reads self.training outside its submodules (e.g. "
+            "F.dropout(..., training=self.training)); its FFN is rewritten from a graph traced "
+            "in eval mode, so in train mode that op now behaves as in eval mode (no dropout). "
+            "Make it a submodule (nn.Dropout) to keep it mode-dependent", stacklevel=4)
+
+
 def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                  block_modules: set[str]) -> tuple[Graph, inspect.Signature, tuple[str, ...],
                                                    dict[str, Any], dict[str, torch.Tensor]]:
@@ -328,28 +356,32 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
         raise InputError(f"{type(owner).__name__}.forward: unusable argument names {names}")
     values = dict(zip(positional, args)) | dict(kwargs)
     keep_open = {_WRAPPED} | {f"{_WRAPPED}.{m}" if m else _WRAPPED for m in block_modules}
-    with torch.no_grad():
+    with training_mode(owner, False), torch.no_grad():  # dropout off (a model in train mode)
         expected = owner(*args, **kwargs)
 
-    def attempt(baked: dict[str, Any]) -> tuple[Graph, nn.Module] | BaseException:
+    def trace(wrapper: nn.Module, baked: dict[str, Any]) -> tuple[Graph, dict]:
+        tracer = _OwnerTracer(keep_open, {n: v for n, v in values.items() if n not in baked})
+        return tracer.trace(wrapper), tracer.values
+
+    def attempt(baked: dict[str, Any]) -> tuple[Graph, nn.Module, str] | BaseException:
         wrapper = _calling_wrapper(owner, names, len(positional), baked)
         try:
-            inputs = {n: v for n, v in values.items() if n not in baked}
-            tracer = _OwnerTracer(keep_open, inputs)
-            graph = tracer.trace(wrapper)
-            for node, value in tracer.values.items():  # shapes for the canonical spellings
+            with training_mode(owner, False):
+                graph, traced_values = trace(wrapper, baked)
+            code = graph.python_code("self").src  # as traced, for the train-mode comparison
+            for node, value in traced_values.items():  # shapes for the canonical spellings
                 if isinstance(value, torch.Tensor):
                     node.meta.setdefault("val", torch.empty_like(value, device="meta"))
             traced_module = GraphModule(wrapper, graph)
             slice_split_views(traced_module)
-            with torch.no_grad():
+            with training_mode(owner, False), torch.no_grad():
                 got = traced_module(*(values[n] for n in names if n not in baked))
         except Exception as exc:
             return exc
         if not _same_output(expected, got):
             return InputError(f"the traced forward of {type(owner).__name__} differs from it "
                               "on the recorded call")
-        return graph, wrapper
+        return graph, wrapper, code
 
     baked: dict[str, Any] = {}
     found = attempt(baked)
@@ -363,7 +395,9 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
             again = attempt(trial)
             if not isinstance(again, BaseException):
                 baked, found = trial, again
-    graph, wrapper = found
+    graph, wrapper, eval_code = found
+    _warn_if_mode_dependent(owner, eval_code, _train_mode_code(
+        owner, lambda: trace(_calling_wrapper(owner, names, len(positional), baked), baked)[0]))
     prefix = _WRAPPED + "."
     constants: dict[str, torch.Tensor] = {}
     for node in graph.nodes:  # targets relative to the owner
@@ -489,6 +523,17 @@ def _delete(root: nn.Module, fqn: str) -> None:
         delattr(holder, name)
 
 
+def _used(target: str, targets: set[str]) -> bool:
+    """``target`` or something under it is among ``targets``."""
+    return any(t == target or t.startswith(target + ".") for t in targets)
+
+
+def _prefixes(fqn: str) -> list[str]:
+    """The proper module prefixes of ``fqn``: "a.b.weight" -> ["a", "a.b"]."""
+    parts = fqn.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))]
+
+
 def _put(root: nn.Module, fqn: str, value: Any) -> None:
     parent, _, name = fqn.rpartition(".")
     holder = fetch_attr(root, parent) if parent else root
@@ -556,9 +601,17 @@ def _rewrite_owner(model: nn.Module, rewrites: Sequence[InlineRewrite],
     before, after = _targets(first.graph), _targets(new.graph)
     for target in sorted(after - before):  # the MoE blocks (and any constants fx made)
         _put(owner, target, fetch_attr(new, target))
-    for target in sorted(before - after, key=len, reverse=True):  # the dense FFN's modules
-        if not any(t == target or t.startswith(target + ".") for t in after):
-            _delete(owner, target)
+    gone = [t for t in before - after if not _used(t, after)]
+    for target in sorted(gone, key=len, reverse=True):  # the dense FFN's modules and tensors
+        _delete(owner, target)
+    emptied = {p for t in gone for p in _prefixes(t)} - {p for t in after for p in _prefixes(t)}
+    for prefix in sorted(emptied, key=len, reverse=True):  # a module whose weights the FFN
+        try:  # read as tensors (x @ fc1.weight.T) is left holding nothing: drop it too
+            module = owner.get_submodule(prefix)
+        except AttributeError:
+            continue
+        if next(module.parameters(), None) is None and next(module.buffers(), None) is None:
+            _delete(owner, prefix)
     cls = type(owner)
     base = getattr(cls, "_rewriter_base", cls)
     forward = _graph_forward(type(new).forward, first.signature, first.names, first.baked)

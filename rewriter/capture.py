@@ -28,6 +28,7 @@ __all__ = [
     "CaptureInfo",
     "activation_quantization_bypassed",
     "activation_quantization_enabled",
+    "buffers_kept",
     "quantizes_activations",
     "capture",
     "capture_info",
@@ -40,6 +41,7 @@ __all__ = [
     "real_positions",
     "sequence_rows",
     "token_ids",
+    "training_mode",
 ]
 
 CAPTURE_META_KEY = "rewriter.capture"
@@ -162,6 +164,36 @@ def _widen_unit_dims(value: Any, dims: Sequence[int]) -> Any:
 
 
 # ----------------------------------------------------------------------------- HF helpers
+
+
+@contextlib.contextmanager
+def buffers_kept(model: nn.Module) -> Iterator[None]:
+    """Run the body, then put back the value every buffer of ``model`` had before it. A
+    forward in train mode updates batch norm's running statistics in place; running the user's
+    model to capture or trace it must not (a graph captured from it shares those buffers)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
+
+
+@contextlib.contextmanager
+def training_mode(model: nn.Module, training: bool) -> Iterator[None]:
+    """Temporarily set every module of ``model`` to train (``training=True``) or eval mode
+    (dropout off, batch norm on its running statistics); restore each module's own flag
+    afterwards, not the root's (a model may hold a frozen, eval-mode part while the rest
+    trains)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
 
 
 @contextlib.contextmanager
@@ -358,7 +390,7 @@ def capture(
     cls = type(model).__name__
 
     stepwise = quantizes_activations(model)
-    with kv_cache_off(model), torch.no_grad():
+    with kv_cache_off(model), buffers_kept(model), torch.no_grad():
         try:
             reference = model(*args, **kwargs)
         except Exception as exc:  # the user's model rejected the inputs: say which and why

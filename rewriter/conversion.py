@@ -8,6 +8,7 @@ before any state changes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 from collections.abc import Callable, Iterable
@@ -42,9 +43,12 @@ from rewriter.passes.recovery import RecoveryConfig, recover
 
 from .capture import (
     activation_quantization_bypassed,
+    buffers_kept,
     capture,
     first_float_output,
+    normalize_inputs,
     quantizes_activations,
+    training_mode,
 )
 from .errors import InputError, NoFFNError
 from .graph_ops import op_name, param_name
@@ -324,24 +328,18 @@ def _allocate(blocks: list, stats: list, reports: tuple[dict, ...], top_k: int) 
 
 
 def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+    args, kwargs = normalize_inputs(inputs)  # any Mapping (a tokenizer's BatchEncoding too)
+    return model(*args, **kwargs)
 
 
 @torch.no_grad()
 def _outputs(model: nn.Module, inputs: Any) -> torch.Tensor | None:
     """The first floating tensor output (logits) of ``model`` on ``inputs``, or None."""
-    modes = [(m, m.training) for m in model.modules()]  # restored module by module
-    if isinstance(model, GraphModule):  # an exported graph has no train/eval switch
+    # an exported graph has no train/eval switch
+    modes = contextlib.nullcontext() if isinstance(model, GraphModule) else training_mode(
+        model, False)
+    with buffers_kept(model), modes:
         out = _call(model, inputs)
-    else:
-        model.eval()
-        try:
-            out = _call(model, inputs)
-        finally:
-            for m, was_training in modes:
-                m.training = was_training
     leaf = first_float_output(out)
     return None if leaf is None else leaf.detach().clone()
 

@@ -9,7 +9,7 @@ from rewriter.passes.module_swap import InlineRewrite, plan_module_swap, plan_mo
 from rewriter.targets.fp8_linear import FP8MoEFFN
 from torch import nn
 
-from rewriter import FP8Config, InputError, MoEConfig, capture, convert, find_ffns
+from rewriter import FP8Config, InputError, MoEConfig, capture, convert, find_ffns, inspect
 from tests._zoo import CASES, FORMS, form_inputs
 
 BY_NAME = {c.name: c for c in CASES}
@@ -269,3 +269,100 @@ def test_modules_called_with_more_than_their_input_are_not_swapped():
     with pytest.raises(InputError, match=r"nothing to lower.*down: _ScaledLinear\.forward "
                        "takes more than its input"):
         convert(model, fp8=FP8Config(), example_inputs=(x,))
+
+
+class _DropoutLayer(nn.Module):
+    """An inline FFN with batch norm and dropout, the dropout a submodule or read from
+    ``self.training`` directly."""
+
+    def __init__(self, functional: bool):
+        super().__init__()
+        self.functional = functional
+        self.bn, self.fc1, self.fc2 = nn.BatchNorm1d(12), nn.Linear(12, 36), nn.Linear(36, 12)
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, x):
+        x = self.bn(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        h = self.fc2(torch.nn.functional.gelu(self.fc1(x)))
+        h = nn.functional.dropout(h, 0.3, self.training) if self.functional else self.drop(h)
+        return x + h
+
+
+def _train_mode_stack(functional: bool) -> nn.Module:
+    model = nn.Sequential(_DropoutLayer(functional), _DropoutLayer(functional))
+    with torch.no_grad():
+        for m in model:
+            m.bn.running_mean.uniform_(-0.5, 0.5), m.bn.running_var.uniform_(0.5, 2.0)
+    return model.train()
+
+
+def test_a_model_left_in_train_mode_converts_and_keeps_its_dropout():
+    """A model in train mode (dropout active; HF GPT-2's resid_pdrop) used to fail the owner's
+    trace check (two dropout masks compared), and tracing it updated batch norm's running
+    statistics. The owner is traced and checked in eval mode; the source keeps its modes
+    and buffers; the converted model still drops in train mode and equals it in eval."""
+    torch.manual_seed(7)
+    model = _train_mode_stack(functional=False)
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(3, 5, 12)
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                  example_inputs=(x,))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(m.training for m in model.modules()) and all(m.training for m in out.modules())
+    y = torch.randn(2, 9, 12)
+    with torch.no_grad():
+        out.eval(), model.eval()
+        assert _rel(out(y), model(y)) < 1e-6
+        out.train(), model.train()
+        torch.manual_seed(3)
+        got = out(y)
+        torch.manual_seed(3)
+        assert _rel(got, model(y)) < 1e-6  # the same dropout masks, in the same order
+
+
+def test_an_owner_that_reads_self_training_is_converted_with_a_warning():
+    """F.dropout(..., training=self.training) in the owner's own forward is fixed to eval mode
+    by the traced graph: said, not silent (OPT's decoder layer is such an owner)."""
+    torch.manual_seed(8)
+    model = _train_mode_stack(functional=True).eval()
+    with pytest.warns(UserWarning, match=r"_DropoutLayer.forward reads self.training.*"
+                                         r"nn.Dropout"):
+        out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                      example_inputs=(torch.randn(2, 5, 12),))
+    y = torch.randn(2, 9, 12)
+    with torch.no_grad():
+        assert _rel(out(y), model(y)) < 1e-6
+
+
+class _TLinear(nn.Linear):
+    def forward(self, x):  # the weight read as a tensor: the FFN's graph holds get_attr nodes
+        return x @ self.weight.T + self.bias
+
+
+class _TBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc1, self.fc2 = nn.LayerNorm(20), _TLinear(20, 52), _TLinear(52, 20)
+
+    def forward(self, x):
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+def test_modules_whose_weights_the_ffn_read_are_not_left_empty():
+    """An inline rewrite of x @ fc1.weight.T deletes the weights it replaces; the linear that
+    held them was left as an empty shell (repr, inspect and named_modules then failed on its
+    missing weight). Emptied modules go too; the others (the norm) stay."""
+    torch.manual_seed(9)
+    model = nn.Sequential(_TBlock(), _TBlock()).eval()
+    x = torch.randn(2, 7, 20)
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                  example_inputs=(x,))
+    assert not any(isinstance(m, _TLinear) for m in out.modules())
+    assert all(isinstance(b.norm, nn.LayerNorm) for b in out)
+    assert "MoEFFN" in repr(out)
+    y = torch.randn(3, 5, 20)
+    with torch.no_grad():
+        assert _rel(out(y), model(y)) < 1e-6
+    assert sum(isinstance(m, _TLinear) for m in model.modules()) == 4  # the source keeps its own
+    report = inspect(out, example_inputs=(y,))  # used to raise AttributeError on the shells
+    assert report.ffns == [] and len(report.conversion.blocks) == 2

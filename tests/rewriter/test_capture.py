@@ -286,3 +286,17 @@ def test_token_ids_logits_and_real_positions():
     assert real.squeeze(-1).tolist() == [[True, True, False], [True, True, True]]
     assert real_positions(mask, torch.randn(2, 4, 5)) is None and real_positions(None, logits) \
         is None
+
+
+def test_capturing_a_train_mode_model_leaves_its_buffers_alone():
+    """Capture runs the model (and the captured graph) once: in train mode that updated batch
+    norm's running statistics in place, in the user's model and in the graph sharing them."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = capture(model.train(), torch.randn(7, 6))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(torch.equal(before[k], v) for k, v in gm.state_dict().items() if k in before)
+    assert int(model[1].num_batches_tracked) == 0 and model.training

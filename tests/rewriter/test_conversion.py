@@ -64,3 +64,26 @@ def test_an_already_moe_model_is_refused_with_what_to_do():
     with torch.no_grad():
         ref, got = model(**x).logits, lowered(**x).logits
     assert 0 < float((got - ref).norm() / ref.norm()) < 0.25
+
+
+def test_tokenizer_output_is_accepted_like_a_dict():
+    """A tokenizer's BatchEncoding (a Mapping, not a dict) as example input and calibration
+    batches gives the model the same dict would (it used to be passed positionally: TypeError
+    in the embedding)."""
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=80,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, use_cache=False)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 101, (3, 13))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    plain = {"input_ids": ids, "attention_mask": mask}
+    moe = MoEConfig(num_experts=4, top_k=2)
+    want = convert(model, moe=moe, example_inputs=plain, calibration=[plain])
+    got = convert(model, moe=moe, example_inputs=transformers.BatchEncoding(plain),
+                  calibration=[transformers.BatchEncoding(plain)])
+    fresh = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(got(input_ids=fresh).logits, want(input_ids=fresh).logits)
+        assert _rel(want(input_ids=fresh).logits, model(input_ids=fresh).logits) < 0.5
