@@ -20,7 +20,10 @@ reliably) rebuilds it. The check reads 1 byte per weight (NumPy compare; measure
 Modules given one :class:`ActivationMemo` (the lowering pass gives one per model and scopes
 it to the model's forward call) also share a fake-quantized activation: projections reading the
 same tensor in one forward (attention's q/k/v, a GLU's gate/up) quantize it once; nothing is
-reused across forward calls. The registered ops run instead (no caches) under
+reused across forward calls, and within one a memoized quantization is returned only while its
+input still holds the bytes it was quantized from (the same snapshot compare as the weight
+cache: a state buffer rewritten through ``.data`` or NumPy between two projections in one
+forward is quantized anew). The registered ops run instead (no caches) under
 ``torch.export``/``torch.compile``/JIT tracing, dispatch modes and autocast, on other devices
 (CUDA: Triton), and when autograd would record the input (``torch.is_grad_enabled() and
 x.requires_grad``).
@@ -90,8 +93,9 @@ def _check_cache_flag(cache_dequantized: bool) -> None:
 
 def _stamp(t: Tensor) -> tuple | None:
     """What changes when ``t``'s values change through autograd-visible ops: storage, layout,
-    version counter (None for inference-mode tensors, which have no version counter). Only
-    valid inside one forward call (writes through ``.data`` or NumPy do not bump it)."""
+    version counter (None for inference-mode tensors, which have no version counter). A cheap
+    first test only: writes through ``.data`` or NumPy do not bump the version, so a match
+    must still be confirmed against a :func:`_snapshot` with :func:`_same`."""
     try:
         version = t._version
     except RuntimeError:
@@ -106,6 +110,11 @@ def _bits(t: Tensor) -> Tensor:
     if raw.numel() % 8 == 0 and raw.storage_offset() % 8 == 0:
         return raw.view(torch.int64)
     return raw
+
+
+def _snapshot(t: Tensor) -> Tensor:
+    """A private copy of ``t``'s bytes (detached, no autograd history) for :func:`_same`."""
+    return t.detach().clone()
 
 
 def _same(snapshot: Tensor, t: Tensor) -> bool:
@@ -135,7 +144,7 @@ class _DequantCache:
             return hit[1]
         self._entries.pop(name, None)  # free the stale copy before building the new one
         with torch.no_grad():
-            snapshot = tuple(t.detach().clone() for t in sources)
+            snapshot = tuple(_snapshot(t) for t in sources)
             value = build()
         self._entries[name] = (snapshot, value)
         return value
@@ -161,7 +170,10 @@ class ActivationMemo:
     from one forward's activations is reused by another (an input buffer refilled in place
     through NumPy between calls keeps its identity and version counter). Within a scope the
     entry is keyed on the input tensor's identity (weak), storage, layout and version counter,
-    and ``pow2``; a deep copy or a pickle starts empty and closed."""
+    and ``pow2``, and holds a snapshot of the input's bytes: it is returned only while the input
+    still holds exactly those bytes (``.data`` writes and NumPy-view writes leave the version
+    counter alone; a state buffer updated that way between two projections of one forward is
+    quantized anew). A deep copy or a pickle starts empty and closed."""
 
     def __init__(self) -> None:
         self._entry: tuple | None = None
@@ -188,19 +200,19 @@ class ActivationMemo:
 
     def fake_quantized(self, x: Tensor, pow2: bool) -> Tensor:
         """``fake_quantize_rowwise`` of x flattened to (M, K), computed once per input within
-        a scope."""
+        a scope while the input's bytes stay unchanged."""
         if not getattr(self, "_depth", 0):
             self._entry = None
             return fake_quantize_rowwise(x.reshape(-1, x.shape[-1]), pow2=pow2)
         stamp = _stamp(x)
         entry = self._entry
         if stamp is not None and entry is not None and entry[0]() is x \
-                and entry[1] == (stamp, pow2):
-            return entry[2]
-        self._entry = None
+                and entry[1] == (stamp, pow2) and _same(entry[2], x):
+            return entry[3]
+        self._entry = None  # free the stale copy before building the new one
         xd = fake_quantize_rowwise(x.reshape(-1, x.shape[-1]), pow2=pow2)  # (M, K)
-        if stamp is not None:
-            self._entry = (weakref.ref(x), (stamp, pow2), xd)
+        if stamp is not None:  # the bytes xd was computed from, checked on every hit
+            self._entry = (weakref.ref(x), (stamp, pow2), _snapshot(x), xd)
         return xd
 
     def clear(self) -> None:

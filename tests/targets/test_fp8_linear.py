@@ -343,6 +343,99 @@ def test_activation_memo_is_never_reused_across_forward_calls():
         assert torch.equal(p2, conv(xb.clone())) and not torch.equal(p2, p1)
 
 
+def _count_quantizations(monkeypatch) -> list:
+    """Instrument the memo's quantizer: one list entry per activation it quantizes."""
+    import rewriter.targets.fp8_linear as mod
+
+    calls, real = [], mod.fake_quantize_rowwise
+
+    def counted(x, **kw):
+        calls.append(tuple(x.shape))
+        return real(x, **kw)
+
+    monkeypatch.setattr(mod, "fake_quantize_rowwise", counted)
+    return calls
+
+
+def test_activation_memo_still_shares_an_unchanged_input(monkeypatch):
+    """The memo's purpose survives the byte check: q/k/v reading one unchanged tensor in one
+    forward quantize it once (the same bits as without a memo), and every forward anew."""
+    from rewriter.targets.fp8_linear import ActivationMemo
+
+    x, w, b = _lin_data(seed=6, m=5, k=200, n=72)
+    _, w2, b2 = _lin_data(seed=7, m=5, k=200, n=72)
+    memo = ActivationMemo()
+    mods = [FP8Linear(wi, bi, mode="inference", activation_memo=memo)
+            for wi, bi in ((w, b), (w2, None), (w2 * -0.5, b2))]
+    plain = [FP8Linear(wi, bi, mode="inference", cache_dequantized=False)
+             for wi, bi in ((w, b), (w2, None), (w2 * -0.5, b2))]
+    x3 = x.reshape(5, 1, 200)
+    with torch.no_grad():
+        want = [p(x3) for p in plain]
+        calls = _count_quantizations(monkeypatch)
+        for call in range(1, 3):
+            with memo.scope():  # one forward call
+                got = [m(x3) for m in mods]
+            assert len(calls) == call  # once per forward, never shared across forwards
+            assert memo._entry is None
+            assert all(torch.equal(g, e) for g, e in zip(got, want))
+
+
+class _Loop(torch.nn.Module):
+    """Two FP8 projections read a state buffer; the state is rewritten in place (``how``)
+    between steps of ONE forward call."""
+
+    def __init__(self, a: FP8Linear, b: FP8Linear, how: str):
+        super().__init__()
+        self.a, self.b, self.how = a, b, how
+        self.register_buffer("state", torch.zeros(5, a.in_features))
+
+    def _write(self, v: torch.Tensor) -> None:
+        if self.how == "data_copy":
+            self.state.data.copy_(v)
+        elif self.how == "numpy":
+            self.state.numpy()[:] = v.numpy()
+        else:
+            self.state.copy_(v)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._write(x)
+        outs = []
+        for _ in range(3):
+            h = torch.tanh(self.a(self.state)) + self.b(self.state)  # a, b share the state
+            outs.append(h)
+            self._write(h)
+        return torch.stack(outs)
+
+
+@pytest.mark.parametrize("ctx", [torch.no_grad, torch.inference_mode])
+@pytest.mark.parametrize("how", ["data_copy", "numpy", "copy_"])
+def test_activation_memo_sees_in_place_writes_within_one_forward(monkeypatch, how, ctx):
+    """A state buffer updated in place between two uses within one forward (``.data.copy_``
+    and NumPy writes leave the version counter alone): each use sees the new values, bitwise
+    equal to a memo-free reference; the two projections reading each state still share one
+    quantization of it."""
+    from rewriter.targets.fp8_linear import ActivationMemo
+
+    x, w, b = _lin_data(seed=8, m=5, k=200, n=200)
+    _, w2, b2 = _lin_data(seed=9, m=5, k=200, n=200)
+    memo = ActivationMemo()
+    loop = _Loop(FP8Linear(w, b, mode="inference", activation_memo=memo),
+                 FP8Linear(w2, b2, mode="inference", activation_memo=memo), how)
+    ref = _Loop(FP8Linear(w, b, mode="inference", cache_dequantized=False),
+                FP8Linear(w2, b2, mode="inference", cache_dequantized=False), how)
+    no_memo = _Loop(FP8Linear(w, b, mode="inference"), FP8Linear(w2, b2, mode="inference"), how)
+    with ctx():
+        want = ref(x)
+        assert torch.equal(no_memo(x), want)
+        calls = _count_quantizations(monkeypatch)
+        with memo.scope():  # one forward call's worth of sharing
+            got = loop(x)
+        assert memo._entry is None  # nothing outlives the call
+    assert torch.equal(got, want)
+    assert len(calls) == 3  # one quantization per state value: shared by a and b, not stale
+
+
 def test_fp8_tensors_keep_their_dtype_under_casts_and_move():
     """Invariant 5: FP8 weights (float8_e4m3fn) and their fp32 scales survive .to(bf16) /
     .half() / .double(); the compute dtype, bias and master weights follow the cast."""
