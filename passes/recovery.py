@@ -12,9 +12,12 @@ copy of each block as that teacher, then streams the batches through the convert
 (CMoE's and LLaMA-MoE's "expert tuning", done layer-locally as in BRECQ / block-wise
 reconstruction): each block sees its own input x (the converted model's hidden states: the
 distribution it meets at inference), and its router, routed and shared experts are trained to
-minimise ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` with AdamW. The input of every block
-is detached and its output is handed on detached, so no gradient flows through attention, the
-embeddings or the head: one step costs one forward of the model plus a backward through the
+minimise ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` with AdamW. Padded positions
+(``attention_mask`` 0) are not calibration data: every loss, held-out error and token count
+is taken over the real positions only, and a block's input is zeroed at padded positions
+(what they hold cannot reach a trained block). The input of every block is detached and its
+output is handed on detached, so no gradient flows through attention, the embeddings or the
+head: one step costs one forward of the model plus a backward through the
 blocks alone (CPU-feasible: SmolLM2-135M, hundreds of sequences in minutes).
 
 The logit phase (``logit_steps`` > 0) then trains the same parameters end to end on
@@ -68,8 +71,9 @@ FEW_SEQUENCES = 64  # fewer training sequences than this: a warning (the step ov
 class RecoveryConfig:
     """How :func:`recover` trains the MoE blocks (validated; errors name the field).
 
-    ``sequences``: at most this many calibration sequences are used (the first ones; the
-    issue-16 budget is 2,000). ``epochs`` passes over them, ``batch_size`` sequences per step.
+    ``sequences``: at most this many calibration sequences are used (the first ones with a
+    real position; the issue-16 budget is 2,000). ``epochs`` passes over them, ``batch_size``
+    sequences per step.
     ``lr``: AdamW's peak learning rate (linear warm-up over the first 5% of the steps, cosine
     to 10% of it). ``train``: "router" (routers only), "experts" (routed + shared experts, the
     routers kept), "all" (both). ``holdout``: fraction of the sequences kept out of training to
@@ -126,7 +130,8 @@ class RecoveryReport:
     ``before`` / ``after``: mean over blocks of the relative squared error
     ``||block(x) - dense(x)||^2 / ||dense(x)||^2`` on the held-out sequences (``None`` without
     a holdout); ``per_block``: (name, before, after) per block; ``steps``, ``sequences``
-    (trained on), ``tokens`` (of the block phase), ``seconds`` (``block_seconds`` of them in
+    (trained on), ``tokens`` (of the block phase: its real positions, ``attention_mask`` != 0,
+    over all epochs), ``seconds`` (``block_seconds`` of them in
     the block phase); ``history``: (step, mean train loss) every few steps; ``restored``:
     blocks whose held-out error training did not lower, put back as they were (then ``after``
     is measured again); ``logit_kl``: held-out KL(dense || model) per token before / after
@@ -204,35 +209,99 @@ def _stack(items: list[_Batch]) -> _Batch:
             {k: cat([it[1][k] for it in items]) for k in kwargs})
 
 
+def _real(batch: _Batch, y: torch.Tensor) -> torch.Tensor | None:
+    """The batch's real positions (``attention_mask`` != 0) as a bool mask broadcastable to
+    ``y`` (B, T, ...); None without a mask of y's first two dims (every position counts).
+    Padded positions are not calibration data: every loss, held-out error and token count
+    here reads the mask through this."""
+    return real_positions(batch[1].get("attention_mask"), y)
+
+
 def _tokens(batch: _Batch) -> int:
+    """Tokens of calibration data in ``batch``: the real positions of its first tensor
+    (all of its elements without a mask)."""
     args, kwargs = batch
-    return next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)).numel()
+    first = next(v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor))
+    real = _real(batch, first)
+    return first.numel() if real is None else int(real.sum())
 
 
-def _rel(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+def _rel(y: torch.Tensor, t: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """``||y - t||^2 / ||t||^2`` summed over the positions ``real`` marks (a bool mask
+    broadcastable to y; None: all). What padded positions hold never enters the value or its
+    gradient (selected out, not multiplied by 0: a non-finite padded value stays out too)."""
+    if real is None:
+        return (y - t).pow(2).sum() / t.pow(2).sum().clamp_min(1e-30)
+    zero = y.new_zeros(())
+    return (torch.where(real, y - t, zero).pow(2).sum()
+            / torch.where(real, t, zero).pow(2).sum().clamp_min(1e-30))
 
 
 class _Taps:
-    """Forward hooks on every block: the input detached, the teacher's output, the relative
-    error (with the graph when training), the output handed on detached."""
+    """Hooks on every block, for the batch :meth:`run` is running. A block's input has its
+    padded positions (``attention_mask`` == 0) set to 0: what a padded position holds never
+    reaches a trained block, not even through the order of its sums. With ``teachers`` (the
+    block phase) the input is also detached, and the hooks record the teacher's output, the
+    relative error over the real positions (with the graph when training) and hand the
+    output on detached; without (the logit phase) they only zero the padding."""
 
-    def __init__(self, blocks: list[tuple[str, MoEFFN]], teachers: list[MoEFFN]):
+    def __init__(self, blocks: list[tuple[str, MoEFFN]], teachers: list[MoEFFN] | None = None):
         self.losses: list[tuple[int, torch.Tensor]] = []  # (block index, loss) per call
         self.handles = []
-        for index, ((_, block), teacher) in enumerate(zip(blocks, teachers)):
-            self.handles.append(block.register_forward_pre_hook(self._detach))
-            self.handles.append(block.register_forward_hook(self._make(index, teacher)))
+        self.batch: _Batch | None = None  # the batch being run (its attention_mask)
+        self.warned: set[str] = set()
+        self.detach = teachers is not None
+        for index, (name, block) in enumerate(blocks):
+            self.handles.append(block.register_forward_pre_hook(self._pre(name)))
+            if teachers is not None:
+                self.handles.append(block.register_forward_hook(
+                    self._make(index, name, teachers[index])))
 
-    @staticmethod
-    def _detach(_module, args):
-        return tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+    def run(self, model: nn.Module, batch: _Batch) -> Any:
+        """``model``'s output on ``batch``; the blocks see and count its real positions only."""
+        self.batch = batch
+        try:
+            return _call(model, batch)
+        finally:
+            self.batch = None
 
-    def _make(self, index: int, teacher: MoEFFN):
+    def real(self, x: torch.Tensor, name: str) -> torch.Tensor | None:
+        """The running batch's real positions as a bool mask broadcastable to a block's input
+        or output ``x``: (B, T, ..., d), or (B*T, d) for a block fed the tokens flattened;
+        None without a mask (every position counts)."""
+        mask = None if self.batch is None else self.batch[1].get("attention_mask")
+        if not isinstance(mask, torch.Tensor):
+            return None
+        real = _real(self.batch, x)
+        if real is None and mask.dim() == 2 and x.dim() >= 2 and x.shape[0] == mask.numel():
+            real = _real(self.batch, x.reshape(*mask.shape, *x.shape[1:]))  # (B, T, 1...)
+            real = real.reshape(x.shape[0], *real.shape[2:])  # (B*T, 1...)
+        if real is None and name not in self.warned:
+            self.warned.add(name)
+            warnings.warn(f"recover: block {name} sees inputs of shape {tuple(x.shape)}, which "
+                          f"attention_mask of shape {tuple(mask.shape)} does not index: its "
+                          f"error counts every position, padded ones too", stacklevel=2)
+        return real
+
+    def _pre(self, name: str):
+        def hook(_module, args):
+            if self.detach:
+                args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+            x = args[0] if args else None
+            real = self.real(x, name) if isinstance(x, torch.Tensor) else None
+            if real is None:
+                return args
+            return (torch.where(real, x, x.new_zeros(())), *args[1:])
+        return hook
+
+    def _make(self, index: int, name: str, teacher: MoEFFN):
         def hook(_module, args, out):
+            real = self.real(out, name)
+            if real is not None and not bool(real.any()):
+                return out.detach()  # no real position: nothing to learn or measure here
             with torch.no_grad():
                 target = dense_output(teacher, args[0])
-            self.losses.append((index, _rel(out.float(), target.float())))
+            self.losses.append((index, _rel(out.float(), target.float(), real)))
             return out.detach()
         return hook
 
@@ -248,11 +317,12 @@ class _Taps:
 
 
 def _measure(model: nn.Module, taps: _Taps, batches: Sequence[Any], n: int) -> list[float]:
-    """Mean relative error per block over ``batches`` and calls (no gradient)."""
+    """Mean relative error per block over ``batches`` and calls (no gradient; each over the
+    batch's real positions, a call with none not counted)."""
     sums, counts = [0.0] * n, [0] * n
     with torch.no_grad():
         for batch in batches:
-            _call(model, batch)
+            taps.run(model, batch)
             for i, loss in taps.take():
                 sums[i] += float(loss)
                 counts[i] += 1
@@ -298,7 +368,9 @@ def recover(
             seqs += sequence_rows(*normalize_inputs(batch))
         except InputError as exc:
             raise InputError(f"recover: calibration batch {i}: {exc}") from exc
-    seqs = seqs[: config.sequences]
+    # a row whose attention_mask has no real position is no calibration sequence
+    seqs = [s for s in seqs if _tokens(s) or not isinstance(s[1].get("attention_mask"),
+                                                            torch.Tensor)][: config.sequences]
     if not seqs:
         raise InputError("recover: no calibration batches")
     held = max(1, round(len(seqs) * config.holdout)) if config.holdout > 0 and len(seqs) > 1 \
@@ -376,11 +448,13 @@ def _block_phase(model, blocks, teachers, params, train_batches, held_batches, c
             for i in torch.randperm(len(train_batches), generator=generator).tolist():
                 _schedule(opt, config.lr, step, report.steps)
                 with torch.enable_grad():
-                    _call(model, train_batches[i])
-                    loss = torch.stack([v for _, v in taps.take()]).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                    taps.run(model, train_batches[i])
+                    losses = [v for _, v in taps.take()]
+                    loss = torch.stack(losses).sum() if losses else torch.zeros(())
+                if losses:  # none: no block saw a real position, no data to step on
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
                 step += 1
                 running += loss.item() / len(blocks)
                 if step % 10 == 0 or step == report.steps:
@@ -403,26 +477,31 @@ def _block_phase(model, blocks, teachers, params, train_batches, held_batches, c
         taps.remove()
 
 
-def _kl(model: nn.Module, teacher: nn.Module, batch: _Batch) -> torch.Tensor:
-    """The output phase's loss on one batch: mean over tokens of KL(teacher || model) of the
-    next-token distributions when the output is language-model logits (B, T, V) over the
-    batch's token ids; otherwise (an encoder's hidden states, any other float output) the
-    relative squared error ||y - y_teacher||^2 / ||y_teacher||^2 over the real positions
-    (``attention_mask`` 1)."""
+def _kl(model: nn.Module, teacher: nn.Module, batch: _Batch,
+        taps: _Taps | None = None) -> torch.Tensor:
+    """The output phase's loss on one batch: mean over the real positions (``attention_mask``
+    != 0; all without a mask) of KL(teacher || model) of the next-token distributions when
+    the output is language-model logits (B, T, V) over the batch's token ids; otherwise (an
+    encoder's hidden states, any other float output) the relative squared error
+    ||y - y_teacher||^2 / ||y_teacher||^2 over the real positions. ``taps``: the model runs
+    through them (its blocks then never see what padded positions hold)."""
     args, kwargs = batch
     with torch.no_grad():
         target = first_float_output(_call(teacher, batch)).float()
-    y = first_float_output(_call(model, batch)).float()
+    y = first_float_output(taps.run(model, batch) if taps else _call(model, batch)).float()
+    real = _real(batch, y)  # (B, T, 1...) or None
     if is_token_logits(y, token_ids(args, kwargs)):
         vocab = y.shape[-1]
-        return F.kl_div(F.log_softmax(y.reshape(-1, vocab), -1),
-                        F.log_softmax(target.reshape(-1, vocab), -1),
+        if real is None:
+            y, target = y.reshape(-1, vocab), target.reshape(-1, vocab)
+        else:  # the real positions' rows (N, V); an empty batch: 0
+            keep = real.reshape(real.shape[:2])  # (B, T)
+            y, target = y[keep], target[keep]
+            if not y.shape[0]:
+                return y.sum()
+        return F.kl_div(F.log_softmax(y, -1), F.log_softmax(target, -1),
                         log_target=True, reduction="batchmean")
-    real = real_positions(kwargs.get("attention_mask"), y)  # (B, T, 1...) or None
-    if real is not None:
-        keep = real.to(y)  # (B, T, 1...) 1.0 at real positions
-        y, target = y * keep, target * keep
-    return _rel(y, target)
+    return _rel(y, target, real)
 
 
 def _logit_phase(model, teacher, blocks, params, train_batches, held_batches, config,
@@ -433,23 +512,26 @@ def _logit_phase(model, teacher, blocks, params, train_batches, held_batches, co
     teacher_modes = [(m, m.training) for m in teacher.modules()]
     if not isinstance(teacher, GraphModule):
         teacher.eval()  # dropout off: the dense model's own distribution
+    taps = _Taps(blocks)  # padded positions zeroed at every block's input
     try:
         _logit_steps(model, teacher, blocks, params, train_batches, held_batches, config,
-                     report, bar, saved)
+                     report, bar, saved, taps)
     finally:
+        taps.remove()
         for m, was_training in teacher_modes:
             m.training = was_training
 
 
 def _logit_steps(model, teacher, blocks, params, train_batches, held_batches, config, report,
-                 bar, saved) -> None:
+                 bar, saved, taps) -> None:
     """The logit phase's loop, the held-out KL before and after, and the undo (``saved``: the
     blocks' states before the phase)."""
     def held_kl() -> float | None:
         if not held_batches:
             return None
         with torch.no_grad():
-            return sum(float(_kl(model, teacher, b)) for b in held_batches) / len(held_batches)
+            return sum(float(_kl(model, teacher, b, taps)) for b in held_batches) \
+                / len(held_batches)
 
     before = held_kl()
     opt = torch.optim.AdamW(params, lr=config.logit_lr, weight_decay=config.weight_decay)
@@ -460,7 +542,7 @@ def _logit_steps(model, teacher, blocks, params, train_batches, held_batches, co
             order = torch.randperm(len(train_batches), generator=generator).tolist()
         _schedule(opt, config.logit_lr, step, config.logit_steps)
         with torch.enable_grad():
-            loss = _kl(model, teacher, train_batches[order.pop()])
+            loss = _kl(model, teacher, train_batches[order.pop()], taps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -1,6 +1,8 @@
 """passes/recovery.py: the dense teacher inside each block, block-wise distillation that lowers
 the held-out error, leaves everything else untouched, and validates its inputs."""
 
+import copy
+
 import pytest
 import torch
 import transformers
@@ -290,3 +292,144 @@ def test_output_phase_of_an_encoder_is_the_relative_error_of_its_real_positions(
                                                 batch_size=6), teacher=model, progress=False)
     before, after = report.logit_kl
     assert report.logit_kept and 0 < after < before
+
+
+# ---------------------------------------------------------------- padding (DESIGN.md inv. 7)
+# Padded positions (attention_mask == 0) are not calibration data: no loss, held-out error or
+# token count of recovery may read them.
+
+_LENGTHS = (13, 4, 9, 0, 11, 6, 13, 2, 8, 10, 5, 12, 7, 13, 3, 9, 1, 11)  # 0: an empty row
+
+
+def _padded(pad_id, left, lengths=_LENGTHS, seq=13, batch=6):
+    """Batches of the walk text with lengths[i] real tokens in row i, the rest padded with
+    ``pad_id`` (on the left or the right); the real tokens do not depend on the padding."""
+    text = _text(len(lengths), seq, seed=8)
+    ids = torch.full_like(text, pad_id)
+    mask = torch.zeros_like(text)
+    for i, n in enumerate(lengths):
+        cols = slice(seq - n, seq) if left else slice(0, n)
+        ids[i, cols], mask[i, cols] = text[i, :n], 1
+    return [{"input_ids": ids[i:i + batch], "attention_mask": mask[i:i + batch]}
+            for i in range(0, len(lengths), batch)]
+
+
+@pytest.mark.parametrize("left", [False, True], ids=["right", "left"])
+def test_recovery_does_not_read_padded_positions(left):
+    """Two calibration sets with the same real tokens and mask, differing only in the token id
+    at padded positions: bit-identical recovered blocks (block and logit phase) and reports;
+    ``tokens`` counts the real training positions; a row with none is no sequence."""
+    model = _hf_llama(6)
+    cfg = MoEConfig(num_experts=4, top_k=2, gate="softmax", shared_width=16)
+    rc = RecoveryConfig(lr=3e-3, epochs=2, batch_size=4, holdout=0.25, logit_steps=3,
+                        logit_lr=3e-3)
+    converted = convert(model, moe=cfg, example_inputs={"input_ids": _text(2, 9)})
+    start = {k: v.clone() for k, v in converted.state_dict().items()}
+    results = []
+    for pad_id in (0, 7):
+        moe = copy.deepcopy(converted)
+        report = recover(moe, _padded(pad_id, left), rc, teacher=model, progress=False)
+        results.append((moe.state_dict(), report))
+    (sa, ra), (sb, rb) = results
+    real = [n for n in _LENGTHS if n]  # 17 sequences with real tokens: 4 held out, 13 trained
+    assert ra.sequences == 13 and ra.steps == 2 * 4
+    assert ra.tokens == rb.tokens == 2 * sum(real[:13])
+    assert ra.before is not None and ra.after < ra.before  # the training did something
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert any(not torch.equal(sa[k], v) for k, v in start.items())  # ... and trained
+    assert (ra.before, ra.after, ra.per_block, ra.history, ra.restored, ra.logit_kl) == \
+        (rb.before, rb.after, rb.per_block, rb.history, rb.restored, rb.logit_kl)
+
+
+class _OneBlock(torch.nn.Module):
+    """features (B, T, d) -> block; ``flat``: the block is fed the tokens as (B*T, d)."""
+
+    def __init__(self, block, flat):
+        super().__init__()
+        self.block, self.flat = block, flat
+
+    def forward(self, x, attention_mask=None):
+        if self.flat:
+            return self.block(x.reshape(-1, x.shape[-1])).reshape(x.shape)
+        return self.block(x)
+
+
+@pytest.mark.parametrize("flat", [False, True], ids=["BTd", "flat"])
+def test_masked_block_loss_equals_a_float64_reference(flat):
+    """The block phase's loss on a batch: sum over the real positions of the squared error
+    over the sum there of the squared dense output, in value and gradient, against float64
+    arithmetic written out here (odd shapes, rows padded left, right, fully, not at all)."""
+    from rewriter.passes.recovery import _Taps
+
+    torch.manual_seed(3)
+    B, T, d = 4, 7, 11
+    block = MoEFFN(d, 5, 3, 2, shared_dim=3, gate="softmax", bias=True, dtype=torch.float64)
+    teacher = MoEFFN(d, 5, 3, 2, shared_dim=3, gate="softmax", bias=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.3)
+        for p, q in zip(teacher.parameters(), block.parameters()):
+            p.copy_(q + 0.1 * torch.randn_like(q))
+    x = torch.randn(B, T, d, dtype=torch.float64) * 2 + 0.5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0],   # right-padded
+                         [0, 0, 0, 1, 1, 1, 1],   # left-padded
+                         [0, 0, 0, 0, 0, 0, 0],   # no real position
+                         [1, 1, 1, 1, 1, 1, 1]])
+    taps = _Taps([("block", block)], [teacher])
+    try:
+        model = _OneBlock(block, flat)
+        with torch.enable_grad():
+            taps.run(model, ((), {"x": x, "attention_mask": mask}))
+            (index, loss), = taps.take()
+            grads = torch.autograd.grad(loss, [block.w_up, block.router.weight])
+        # a padded input changed anywhere, a row of padding too: the loss does not move
+        other = torch.where(mask.bool().unsqueeze(-1), x, torch.full_like(x, 1e3))
+        with torch.no_grad():
+            taps.run(model, ((), {"x": other, "attention_mask": mask}))
+            (_, same), = taps.take()
+            # a batch without a real position records no loss
+            taps.run(model, ((), {"x": x, "attention_mask": torch.zeros_like(mask)}))
+            assert taps.take() == []
+    finally:
+        taps.remove()
+    assert index == 0 and torch.equal(same, loss.detach())
+
+    num = den = torch.zeros((), dtype=torch.float64)
+    with torch.enable_grad():
+        for b in range(B):
+            for t in range(T):
+                if mask[b, t]:
+                    y = block(x[b, t][None])[0]
+                    target = dense_output(teacher, x[b, t][None])[0].detach()
+                    num = num + ((y - target) ** 2).sum()
+                    den = den + (target ** 2).sum()
+        want = num / den
+        want_grads = torch.autograd.grad(want, [block.w_up, block.router.weight])
+    want = want.detach()
+    assert float(want) > 1e-3
+    assert float(loss.detach()) == pytest.approx(float(want), rel=1e-6)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-9)
+
+
+def test_logit_phase_kl_is_the_mean_over_real_positions():
+    """The logit phase's loss on language-model logits: KL(dense || model) summed over the
+    vocabulary, averaged over the real positions only (float64 reference written out)."""
+    from rewriter.passes.recovery import _kl
+
+    model = _hf_llama(7).double()
+    moe = convert(model, moe=MoEConfig(num_experts=4, top_k=1),
+                  example_inputs={"input_ids": _text(2, 9)})
+    batch = _padded(5, left=False, lengths=(9, 4, 0, 6), seq=9)[0]
+    with torch.no_grad():
+        got = float(_kl(moe, model, ((), batch)))
+        logq = torch.log_softmax(moe(**batch).logits.double(), -1)
+        logp = torch.log_softmax(model(**batch).logits.double(), -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1)  # (B, T)
+        real = batch["attention_mask"].bool()
+        want = float(kl[real].sum() / real.sum())
+        other = dict(batch, input_ids=batch["input_ids"].masked_fill(~real, 11))
+        assert float(_kl(moe, model, ((), other))) == got
+        assert float(kl.mean()) != pytest.approx(want, rel=1e-3)  # padding would show
+    assert got == pytest.approx(want, rel=1e-5)
