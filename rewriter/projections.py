@@ -74,6 +74,25 @@ def _only_user(node: Node) -> Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _token_flatten(x: Node, out: Node) -> tuple[Node, Node] | None:
+    """(source, unflatten) when a linear's input is its source with the tokens flattened and
+    its only user puts them back: ``h.reshape(-1, K) -> linear -> .view(*lead, N)``, the last
+    dims untouched, the leading dims of the source and of the result the same (read from the
+    recorded shapes). Per token, that is the linear of the source."""
+    user = _only_user(out)
+    if not (is_reshape(x) and len(x.users) == 1 and user is not None and is_reshape(user)):
+        return None
+    src = x.args[0]
+    metas = [tensor_meta(n) if isinstance(n, Node) else None for n in (src, x, out, user)]
+    if any(m is None for m in metas):
+        return None
+    source, flat, result, back = (m[0] for m in metas)  # type: ignore[index]
+    if str(source[-1]) != str(flat[-1]) or str(result[-1]) != str(back[-1]) or \
+            [str(d) for d in source[:-1]] != [str(d) for d in back[:-1]]:
+        return None
+    return src, user
+
+
 def _module_projection(gm: GraphModule, node: Node) -> Projection | None:
     """A leaf nn.Linear call (plain torch.fx.symbolic_trace graphs)."""
     module = gm.get_submodule(str(node.target))
@@ -81,6 +100,11 @@ def _module_projection(gm: GraphModule, node: Node) -> Projection | None:
         return None
     weight = WeightRef(f"{node.target}.weight", module.weight)
     bias = WeightRef(f"{node.target}.bias", module.bias) if module.bias is not None else None
+    flattened = _token_flatten(node.args[0], node)
+    if flattened is not None:
+        source, out = flattened
+        return Projection(node, source, out, weight, bias, "linear",
+                          (node.args[0], node, out))
     return Projection(node, node.args[0], node, weight, bias, "linear", (node,))
 
 
@@ -228,15 +252,20 @@ def _projection(gm: GraphModule, node: Node) -> Projection | None:
     out_features = weight.shape[0] if out_in else weight.shape[1]
     covered = [*path.nodes] + ([b] if isinstance(b, Node) else [])
     source = x
-    if name != "linear" and is_reshape(x) and len(x.users) == 1:  # x.view(-1, K): flatten
-        covered.append(x)
-        source = x.args[0]
     out = node
-    covered.append(node)
-    user = _only_user(node)
-    if name != "linear" and user is not None and is_reshape(user):  # .view(*lead, N)
-        out = user
-        covered.append(user)
+    flattened = _token_flatten(x, node) if name == "linear" else None
+    if flattened is not None:  # linear(h.reshape(-1, K)).view(*lead, N)
+        source, out = flattened
+        covered += [x, node, out]
+    else:
+        if name != "linear" and is_reshape(x) and len(x.users) == 1:  # x.view(-1, K)
+            covered.append(x)
+            source = x.args[0]
+        covered.append(node)
+        user = _only_user(node)
+        if name != "linear" and user is not None and is_reshape(user):  # .view(*lead, N)
+            out = user
+            covered.append(user)
     if bias is None:
         out, bias = _absorb_bias(gm, out, out_features)
         if bias is not None:

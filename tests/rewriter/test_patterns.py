@@ -343,6 +343,8 @@ class Spelled(nn.Module):
         "mm of flattened x": (lambda x, w: torch.mm(x.reshape(-1, x.shape[-1]), w.t()).view(
             *x.shape[:-1], w.shape[0]), False),
         "F.linear of W.T.T": (lambda x, w: F.linear(x, w.T.T), False),
+        "F.linear of flattened x": (lambda x, w: F.linear(x.reshape(-1, x.shape[-1]), w).view(
+            *x.shape[:-1], w.shape[0]), False),
         "permute(1, 0)": (lambda x, w: x @ w.permute(1, 0), False),
     }
 
@@ -489,3 +491,33 @@ def test_forms_are_found_with_their_kind_and_activation():
         model = form.build().eval()
         gm = capture(model, (form_inputs(form, 2, 5),))
         assert tuple((m.kind, m.activation) for m in find_ffns(gm)) == form.kinds, form.name
+
+
+class _FlatHidden(nn.Module):
+    """The hidden flattened to tokens between the activation and down, put back after it:
+    ``down(act(up(x)).reshape(-1, f)).view(B, T, d)``."""
+
+    def __init__(self, d=20, f=44):
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, f), nn.Linear(f, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        h = F.silu(self.up(self.norm(x))).reshape(-1, self.up.out_features)
+        return x + self.down(h).view(b, t, d)
+
+
+@pytest.mark.parametrize("mode", ["module", "graph"])
+def test_tokens_flattened_between_activation_and_down_still_make_an_ffn(mode):
+    torch.manual_seed(12)
+    model = nn.Sequential(_FlatHidden(), _FlatHidden()).double().eval()
+    x = torch.randn(2, 7, 20, dtype=torch.float64)
+    ffns = find_ffns(capture(model, (x,)))
+    assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
+        ("0", "mlp", "silu", 44), ("1", "mlp", "silu", 44)]
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                  example_inputs=(x,), mode=mode)
+    y = torch.randn(3, 5, 20, dtype=torch.float64)
+    with torch.no_grad():
+        ref, got = model(y), out(y)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-12
