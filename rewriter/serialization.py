@@ -81,7 +81,8 @@ def save(model: nn.Module, directory: str | Path, *, format: str = "rewriter",
     """Write ``model`` to ``directory`` and return the path. ``format``: "rewriter" (lossless,
     any converted model) or "hf" (a standard Hugging Face checkpoint: Glm4Moe / Qwen2-MoE /
     the source architecture; block-FP8 ``quantization_config`` for FP8 models; ``pad_to``
-    pads expert widths with zero neurons, e.g. 128 for vLLM's block-FP8 MoE kernels).
+    pads expert widths with zero neurons, e.g. 128 for vLLM's block-FP8 MoE kernels; without
+    it to a multiple of 8, the row alignment transformers' default CPU experts kernel needs).
     ``tokenizer``: saved beside the weights when given."""
     if format not in FORMATS:
         raise CheckpointError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")

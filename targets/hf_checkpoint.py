@@ -29,7 +29,11 @@ blockwise quantization its forward uses) are written as ``weight`` float8_e4m3fn
 ``weight_scale_inv`` (N/128, K/128) fp32, our scales bit for bit, with
 ``quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
 "weight_block_size": [128, 128], "modules_to_not_convert": [...]}``. ``pad_to`` pads expert
-widths (routed and shared) with zero neurons to a multiple (128 for vLLM's block-FP8 MoE).
+widths (routed and shared) with zero neurons to a multiple (128 for vLLM's block-FP8 MoE);
+without it they are padded to a multiple of ``KERNEL_ALIGN`` (8): transformers' default CPU
+experts kernel (``grouped_mm``) refuses rows that are not 16-byte aligned ("strides should be
+multiple of 16 bytes" for an expert of width 43). Zero neurons are exact: act(0) * 0 = 0 and
+their down-projection columns are 0.
 
 Anything that cannot be represented exactly raises :class:`CheckpointError` with the reason
 and the config change that makes it representable; nothing approximate is ever written.
@@ -54,9 +58,12 @@ from .fp8 import BLOCK, FP8_DTYPE, quantize_blockwise
 from .fp8_embedding import FP8Embedding, FP8TiedHead
 from .fp8_linear import FP8Linear, FP8MoEFFN
 
-__all__ = ["write_hf_checkpoint", "hf_plan", "SOURCES", "ACT_NAMES"]
+__all__ = ["write_hf_checkpoint", "hf_plan", "SOURCES", "ACT_NAMES", "KERNEL_ALIGN"]
 
 SOURCES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# expert widths are padded to a multiple of this (8 x fp32/bf16 = 32/16 bytes): the row
+# alignment transformers' grouped_mm experts kernel needs on the CPU
+KERNEL_ALIGN = 8
 # MoEFFN activation -> transformers ACT2FN name
 ACT_NAMES = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "relu": "relu",
              "quick_gelu": "quick_gelu"}
@@ -363,14 +370,13 @@ def write_hf_checkpoint(model: nn.Module, directory: str | Path, *, pad_to: int 
     plan = hf_plan(model)
     block = plan["block"]
     expert_dim = shared = 0
+    align = pad_to or KERNEL_ALIGN
     if block is not None:
-        expert_dim = block.expert_dim
-        if pad_to:
-            expert_dim = math.ceil(expert_dim / pad_to) * pad_to
+        expert_dim = math.ceil(block.expert_dim / align) * align
         shared = math.ceil(block.shared_dim / expert_dim) * expert_dim \
             if plan["architecture"] == "Glm4MoeForCausalLM" else block.shared_dim
-        if pad_to and shared:
-            shared = math.ceil(shared / pad_to) * pad_to
+        if shared:
+            shared = math.ceil(shared / align) * align
     dtype = model.get_input_embeddings().weight.dtype
     weights = _collect(model, plan, expert_dim, shared)
     tensors: dict[str, Tensor] = {}

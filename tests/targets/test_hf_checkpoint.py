@@ -116,6 +116,23 @@ def test_vanilla_transformers_loads_the_moe_checkpoint(family, gate, arch, tmp_p
     assert torch.equal(got["gen"], want["gen"])
 
 
+@pytest.mark.parametrize("family,gate", [("llama", "sigmoid"), ("qwen2", "softmax")])
+def test_odd_expert_widths_are_padded_for_the_default_kernel(family, gate, tmp_path):
+    """Experts 43 neurons wide (172 / 4): transformers' default CPU experts kernel
+    (grouped_mm) refused the checkpoint ("strides should be multiple of 16 bytes"); widths
+    are now padded with zero neurons to a multiple of 8, which is exact."""
+    model = build_hf(family, intermediate_size=172)
+    x = hf_example_inputs(model, 2, 9)
+    moe = MoEConfig(num_experts=4, top_k=2, shared_width=0, gate=gate)
+    conv = rewriter.convert(model, moe=moe, example_inputs=x)
+    assert conv.model.layers[0].mlp.expert_dim == 43
+    path = rewriter.save(conv, tmp_path / "hf", format="hf")
+    assert json.loads((path / "config.json").read_text())["moe_intermediate_size"] == 48
+    got, want = vanilla_run(path, x["input_ids"]), ours(conv, x["input_ids"])
+    assert rel(got["logits"], want["logits"]) <= 1e-5
+    assert torch.equal(got["gen"], want["gen"])
+
+
 def test_dense_layers_first(tmp_path):
     model = build_hf("llama", num_hidden_layers=3)
     x = hf_example_inputs(model, 2, 11)
