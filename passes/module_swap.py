@@ -50,6 +50,7 @@ from rewriter.errors import InputError
 from rewriter.graph_ops import (
     attach,
     common_module,
+    drop_identity_views,
     fetch_attr,
     module_stack,
     owning_module,
@@ -201,6 +202,20 @@ class _MetadataProxy(torch.fx.Proxy):
         if isinstance(value, torch.Tensor):
             return getattr(value, k)
         return super().__getattr__(k)
+
+    def __iter__(self):
+        """A sequence whose length the recorded call knows (``*x.shape[:-1]``): one
+        ``getitem`` proxy per element, so the sizes stay symbolic."""
+        value = self.tracer.values.get(self.node)
+        if isinstance(value, (tuple, list)):  # torch.Size too
+            return iter([self[i] for i in range(len(value))])
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        value = self.tracer.values.get(self.node)
+        if isinstance(value, (tuple, list)):
+            return len(value)
+        return super().__len__()
 
 
 class _OwnerTracer(torch.fx.Tracer):
@@ -374,6 +389,7 @@ def _trace_owner(owner: nn.Module, args: tuple, kwargs: Mapping[str, Any],
                     node.meta.setdefault("val", torch.empty_like(value, device="meta"))
             traced_module = GraphModule(wrapper, graph)
             slice_split_views(traced_module)
+            drop_identity_views(traced_module)
             with training_mode(owner, False), torch.no_grad():
                 got = traced_module(*(values[n] for n in names if n not in baked))
         except Exception as exc:

@@ -22,7 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils import _pytree as pytree
 
 from .errors import CaptureError, InputError
-from .graph_ops import slice_split_views
+from .graph_ops import drop_identity_views, slice_split_views
 
 __all__ = [
     "CaptureInfo",
@@ -419,6 +419,7 @@ def capture(
                 ) from exc
 
         slice_split_views(gm)  # canonical spellings the matcher reads; same values
+        drop_identity_views(gm)
         actual = gm(*args, **kwargs)
         quantized_error = None
         if stepwise:  # compare the continuous part; the quantized difference is information

@@ -27,6 +27,7 @@ __all__ = [
     "common_module",
     "tensor_meta",
     "weight_bytes",
+    "drop_identity_views",
     "slice_split_views",
     "fetch_attr",
     "attach",
@@ -259,6 +260,28 @@ def slice_split_views(gm: GraphModule) -> int:
     if rewritten:
         gm.recompile()
     return rewritten
+
+
+def drop_identity_views(gm: GraphModule) -> int:
+    """Replace a reshape to the shape its input already has (``h.reshape(*x.shape[:-1],
+    down.weight.shape[1])`` of an (B, T, F) ``h``) by its input: the same values, and the FFN
+    matcher then sees the activation feed the projection. Reads the shapes and dtypes recorded
+    on the nodes; a reshape without them is kept. Returns how many were dropped."""
+    dropped = 0
+    for node in list(gm.graph.nodes):
+        src = node.args[0] if node.args else None
+        if not is_reshape(node) or not isinstance(src, Node):
+            continue
+        before, after = tensor_meta(src), tensor_meta(node)
+        if before is None or after is None or before[1] != after[1] or \
+                [str(d) for d in before[0]] != [str(d) for d in after[0]]:
+            continue
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+        dropped += 1
+    if dropped:
+        gm.recompile()
+    return dropped
 
 
 def fetch_attr(root: nn.Module, target: str) -> Any:

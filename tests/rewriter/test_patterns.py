@@ -494,23 +494,28 @@ def test_forms_are_found_with_their_kind_and_activation():
 
 
 class _FlatHidden(nn.Module):
-    """The hidden flattened to tokens between the activation and down, put back after it:
-    ``down(act(up(x)).reshape(-1, f)).view(B, T, d)``."""
+    """A reshape between the activation and down: the hidden flattened to tokens and put back
+    after down (``down(act(up(x)).reshape(-1, f)).view(B, T, d)``), or reshaped to the shape it
+    already has (``.reshape(*x.shape[:-1], down.weight.shape[1])``)."""
 
-    def __init__(self, d=20, f=44):
+    def __init__(self, same_shape: bool, d=20, f=44):
         super().__init__()
+        self.same_shape = same_shape
         self.norm, self.up, self.down = nn.LayerNorm(d), nn.Linear(d, f), nn.Linear(f, d)
 
     def forward(self, x):
         b, t, d = x.shape
-        h = F.silu(self.up(self.norm(x))).reshape(-1, self.up.out_features)
-        return x + self.down(h).view(b, t, d)
+        h = F.silu(self.up(self.norm(x)))
+        if self.same_shape:
+            return x + self.down(h.reshape(*x.shape[:-1], self.down.weight.shape[1]))
+        return x + self.down(h.reshape(-1, self.up.out_features)).view(b, t, d)
 
 
+@pytest.mark.parametrize("same_shape", [False, True], ids=["flattened", "same-shape"])
 @pytest.mark.parametrize("mode", ["module", "graph"])
-def test_tokens_flattened_between_activation_and_down_still_make_an_ffn(mode):
+def test_a_reshape_between_activation_and_down_still_makes_an_ffn(mode, same_shape):
     torch.manual_seed(12)
-    model = nn.Sequential(_FlatHidden(), _FlatHidden()).double().eval()
+    model = nn.Sequential(_FlatHidden(same_shape), _FlatHidden(same_shape)).double().eval()
     x = torch.randn(2, 7, 20, dtype=torch.float64)
     ffns = find_ffns(capture(model, (x,)))
     assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
