@@ -267,6 +267,14 @@ def write_checkpoint(model: nn.Module, directory: str | Path, *,
                 f"module {fqn!r}: its experts run a captured activation (the dense FFN's own "
                 "elementwise graph: no named activation matches it), which this format cannot "
                 "rebuild without pickle; export the model to ONNX, or torch.save it")
+        base = getattr(type(module), "_rewriter_base", None)  # passes/module_swap's rewrite
+        if base is not None:
+            raise CheckpointError(
+                f"module {fqn or '<root>'!r} ({base.__name__}) holds its FFN inline in its own "
+                "forward, which convert rewrote from a traced graph; this format rebuilds the "
+                "source model's classes and cannot rebuild that forward without pickle. Export "
+                "the model to ONNX, or keep the source model and convert it again (convert is "
+                "deterministic for the same inputs)")
         spec = _module_spec(module, memos)
         if spec is not None:
             if fqn == "":

@@ -230,3 +230,20 @@ def test_a_captured_activation_is_refused_with_the_reason(tmp_path):
     with pytest.raises(rewriter.CheckpointError, match="captured activation"):
         rewriter.save(moe, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt" / MANIFEST).exists()
+
+
+def test_an_inline_ffn_rewrite_is_refused_before_anything_is_written(tmp_path):
+    """OPT's decoder layer holds its FFN inline (fc1 -> relu -> fc2 in the layer's forward):
+    convert rewrites the layer from a traced graph. The checkpoint used to be written and then
+    fail at load ("module ... moe_0 does not exist in the rebuilt model")."""
+    import transformers
+    config = transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=1,
+                                    num_attention_heads=4, vocab_size=61, word_embed_proj_dim=32,
+                                    max_position_embeddings=64, dropout=0.0)
+    model = transformers.OPTForCausalLM(config).eval()
+    x = {"input_ids": torch.randint(0, 61, (2, 5))}
+    moe = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=x)
+    with pytest.raises(CheckpointError, match=r"'model.decoder.layers.0' \(OPTDecoderLayer\) "
+                                              r"holds its FFN inline.*ONNX"):
+        rewriter.save(moe, tmp_path / "ckpt")
+    assert not (tmp_path / "ckpt").exists()
