@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ from rewriter.models.moe import MoEFFN
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from rewriter.capture import quantizes_activations
 from rewriter.errors import CheckpointError
 
 from .checkpoint import dtype_name, transformers_module
@@ -398,6 +400,13 @@ def write_hf_checkpoint(model: nn.Module, directory: str | Path, *, pad_to: int 
         del transformers
     else:
         config = _target_config(model, plan, expert_dim, shared, dtype)
+    if fp8 and not quantizes_activations(model):
+        warnings.warn(
+            "this model is W8A16 (FP8Config(activations='none')); the block-FP8 checkpoint format "
+            "has no weight-only scheme (activation_scheme 'dynamic' or 'static'), so runtimes "
+            "that quantize activations (vLLM, SGLang on FP8 GPUs) will run it as W8A8 with 1x128 "
+            "dynamic activation scales, FP8Config()'s numerics; transformers on a CPU "
+            "dequantizes the weights and runs it as W8A16", stacklevel=3)
     if fp8:
         config.quantization_config = {
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",

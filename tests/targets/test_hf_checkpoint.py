@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,19 @@ def test_refuses_unsupported_sources(tmp_path):
     tied = build_hf("llama", tie_word_embeddings=True)
     conv = rewriter.convert(tied, fp8=FP8Config(embeddings="fp8"), example_inputs=x)
     _refused(conv, tmp_path, "FP8 embedding tables", "embeddings='keep'")
+
+
+def test_a_w8a16_model_is_written_with_a_warning_about_runtimes(tmp_path):
+    """The block-FP8 format has no weight-only scheme: the checkpoint says 'dynamic', which
+    FP8-GPU runtimes run as W8A8; said when a W8A16 model is written, not for a W8A8 one."""
+    model = build_hf("llama", hidden_size=128, intermediate_size=344)
+    x = hf_example_inputs(model, 2, 7)
+    moe = MoEConfig(num_experts=16, top_k=4, shared_width=88, gate="sigmoid", route_scale=4.0)
+    w8a16 = rewriter.convert(model, moe=moe, fp8=FP8Config(activations="none"),
+                             example_inputs=x)
+    with pytest.warns(UserWarning, match=r"W8A16 .* will run it as W8A8"):
+        rewriter.save(w8a16, tmp_path / "a16", format="hf")
+    w8a8 = rewriter.convert(model, moe=moe, fp8=FP8Config(), example_inputs=x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        rewriter.save(w8a8, tmp_path / "a8", format="hf")
