@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 _SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "convert_scaling.py"
 
 
+@pytest.mark.slow  # ~60-90 s (a subprocess that measures memory phase by phase): the slow CI step
 def test_tiny_row(tmp_path):
     out = tmp_path / "x.json"
     proc = subprocess.run([sys.executable, str(_SCRIPT), "--sizes", "tiny", "--json", str(out)],
