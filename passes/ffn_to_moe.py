@@ -95,26 +95,26 @@ class MoEConfig:
                      "calibration_samples"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"MoEConfig.{name} must be an int, got {value!r}")
+                raise InputError(f"MoEConfig.{name} must be an int, got {value!r}")
         if self.num_experts < 1:
-            raise ValueError(f"MoEConfig.num_experts must be >= 1, got {self.num_experts}")
+            raise InputError(f"MoEConfig.num_experts must be >= 1, got {self.num_experts}")
         if not 1 <= self.top_k <= self.num_experts:
-            raise ValueError(
+            raise InputError(
                 f"MoEConfig.top_k must be in [1, num_experts={self.num_experts}], "
                 f"got {self.top_k}"
             )
         if self.shared_experts < 0:
-            raise ValueError(f"MoEConfig.shared_experts must be >= 0, got {self.shared_experts}")
+            raise InputError(f"MoEConfig.shared_experts must be >= 0, got {self.shared_experts}")
         if self.calibration_samples < 2:
-            raise ValueError("MoEConfig.calibration_samples must be >= 2, got "
+            raise InputError("MoEConfig.calibration_samples must be >= 2, got "
                              f"{self.calibration_samples}")
         if self.shared_width is not None:
             if not isinstance(self.shared_width, int) or self.shared_width < 0:
-                raise ValueError(
+                raise InputError(
                     f"MoEConfig.shared_width must be an int >= 0, got {self.shared_width!r}"
                 )
             if self.shared_experts:
-                raise ValueError(
+                raise InputError(
                     "MoEConfig.shared_width and MoEConfig.shared_experts are exclusive: "
                     "give one of them"
                 )
@@ -127,18 +127,18 @@ class MoEConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise InputError(
                     f"MoEConfig.{name} must be one of {', '.join(allowed)}, "
                     f"got {getattr(self, name)!r}"
                 )
         if not isinstance(self.router_bias, bool):
-            raise ValueError(f"MoEConfig.router_bias must be a bool, got {self.router_bias!r}")
+            raise InputError(f"MoEConfig.router_bias must be a bool, got {self.router_bias!r}")
         for name in ("route_scale", "aux_loss_coef"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
+                raise InputError(f"MoEConfig.{name} must be a finite number >= 0, got {value!r}")
         if self.route_scale == 0:
-            raise ValueError("MoEConfig.route_scale must be > 0")
+            raise InputError("MoEConfig.route_scale must be > 0")
 
     def resolved(self, calibrated: bool) -> MoEConfig:
         """The config with every "auto" replaced by the default for (un)calibrated use."""

@@ -103,41 +103,41 @@ class FP8Config:
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
-            raise ValueError(f"FP8Config.mode must be one of {', '.join(MODES)}, "
+            raise InputError(f"FP8Config.mode must be one of {', '.join(MODES)}, "
                              f"got {self.mode!r}")
         if self.activations not in ACTIVATION_MODES:
-            raise ValueError(f"FP8Config.activations must be one of "
+            raise InputError(f"FP8Config.activations must be one of "
                              f"{', '.join(ACTIVATION_MODES)}, got {self.activations!r}")
         if self.mode == "training" and self.activations != "fp8":
-            raise ValueError("FP8Config.activations must be 'fp8' in training mode (all three "
+            raise InputError("FP8Config.activations must be 'fp8' in training mode (all three "
                              "GEMMs run in FP8)")
         for name in ("pow2_scales", "keep_output_head"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"FP8Config.{name} must be a bool")
+                raise InputError(f"FP8Config.{name} must be a bool")
         if not isinstance(self.cache_dequantized, bool):
-            raise ValueError(f"FP8Config.cache_dequantized must be a bool, got "
+            raise InputError(f"FP8Config.cache_dequantized must be a bool, got "
                              f"{self.cache_dequantized!r}")
         if self.embeddings not in EMBEDDING_MODES:
-            raise ValueError(f"FP8Config.embeddings must be one of "
+            raise InputError(f"FP8Config.embeddings must be one of "
                              f"{', '.join(EMBEDDING_MODES)}, got {self.embeddings!r}")
         if self.weight_rounding not in WEIGHT_ROUNDINGS:
-            raise ValueError(f"FP8Config.weight_rounding must be one of "
+            raise InputError(f"FP8Config.weight_rounding must be one of "
                              f"{', '.join(WEIGHT_ROUNDINGS)}, got {self.weight_rounding!r}")
         if self.weight_rounding == "gptq" and self.mode != "inference":
-            raise ValueError("FP8Config.weight_rounding='gptq' rounds stored FP8 weights once: "
+            raise InputError("FP8Config.weight_rounding='gptq' rounds stored FP8 weights once: "
                              "it needs mode='inference' (training re-quantizes every step)")
         if isinstance(self.gptq_dampening, bool) or \
                 not isinstance(self.gptq_dampening, (int, float)) or \
                 not 0 < self.gptq_dampening < float("inf"):
-            raise ValueError(f"FP8Config.gptq_dampening must be a positive number, got "
+            raise InputError(f"FP8Config.gptq_dampening must be a positive number, got "
                              f"{self.gptq_dampening!r}")
         if isinstance(self.high_precision_budget, bool) or \
                 not isinstance(self.high_precision_budget, numbers.Real) or \
                 not 0 <= self.high_precision_budget < 1:
-            raise ValueError(f"FP8Config.high_precision_budget must be a fraction in [0, 1), "
+            raise InputError(f"FP8Config.high_precision_budget must be a fraction in [0, 1), "
                              f"got {self.high_precision_budget!r}")
         if self.embeddings == "fp8" and self.mode != "inference":
-            raise ValueError("FP8Config.embeddings='fp8' stores the tables FP8 for deployment: "
+            raise InputError("FP8Config.embeddings='fp8' stores the tables FP8 for deployment: "
                              "it needs mode='inference'")
 
 

@@ -108,7 +108,7 @@ class TrainConfig:
         for name, low in ints.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
+                raise InputError(f"TrainConfig.{name} must be an int >= {low}, got {value!r}")
         floats = {"lr": (0.0, False), "min_lr_ratio": (0.0, True), "weight_decay": (0.0, True),
                   "grad_clip": (0.0, True), "distill": (0.0, True), "temperature": (0.0, False),
                   "bias_update_rate": (0.0, True)}
@@ -118,16 +118,16 @@ class TrainConfig:
                   and math.isfinite(value) and (value >= low if inclusive else value > low))
             if not ok:
                 bound = f">= {low}" if inclusive else f"> {low}"
-                raise ValueError(f"TrainConfig.{name} must be a finite number {bound}, "
+                raise InputError(f"TrainConfig.{name} must be a finite number {bound}, "
                                  f"got {value!r}")
         if self.distill > 1 or self.min_lr_ratio > 1:
             name = "distill" if self.distill > 1 else "min_lr_ratio"
-            raise ValueError(f"TrainConfig.{name} must be <= 1, got {getattr(self, name)!r}")
+            raise InputError(f"TrainConfig.{name} must be <= 1, got {getattr(self, name)!r}")
         if self.train_part not in TRAIN_PARTS:
-            raise ValueError(f"TrainConfig.train_part must be one of {', '.join(TRAIN_PARTS)}, "
+            raise InputError(f"TrainConfig.train_part must be one of {', '.join(TRAIN_PARTS)}, "
                              f"got {self.train_part!r}")
         if self.checkpoint_every and not self.checkpoint_dir:
-            raise ValueError("TrainConfig.checkpoint_dir is needed when checkpoint_every > 0")
+            raise InputError("TrainConfig.checkpoint_dir is needed when checkpoint_every > 0")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of (0-based) ``step``."""

@@ -5,8 +5,9 @@ import pytest
 import torch
 import transformers
 
-from rewriter import FP8Config, MoEConfig, NoFFNError, conversion_info, convert, models
+from rewriter import FP8Config, InputError, MoEConfig, NoFFNError, conversion_info, convert, models
 from rewriter.capture import activation_quantization_bypassed
+from rewriter.training import TrainConfig
 
 
 def _rel(a, b):
@@ -87,3 +88,15 @@ def test_tokenizer_output_is_accepted_like_a_dict():
     with torch.no_grad():
         assert torch.equal(got(input_ids=fresh).logits, want(input_ids=fresh).logits)
         assert _rel(want(input_ids=fresh).logits, model(input_ids=fresh).logits) < 0.5
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: MoEConfig(num_experts=4, top_k=9), "MoEConfig.top_k"),
+    (lambda: FP8Config(mode="fast"), "FP8Config.mode"),
+    (lambda: TrainConfig(steps=0), "TrainConfig.steps"),
+])
+def test_a_bad_config_field_is_an_input_error_naming_it(make, field):
+    """Config validation raises the project's InputError (a ValueError too), so callers and
+    the CLI ("rewriter: error: ...") treat it as bad input, not as a crash."""
+    with pytest.raises(InputError, match=field.replace(".", r"\.")):
+        make()
