@@ -168,10 +168,13 @@ def _widen_unit_dims(value: Any, dims: Sequence[int]) -> Any:
 
 @contextlib.contextmanager
 def buffers_kept(model: nn.Module) -> Iterator[None]:
-    """Run the body, then put back the value every buffer of ``model`` had before it. A
-    forward in train mode updates batch norm's running statistics in place; running the user's
-    model to capture or trace it must not (a graph captured from it shares those buffers)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    """Run the body, then put back the value the buffers of ``model``'s train-mode modules had
+    before it. A forward in train mode updates batch norm's running statistics in place;
+    running the user's model to capture or trace it must not (a graph captured from it shares
+    those buffers). Eval-mode modules' buffers are not copied: an FP8 inference model keeps its
+    weights in buffers, and copying them would double its memory."""
+    saved = [(b, b.detach().clone()) for m in model.modules() if m.training
+             for b in m.buffers(recurse=False)]
     try:
         yield
     finally:
