@@ -8,6 +8,7 @@ Every op gets one canonical name, so rules speak of "linear" or "mul" whatever p
 from __future__ import annotations
 
 import operator
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ __all__ = [
     "common_module",
     "tensor_meta",
     "weight_bytes",
+    "same_dims",
     "drop_identity_views",
     "slice_split_views",
     "fetch_attr",
@@ -186,6 +188,12 @@ def tensor_meta(node: Node) -> tuple[tuple[Any, ...], torch.dtype] | None:
     return None
 
 
+def same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    """Two shapes (or parts of shapes) recorded on nodes are the same: equal ints, and symbolic
+    sizes (torch.export's s0, s1 ...) that print the same."""
+    return [str(d) for d in a] == [str(d) for d in b]
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of every parameter and persistent buffer of ``model`` (what a checkpoint stores:
     ``state_dict``; a tensor tied under several names counts once). Non-persistent buffers and
@@ -234,7 +242,7 @@ def slice_split_views(gm: GraphModule) -> int:
             continue
         k, part, width = val.shape[-2], val.shape[-1], src_val.shape[-1]
         if not all(isinstance(v, int) for v in (k, part, width)) or k * part != width or \
-                [str(d) for d in val.shape[:-2]] != [str(d) for d in src_val.shape[:-1]]:
+                not same_dims(val.shape[:-2], src_val.shape[:-1]):
             continue
         axis = val.dim() - 2
         picks = [_selected(u, view, axis, val.dim()) for u in view.users]
@@ -274,7 +282,7 @@ def drop_identity_views(gm: GraphModule) -> int:
             continue
         before, after = tensor_meta(src), tensor_meta(node)
         if before is None or after is None or before[1] != after[1] or \
-                [str(d) for d in before[0]] != [str(d) for d in after[0]]:
+                not same_dims(before[0], after[0]):
             continue
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.fx import GraphModule, Node
 
-from .graph_ops import is_reshape, op_name, param_name, tensor_meta
+from .graph_ops import is_reshape, op_name, param_name, same_dims, tensor_meta
 
 __all__ = ["Projection", "WeightRef", "find_projections"]
 
@@ -87,8 +87,8 @@ def _token_flatten(x: Node, out: Node) -> tuple[Node, Node] | None:
     if any(m is None for m in metas):
         return None
     source, flat, result, back = (m[0] for m in metas)  # type: ignore[index]
-    if str(source[-1]) != str(flat[-1]) or str(result[-1]) != str(back[-1]) or \
-            [str(d) for d in source[:-1]] != [str(d) for d in back[:-1]]:
+    if not (same_dims(source[-1:], flat[-1:]) and same_dims(result[-1:], back[-1:])
+            and same_dims(source[:-1], back[:-1])):
         return None
     return src, user
 

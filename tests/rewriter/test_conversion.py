@@ -14,6 +14,13 @@ def _rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def _tiny_llama(vocab: int, intermediate: int) -> transformers.LlamaForCausalLM:
+    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32,
+                                   intermediate_size=intermediate, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, use_cache=False)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
 def test_w8a8_output_error_is_reported_with_and_without_activation_quantization():
     model = models.build_model("llama-tiny", seed=3)
     x = models.example_inputs(model, 2, 9, seed=2)
@@ -37,10 +44,7 @@ def test_w8a8_output_error_is_reported_with_and_without_activation_quantization(
 
 def test_sliced_example_and_fresh_calibration_batches():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=96,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama(128, 96)
     data = torch.randint(0, 128, (8, 32))
     calib = [{"input_ids": torch.randint(0, 128, (3, 17))} for _ in range(2)]
     out = convert(model, moe=MoEConfig(num_experts=4, top_k=4), calibration=calib,
@@ -72,10 +76,7 @@ def test_tokenizer_output_is_accepted_like_a_dict():
     batches gives the model the same dict would (it used to be passed positionally: TypeError
     in the embedding)."""
     torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=80,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, use_cache=False)
-    model = transformers.LlamaForCausalLM(cfg).eval()
+    model = _tiny_llama(101, 80)
     ids = torch.randint(0, 101, (3, 13))
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0

@@ -391,10 +391,15 @@ def test_projections_are_found_by_what_they_compute(spelling, bias):
 def test_matmul_spelled_ffn_converts_exactly(spelling, mode):
     torch.manual_seed(6)
     model = Spelled(spelling).double().eval()
-    x = torch.randn(2, 5, 20, dtype=torch.float64)
-    out = convert(model, moe=MoEConfig(num_experts=3, top_k=3, gate="hard"),
+    _assert_all_experts_exact(model, torch.randn(2, 5, 20, dtype=torch.float64),
+                              torch.randn(3, 11, 20, dtype=torch.float64), 3, mode)
+
+
+def _assert_all_experts_exact(model, x, y, experts: int, mode: str) -> None:
+    """Converted on ``x`` with every expert active and hard gates, ``model`` computes the same
+    on the fresh ``y`` to float64 precision."""
+    out = convert(model, moe=MoEConfig(num_experts=experts, top_k=experts, gate="hard"),
                   example_inputs=(x,), mode=mode)
-    y = torch.randn(3, 11, 20, dtype=torch.float64)
     with torch.no_grad():
         ref, got = model(y), out(y)
     assert float((got - ref).norm() / ref.norm()) <= 1e-12
@@ -520,9 +525,4 @@ def test_a_reshape_between_activation_and_down_still_makes_an_ffn(mode, same_sha
     ffns = find_ffns(capture(model, (x,)))
     assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
         ("0", "mlp", "silu", 44), ("1", "mlp", "silu", 44)]
-    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
-                  example_inputs=(x,), mode=mode)
-    y = torch.randn(3, 5, 20, dtype=torch.float64)
-    with torch.no_grad():
-        ref, got = model(y), out(y)
-    assert float((got - ref).norm() / ref.norm()) <= 1e-12
+    _assert_all_experts_exact(model, x, torch.randn(3, 5, 20, dtype=torch.float64), 4, mode)
