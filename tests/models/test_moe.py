@@ -5,7 +5,14 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from rewriter.models.moe import GATE_MODES, MOE_ACTIVATIONS, MoEFFN, MoEFFNConfig, SharedExpert
+from rewriter.models.moe import (
+    GATE_MODES,
+    MOE_ACTIVATIONS,
+    MoEFFN,
+    MoEFFNConfig,
+    SharedExpert,
+    _runs,
+)
 from torch import nn
 from torch.export import Dim
 
@@ -207,6 +214,61 @@ def test_sorted_and_masked_dispatch_agree():
     masked_out = m._dispatch_masked(x, idx, w)
     assert torch.allclose(sorted_out, masked_out, rtol=1e-6, atol=1e-6)
     assert torch.equal(counts.float(), torch.bincount(idx.flatten(), minlength=E).float())
+
+
+def test_runs_cover_every_slot_once_in_expert_order():
+    sizes = [0, 3, 0, 300, 2, 0, 0, 5, 0, 250, 250]
+    runs = _runs(sizes, 256)
+    assert runs == [(1, 3, 0, 3), (3, 4, 3, 303), (4, 9, 303, 310), (9, 10, 310, 560),
+                    (10, 11, 560, 810)]
+    for e0, e1, s0, s1 in runs:  # each run: its experts' slots, below the cap or one expert
+        assert sum(sizes[e0:e1]) == s1 - s0 and (s1 - s0 < 256 or e1 - e0 == 1)
+    assert _runs([0, 0], 256) == [] and _runs([], 256) == []
+
+
+GD, GF = 28, 12  # d and F whose fp32/bf16 rows are 16-byte strides: the grouped GEMM's rule
+
+
+@pytest.mark.parametrize("glu,bias,gate", [(True, False, "sigmoid"), (True, True, "softmax"),
+                                           (False, True, "hard"), (False, False, "sigmoid")])
+@pytest.mark.parametrize("tokens,slots", [(37, 256), (301, 256), (301, 16), (1, 256)])
+def test_grouped_runs_match_the_float64_reference(glu, bias, gate, tokens, slots):
+    m = _randomize(MoEFFN(GD, GF, 9, 3, glu=glu, bias=bias, gate=gate, shared_dim=8,
+                          activation="silu" if glu else "gelu"), seed=21)
+    m.grouped_run_slots = slots
+    x = _x(tokens, GD, seed=22, dtype=torch.float32)
+    assert m._runs_grouped(x)  # the path under test is the one taken
+    with torch.no_grad():
+        got = m(x)
+        m.grouped_run_slots = 0  # one matmul chain per expert
+        chains = m(x)
+    ref, _ = _loop_ref(m, x)
+    assert _rel(got, ref) <= 2e-6
+    assert _rel(got, chains) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)])
+def test_grouped_runs_in_half_precision_match_the_per_expert_chains(dtype, tol):
+    m = _randomize(MoEFFN(24, 16, 7, 2, gate="sigmoid", dtype=dtype), seed=23)  # 2-byte rows
+    x = _x(53, 24, seed=24, dtype=dtype)
+    assert m._runs_grouped(x)
+    with torch.no_grad():
+        got = m(x)
+        m.grouped_run_slots = 0
+        chains = m(x)
+    assert got.dtype == dtype and _rel(got, chains) <= tol
+
+
+def test_grouped_runs_are_not_used_where_the_kernel_or_autograd_cannot_take_them():
+    odd = _randomize(MoEFFN(D, FF, E, 2), seed=25)  # F = 7: 28-byte rows
+    assert not odd._runs_grouped(_x(9, D, dtype=torch.float32))
+    m = _randomize(MoEFFN(GD, GF, 9, 3, gate="sigmoid"), seed=26)
+    assert not m._runs_grouped(_x(9, GD, dtype=torch.float64))  # no float64 CPU kernel
+    x = _x(41, GD, seed=27, dtype=torch.float32).requires_grad_(True)
+    y = m(x)  # with autograd: the per-expert chains, whose backward is tested below
+    y.square().sum().backward()
+    ref, _ = _loop_ref(m, x.detach())
+    assert _rel(y.detach(), ref) <= 2e-6 and x.grad is not None and x.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------- 3. gradients
