@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from rewriter.capture import first_float_output
+from rewriter.errors import InputError
 
 __all__ = ["pydoc_text", "token_ids", "split_ids", "model_batches", "perplexity"]
 
@@ -37,11 +38,16 @@ def token_ids(tokenizer: Any = None) -> torch.Tensor:
 def split_ids(ids: torch.Tensor, seq_len: int, head_seqs: int,
               eval_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(head (head_seqs, seq_len) from the start, eval (eval_tokens // seq_len, seq_len) from
-    the end). Raises ValueError when the text is too short for both."""
+    the end). Raises :class:`InputError` (a ValueError) when the text is too short for both
+    or a count is not a non-negative int (``seq_len`` positive)."""
+    for name, value, low in (("seq_len", seq_len, 1), ("head_seqs", head_seqs, 0),
+                             ("eval_tokens", eval_tokens, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise InputError(f"split_ids: {name} must be an int >= {low}, got {value!r}")
     n_eval = eval_tokens // seq_len
     need = (head_seqs + n_eval) * seq_len
     if need > ids.numel():
-        raise ValueError(f"need {need} tokens ({head_seqs} + {n_eval} sequences of {seq_len}),"
+        raise InputError(f"need {need} tokens ({head_seqs} + {n_eval} sequences of {seq_len}),"
                          f" the text has {ids.numel()}")
     head = ids[: head_seqs * seq_len].view(head_seqs, seq_len)
     tail = ids[ids.numel() - n_eval * seq_len:].view(n_eval, seq_len)

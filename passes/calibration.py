@@ -28,7 +28,12 @@ from torch import nn
 from torch.fx import Graph, GraphModule
 from tqdm.auto import tqdm
 
-from rewriter.capture import capture_info, first_float_output, normalize_inputs
+from rewriter.capture import (
+    capture_info,
+    conform_inputs,
+    first_float_output,
+    normalize_inputs,
+)
 from rewriter.errors import InputError
 from rewriter.patterns import FFNMatch, find_ffns
 
@@ -282,6 +287,7 @@ def calibrate(
             args, kwargs = normalize_inputs(batch)
         except InputError as exc:
             raise InputError(f"calibration batch {i}: {exc}") from exc
+        args, kwargs = conform_inputs(gm, args, kwargs, f"calibration batch {i}")
         mask = kwargs.get("attention_mask")
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dim() != 2:

@@ -30,6 +30,7 @@ from rewriter.patterns import FFNMatch
 from .allocation import ALLOCATIONS
 from .calibration import NeuronStats
 from .grouping import GROUPINGS, SHARED_SELECTIONS, group_neurons, select_shared
+from .lower_fp8 import check_finite_weights
 from .router_init import (
     ROUTER_INITS,
     centroid_router,
@@ -228,12 +229,12 @@ def dense_weights(match: FFNMatch) -> DenseFFNWeights:
     names = {k: ref.fqn for k, ref in match.weights.items()}
     if match.kind == "glu_fused":
         fused, fused_b = w("gate_up"), b("gate_up")
-        h = match.d_ff
-        first, second = fused[:h], fused[h:]
-        fb = (None, None) if fused_b is None else (fused_b[:h], fused_b[h:])
-        gate_first = match.rule.endswith("gate_first")
-        gate, up = (first, second) if gate_first else (second, first)
-        b_gate, b_up = fb if gate_first else fb[::-1]
+        if match.fused_rows is None:
+            raise ValueError(f"FFN {match.module or '<root>'}: a glu_fused match without "
+                             "fused_rows (which rows of gate_up are the gate, which the up)")
+        rows_gate, rows_up = (torch.tensor(r, dtype=torch.long) for r in match.fused_rows)
+        gate, up = fused[rows_gate], fused[rows_up]  # (d_ff, d) each: halves or interleaved
+        b_gate, b_up = (None, None) if fused_b is None else (fused_b[rows_gate], fused_b[rows_up])
         return DenseFFNWeights(up, w("down"), gate, b_up, b_gate, b("down"), names)
     gate = w("gate") if "gate" in match.projections else None
     b_gate = b("gate") if "gate" in match.projections else None
@@ -241,12 +242,12 @@ def dense_weights(match: FFNMatch) -> DenseFFNWeights:
 
 
 def check_finite(weights: DenseFFNWeights, module: str) -> None:
-    for role in ("up", "down", "gate", "b_up", "b_gate", "b_down"):
-        t = getattr(weights, role)
-        if t is not None and not bool(torch.isfinite(t).all()):
-            key = {"up": "up.weight", "down": "down.weight", "gate": "gate.weight"}.get(role)
-            name = weights.names.get(key or "", role)
-            raise InputError(f"FFN {module or '<root>'}: parameter {name} has NaN or Inf values")
+    """InputError naming the first of the FFN's weights and biases with a NaN or an inf."""
+    keys = {"up": "up.weight", "down": "down.weight", "gate": "gate.weight"}
+    roles = ("up", "down", "gate", "b_up", "b_gate", "b_down")
+    check_finite_weights(((weights.names.get(keys.get(r, ""), r), getattr(weights, r))
+                          for r in roles if getattr(weights, r) is not None),
+                         f"FFN {module or '<root>'}", why="")
 
 
 def build_moe_block(

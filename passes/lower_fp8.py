@@ -2,9 +2,12 @@
 
 Matches: every projection of the captured graph (``linear``, GPT-2's ``addmm`` Conv1D) whose
 owning module computes exactly that projection, and every MoE block's routed experts.
-Checks: DeepSeek-V3's high-precision list is kept by default: the output head (a projection with
-no projection downstream whose result reaches the output through single-input ops only), the
-MoE router, embeddings, norms and attention's softmax path (not projections, never touched);
+Checks: every weight to be stored or quantized in FP8 is finite (a NaN or inf makes its
+128x128 block's scale, hence the whole block, NaN: an :class:`InputError` names it before
+anything changes; :func:`check_finite_weights`). DeepSeek-V3's high-precision list is kept
+by default: the output head (a projection with no projection downstream whose result
+reaches the output through single-input ops only), the MoE router, embeddings, norms and
+attention's softmax path (not projections, never touched);
 plus the user's ``filter_fn(module, fqn)``; plus, where GPTQ rounds on calibration batches,
 the linears whose rounding costs the most (:func:`keep_sensitive`,
 ``FP8Config.high_precision_budget``). Emits:
@@ -20,9 +23,10 @@ from __future__ import annotations
 import inspect
 import numbers
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 
+import torch
 from rewriter.models.moe import MoEFFN
 from rewriter.targets.fp8 import dequantize_blockwise
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead
@@ -51,6 +55,7 @@ __all__ = [
     "LoweringDecision",
     "plan_fp8",
     "apply_fp8",
+    "check_finite_weights",
     "find_output_heads",
     "find_routers",
     "gptq_rounding",
@@ -271,7 +276,44 @@ def plan_fp8(model: nn.Module, gm: GraphModule, config: FP8Config,
             decisions.append(LoweringDecision(name, kind, True, f"{kind} -> FP8Linear", params))
             continue
         decisions.append(LoweringDecision(name, kind, False, reason, params))
-    return _tie_heads(model, decisions)
+    decisions = _tie_heads(model, decisions)
+    check_finite_weights(_lowered_weights(model, decisions), "FP8 lowering",
+                         "or keep the module in high precision with filter_fn")
+    return decisions
+
+
+def _lowered_weights(model: nn.Module, decisions: list[LoweringDecision]
+                     ) -> Iterable[tuple[str, Tensor]]:
+    """(FQN, tensor) of every weight the planned lowering quantizes to FP8 (a tied head
+    reads its embedding's table, checked as the embedding's weight)."""
+    for d in decisions:
+        if not d.lowered or d.kind == "tied_head":
+            continue
+        module = model.get_submodule(d.fqn) if d.fqn else model
+        names = ("w_up", "w_gate", "w_down") if d.kind == "moe_experts" else ("weight",)
+        for name in names:
+            w = getattr(module, name, None)
+            if isinstance(w, Tensor):
+                yield (f"{d.fqn}.{name}" if d.fqn else name), w
+
+
+FP8_NON_FINITE = " (its FP8 block scale would be non-finite and every value of the block NaN)"
+
+
+def check_finite_weights(weights: Iterable[tuple[str, Tensor]], what: str,
+                         remedy: str = "", why: str = FP8_NON_FINITE) -> None:
+    """InputError naming the first of ``weights`` (``(fqn, tensor)`` pairs) that holds a NaN
+    or an inf: FP8 scales come from each block's amax, so one non-finite value makes its whole
+    128x128 block (1x128 tile, table row) NaN. Tensors without data (meta) are skipped."""
+    for fqn, w in weights:
+        if w.is_meta:
+            continue
+        with torch.no_grad():
+            finite = bool(torch.isfinite(w.detach()).all())
+        if not finite:
+            raise InputError(
+                f"{what}: parameter {fqn} has NaN or Inf values{why}: fix the weights"
+                + (f", {remedy}" if remedy else ""))
 
 
 def _embedding_decision(gm: GraphModule, module: nn.Embedding, name: str, config: FP8Config,

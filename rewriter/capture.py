@@ -32,6 +32,7 @@ __all__ = [
     "quantizes_activations",
     "capture",
     "capture_info",
+    "conform_inputs",
     "detached_inputs",
     "first_float_output",
     "is_token_logits",
@@ -94,6 +95,34 @@ def normalize_inputs(example_inputs: Any) -> tuple[tuple[Any, ...], dict[str, An
             raise InputError(
                 f"example input {name} must be a tensor, got {type(value).__name__}"
             )
+    return args, kwargs
+
+
+def conform_inputs(gm: torch.fx.GraphModule, args: tuple, kwargs: Mapping[str, Any],
+                   where: str) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Cast each tensor input to the dtype of the example input it stands for, when the cast
+    keeps every value (a bool or 0./1. attention_mask where an int64 one was captured);
+    InputError naming the input and both dtypes when it would not. A graph made by
+    :func:`capture` is specialised to its example inputs' dtypes; an eager model is not."""
+    info = capture_info(gm)
+    if info is None:
+        return tuple(args), dict(kwargs)
+
+    def conform(name: str, value: Any, example: Any) -> Any:
+        if not (isinstance(value, torch.Tensor) and isinstance(example, torch.Tensor)) \
+                or value.dtype == example.dtype:
+            return value
+        cast = value.to(example.dtype)
+        if not torch.equal(cast.to(value.dtype), value):
+            raise InputError(
+                f"{where}: input {name} is {value.dtype}, but the model was captured with "
+                f"{example.dtype} there and the cast would change its values; give "
+                f"{example.dtype} inputs")
+        return cast
+
+    args = tuple(conform(f"args[{i}]", a, info.example_args[i] if i < len(info.example_args)
+                         else None) for i, a in enumerate(args))
+    kwargs = {k: conform(k, v, info.example_kwargs.get(k)) for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -322,17 +351,38 @@ def _export(model, args, kwargs, dynamic: bool) -> torch.fx.GraphModule:
 
         args = tuple(_widen_unit_dims(a, (0, 1)) for a in args)
         kwargs = {k: _widen_unit_dims(v, (0, 1)) for k, v in kwargs.items()}
-        dynamic_shapes: Any
-        if kwargs:  # torch.export wants names then: forward's parameter names + the kwargs
-            names = _input_names(model, args, {})
-            dynamic_shapes = {n: dims_for(a) for n, a in zip(names, args)}
-            dynamic_shapes.update({k: dims_for(v) for k, v in kwargs.items()})
-        else:
-            dynamic_shapes = tuple(dims_for(a) for a in args)
+        dynamic_shapes: Any = _bound_spec(model, args, kwargs, dims_for)
     else:
         dynamic_shapes = None
     ep = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=False)
     return ep.module()
+
+
+def _bound_spec(model: nn.Module, args: tuple, kwargs: Mapping, dims_for) -> Any:
+    """torch.export's dynamic_shapes for ``model(*args, **kwargs)``, keyed as the inputs bind
+    to ``forward``'s signature: a ``*args`` parameter takes a tuple of specs, a ``**kwargs``
+    one a dict (a wrapper's ``forward(self, *args, **kwargs)``)."""
+    try:
+        bound = _pyinspect.signature(model.forward).bind(*args, **kwargs).arguments
+        params = _pyinspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # no signature to bind to: positions, then names
+        if not kwargs:
+            return tuple(dims_for(a) for a in args)
+        names = _input_names(model, args, {})
+        return {**{n: dims_for(a) for n, a in zip(names, args)},
+                **{k: dims_for(v) for k, v in kwargs.items()}}
+    if not kwargs and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return tuple(dims_for(a) for a in args)  # no names needed
+    spec = {}
+    for name, value in bound.items():
+        kind = params[name].kind
+        if kind is _pyinspect.Parameter.VAR_POSITIONAL:
+            spec[name] = tuple(dims_for(v) for v in value)
+        elif kind is _pyinspect.Parameter.VAR_KEYWORD:
+            spec[name] = {k: dims_for(v) for k, v in value.items()}
+        else:
+            spec[name] = dims_for(value)
+    return spec
 
 
 class _NoLeafTracer(torch.fx.Tracer):

@@ -63,7 +63,7 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
         raise InputError(f"--batch and --seq must be >= 1, got batch={batch}, seq={seq}")
     if spec in models.list_models():
         model = models.build_model(spec)
-        return ResolvedModel(model, models.example_inputs(model, batch=batch, seq=seq))
+        return ResolvedModel(model, _example_inputs(spec, model, batch, seq, hf_style=False))
     if spec.startswith("hf:"):
         family = spec[3:]
         if family not in hf.HF_FAMILIES:
@@ -72,18 +72,36 @@ def resolve_model(spec: str, *, batch: int = 2, seq: int = 7) -> ResolvedModel:
                 + ", ".join(f"hf:{f}" for f in hf.HF_FAMILIES)
             )
         model = hf.build_hf(family)
-        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
+        return ResolvedModel(model, _example_inputs(spec, model, batch, seq, hf_style=True))
     if spec == "smollm2":
         model, tokenizer = hf.load_smollm2()
-        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq), tokenizer)
+        return ResolvedModel(model, _example_inputs(spec, model, batch, seq, hf_style=True),
+                             tokenizer)
     path = Path(spec)
     if path.is_dir() and (path / "config.json").exists():
         model = hf.load_local(path)
-        return ResolvedModel(model, hf.hf_example_inputs(model, batch=batch, seq=seq))
+        return ResolvedModel(model, _example_inputs(spec, model, batch, seq, hf_style=True))
     raise InputError(
         f"unknown model {spec!r}: give a built-in preset ({', '.join(models.list_models())}), "
         "hf:<family>, smollm2, or a local Hugging Face model directory"
     )
+
+
+def _example_inputs(spec: str, model: Any, batch: int, seq: int, *, hf_style: bool) -> Any:
+    """--batch x --seq example ids for ``model``; a --seq beyond the model's longest sequence
+    (or a model without a usable vocabulary) is the user's input: :class:`InputError`."""
+    limit = models.max_seq_len(model)
+    if limit is not None and seq > limit:
+        raise InputError(f"--seq {seq} exceeds the maximum sequence length of {spec} "
+                         f"({limit} tokens): give --seq {limit} or less")
+    try:
+        return (hf.hf_example_inputs(model, batch=batch, seq=seq) if hf_style
+                else models.example_inputs(model, batch=batch, seq=seq))
+    except (TypeError, ValueError) as exc:
+        if isinstance(exc, RewriterError):
+            raise
+        raise InputError(f"{spec}: cannot make --batch {batch} x --seq {seq} example inputs: "
+                         f"{exc}") from exc
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -119,7 +137,12 @@ def calibration_batches(resolved: ResolvedModel, seqs: int, seq_len: int) -> lis
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     hf_style = isinstance(resolved.example_inputs, dict)
     if resolved.tokenizer is not None or vocab == 256:
-        ids, _ = split_ids(token_ids(resolved.tokenizer), seq_len, seqs, 0)
+        text = token_ids(resolved.tokenizer)
+        if seqs * seq_len > text.numel():
+            raise InputError(f"--calib-seqs {seqs} x --calib-len {seq_len} needs "
+                             f"{seqs * seq_len} tokens of calibration text, the corpus has "
+                             f"{text.numel()}: give fewer or shorter sequences")
+        ids, _ = split_ids(text, seq_len, seqs, 0)
     else:
         g = torch.Generator().manual_seed(0)
         ids = torch.randint(1, int(vocab), (seqs, seq_len), generator=g)

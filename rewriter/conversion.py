@@ -38,7 +38,7 @@ from rewriter.passes.lower_fp8 import (
     plan_fp8,
     uses_gptq,
 )
-from rewriter.passes.module_swap import apply_module_swaps, plan_module_swaps
+from rewriter.passes.module_swap import ModuleSwap, apply_module_swaps, plan_module_swaps
 from rewriter.passes.recovery import RecoveryConfig, recover
 
 from .capture import (
@@ -51,7 +51,7 @@ from .capture import (
     training_mode,
 )
 from .errors import InputError, NoFFNError
-from .graph_ops import op_name, param_name
+from .graph_ops import common_module, op_name, owning_module, param_name
 from .inspection import CONVERSION_ATTR, _default_inputs
 from .model_stats import model_stats
 from .pass_manager import PassManager
@@ -121,6 +121,87 @@ def _stacked_expert_weights(gm: GraphModule) -> list[str]:
                for u in readers):
             found.append(name)
     return found
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_materialized(model: nn.Module) -> None:
+    """InputError when a parameter or buffer holds no data (the meta device)."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_meta:
+            raise InputError(
+                f"{type(model).__name__}.{name} is on the meta device (no data: a model built "
+                "under torch.device('meta') or init_empty_weights); load its weights first")
+
+
+def _check_hooks(model: nn.Module, fqns: Iterable[str], what: str) -> None:
+    """InputError naming the first module at or under ``fqns`` that holds a forward or
+    backward hook: ``what`` replaces those modules, and the hook would be dropped silently."""
+    for fqn in sorted(set(fqns)):
+        try:
+            top = model.get_submodule(fqn) if fqn else model
+        except AttributeError:
+            continue
+        for name, module in top.named_modules(prefix=fqn):
+            kinds = [k.strip("_").replace("_", " ") for k in _HOOKS if getattr(module, k, None)]
+            if kinds:
+                raise InputError(
+                    f"module {name or '<root>'} ({type(module).__name__}) has {' and '.join(kinds)}"
+                    f"; {what} replaces it or its forward, which would drop them silently. Remove "
+                    "them before converting and register them on the converted model's modules")
+
+
+def _inside_ffns(matches: list[FFNMatch]) -> list[str]:
+    """Modules that run an FFN's ops below the module owning the whole FFN (its linears and
+    activation modules): every MoE rewrite replaces them."""
+    out = []
+    for m in matches:
+        ran = {owning_module(n) for n in m.nodes if n.op == "call_function"}
+        owner = common_module(sorted(ran))
+        out += [o for o in ran if o != owner and (not owner or o.startswith(owner + "."))]
+    return out
+
+
+def _plan_swaps(model: nn.Module, gm: GraphModule, matches: list[FFNMatch],
+                inputs: Any) -> list:
+    """plan_module_swaps, after refusing hooks on what any rewrite replaces; a plan that fails
+    on an FFN whose owner holds hooks (they ran in the recorded call) says so."""
+    _check_hooks(model, _inside_ffns(matches), "the MoE rewrite")
+    try:
+        swaps = plan_module_swaps(model, gm, matches, inputs)
+    except InputError as exc:
+        owners = [common_module(sorted({owning_module(n) for n in m.nodes
+                                        if n.op == "call_function"})) for m in matches]
+        try:
+            _check_hooks(model, [o for o in owners if o], "the MoE rewrite")
+        except InputError as hooked:
+            raise hooked from exc
+        raise
+    _check_hooks(model, _replaced_by_swaps(matches, swaps), "the MoE rewrite")
+    return swaps
+
+
+def _replaced_by_swaps(matches: list[FFNMatch], swaps: list) -> list[str]:
+    """Module FQNs a module-mode MoE rewrite replaces: the swapped modules whole; for an inline
+    rewrite, the modules that run the FFN's ops below the owner whose forward is rewritten."""
+    out = []
+    for m, swap in zip(matches, swaps):
+        if isinstance(swap, ModuleSwap):
+            out += [swap.block] + ([swap.identity] if swap.identity is not None else [])
+            continue
+        owner = swap.owner
+        out += [o for o in {owning_module(n) for n in m.nodes}
+                if o != owner and (not owner or o.startswith(owner + "."))]
+    return out
+
+
+def _inherit_state(block: nn.Module, match: FFNMatch, training: bool) -> None:
+    """A new MoE block takes the train/eval mode of the module it replaces, and is frozen when
+    every weight of the dense FFN it is cut from is (``requires_grad=False``)."""
+    block.train(training)
+    if not any(ref.param.requires_grad for ref in match.weights.values()):
+        block.requires_grad_(False)
 
 
 def _distinct(matches: list[FFNMatch]) -> tuple[list[FFNMatch], list[FFNMatch], list[int]]:
@@ -214,6 +295,7 @@ def convert(
         raise InputError("recovery trains the MoE blocks on calibration text: give "
                          "calibration=batches")
 
+    _check_materialized(model)
     inputs = example_inputs if example_inputs is not None else _default_inputs(model)
     gm = capture(model, inputs)
     source_stats = model_stats(model)
@@ -250,9 +332,14 @@ def convert(
                 "(its dense linears are lowered, the experts keep their dtype)")
         near = [r for r in analysis.rejections if r.near_miss] or list(analysis.rejections)
         detail = "; ".join(r.describe() for r in near[:4])
+        train = any(m.training and isinstance(m, nn.Dropout) and m.p > 0
+                    for m in model.modules())
         raise NoFFNError(
             f"{type(model).__name__} has no feed-forward block to convert"
             + (f" (rejected: {detail})" if detail else "")
+            + ("; the model is in training mode and has active dropout, which the captured "
+               "graph samples (not one function of the hidden units): call model.eval() "
+               "before converting" if train else "")
         )
     matches, skipped = _select(model, list(analysis.matches), filter_fn)
     if not matches:
@@ -275,14 +362,25 @@ def convert(
             "empty: give calibration=batches"
         )
     graph_pass = mode == "graph" and fp8 is None
-    swaps = [] if graph_pass else plan_module_swaps(model, gm, matches, inputs)
+    swaps = [] if graph_pass else _plan_swaps(model, gm, matches, inputs)
+    if fp8 is not None:  # lowered after the rewrite: its linears outside the FFNs are known now
+        _check_hooks(model, [d.fqn for d in plan_fp8(model, gm, fp8, filter_fn) if d.lowered],
+                     "FP8 lowering")
 
     sensitivity = config.allocation == "calibrated" and config.top_k < config.num_experts
     stats = (calibrate(gm, calibration, ffns=matches, sensitivity=sensitivity,
                        max_tokens=config.calibration_samples, progress=progress)
              if calibration else None)
+    if stats is not None and config.router_init == "calibrated" and stats.tokens < 2:
+        raise InputError(
+            f"calibration holds {stats.tokens} real token(s) (positions the attention_mask "
+            "marks as padding excluded); MoEConfig(router_init='calibrated') fits each router "
+            "on at least 2: give more calibration text")
     built = [build_moe_block(m, config, p, stats_for(stats, m)) for m, p in zip(matches, plans)]
     blocks = [b for b, _ in built]
+    for i, (block, m) in enumerate(zip(blocks, matches)):
+        where = model if graph_pass else _replaced_module(model, swaps[i])
+        _inherit_state(block, m, where.training)
     reports = tuple(r for _, r in built)
     if sensitivity:
         _allocate(blocks, [stats_for(stats, m) for m in matches], reports, config.top_k)
@@ -315,6 +413,12 @@ def convert(
                            True, info, reference, calibration=calibration, progress=progress)
     setattr(target, CONVERSION_ATTR, replace(info, **_errors(reference, target, inputs)))
     return target
+
+
+def _replaced_module(model: nn.Module, swap: Any) -> nn.Module:
+    """The module a swap replaces (a whole swap) or rewrites (an inline rewrite's owner)."""
+    fqn = swap.block if isinstance(swap, ModuleSwap) else swap.owner
+    return model.get_submodule(fqn) if fqn else model
 
 
 def _allocate(blocks: list, stats: list, reports: tuple[dict, ...], top_k: int) -> None:
@@ -378,6 +482,8 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
     if not any(d.lowered for d in decisions):
         raise InputError("FP8 lowering found nothing to lower (no projection passed the "
                          "filters): " + "; ".join(f"{d.fqn}: {d.reason}" for d in decisions[:4]))
+    _check_hooks(model, [d.fqn for d in decisions if d.lowered], "FP8 lowering")
+    modes = {d.fqn: model.get_submodule(d.fqn).training for d in decisions if d.lowered}
     if reference is None:
         reference = _outputs(model, inputs)
     quantized = None
@@ -388,6 +494,8 @@ def _lower_only(model: nn.Module, gm: GraphModule, inputs: Any, fp8: Any,
                                               progress=progress)
     target = model if inplace else _copy(model)
     apply_fp8(target, decisions, fp8, quantized)
+    for fqn, training in modes.items():  # a lowered module keeps the mode of the one it replaces
+        target.get_submodule(fqn).train(training)
     info = replace(info, fp8=fp8, fp8_decisions=tuple(decisions),
                    **_errors(reference, target, inputs))
     if mode == "graph":

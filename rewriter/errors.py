@@ -20,6 +20,7 @@ __all__ = [
     "OnnxExportError",
     "OnnxRuntimeError",
     "CheckpointError",
+    "FP8InferenceModeError",
     "exit_code",
 ]
 
@@ -34,6 +35,13 @@ class InputError(RewriterError, ValueError):
     """The model or the example inputs given to us are unusable (wrong type, shape or dtype)."""
 
     exit_code = 2
+
+
+class FP8InferenceModeError(InputError, RuntimeError):
+    """What an inference-mode FP8 model cannot do: a backward pass (its weights are stored FP8
+    once, with no autograd formula), or a write to the dequantized copy its ``weight`` hands
+    out. The message names the operation and the way to do it (``FP8Config(mode="training")``,
+    ``load_state_dict``, re-converting). Also a ``RuntimeError``, what torch raised before."""
 
 
 class CaptureError(RewriterError, RuntimeError):

@@ -27,6 +27,7 @@ __all__ = [
     "module_stack",
     "common_module",
     "tensor_meta",
+    "last_dim",
     "weight_bytes",
     "same_dims",
     "drop_identity_views",
@@ -63,7 +64,9 @@ _ELEMENTWISE = frozenset(
     to _to_copy type_as float half bfloat16 double contiguous clone alias dropout identity
     """.split()
 )
-_SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "getitem", "slice", "narrow"})
+# Ops that cut a tensor into parts (glu cuts the last dim in two and multiplies the halves).
+_SPLITS = frozenset({"chunk", "split", "split_with_sizes", "unbind", "getitem", "slice", "narrow",
+                     "glu"})
 _RESHAPES = frozenset({"view", "reshape", "_unsafe_view", "flatten", "unflatten"})
 
 # Passes tag the nodes they emit with node.meta[GROUP_META_KEY] = (group_id, label, kind) so
@@ -186,6 +189,18 @@ def tensor_meta(node: Node) -> tuple[tuple[Any, ...], torch.dtype] | None:
     if tm is not None and hasattr(tm, "shape"):
         return tuple(tm.shape), tm.dtype
     return None
+
+
+def last_dim(node: Node, dim: Any) -> bool | None:
+    """Whether ``dim`` names the last dim of ``node``'s value (``dim=2`` of a rank-3 tensor is
+    ``dim=-1``): normalised against the rank recorded on the node; None when ``dim`` is not an
+    int, or is a non-negative int and no rank is recorded."""
+    if not isinstance(dim, int) or isinstance(dim, bool):
+        return None
+    if dim < 0:
+        return dim == -1
+    meta = tensor_meta(node)
+    return None if meta is None else dim == len(meta[0]) - 1
 
 
 def same_dims(a: Sequence[Any], b: Sequence[Any]) -> bool:

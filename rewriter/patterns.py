@@ -5,9 +5,14 @@ What a feed-forward block is, for the matcher:
 * **Projections** are matmuls of an activation against a 2-D parameter, however they are
   spelled (:mod:`rewriter.projections` normalises them); a matmul of two activations is not.
 * A **block** is a down projection whose input is an *elementwise* function (activations,
-  products, casts, scalar arithmetic, plus chunk/split/slice of the last dim) of one or two
-  projections that read the same input ``x``; nothing else enters the block and no
+  products, casts, scalar arithmetic, plus chunk/split/slice/narrow/glu of the last dim) of one
+  or two projections that read the same input ``x``; nothing else enters the block and no
   intermediate leaves it.
+* A fused gate_up's output is **cut** by what its cutting ops compute (run at the recorded
+  rank, so ``dim=2`` of a 3-D tensor is ``dim=-1``): each part is a set of rows of the fused
+  weight. Two disjoint halves make it a two-input block matched exactly like separate gate/up
+  projections (named or captured activation); the rule names the row layout (halves either
+  way, or interleaved as gpt-oss), and the expert split takes those rows.
 * A **rule** (:data:`FFN_RULES`) says how many projections feed the block, whether their output
   is split, and a reference function of the activation, e.g. ``act(gate) * up``. The rule
   matches when the block's elementwise subgraph equals the reference on seeded probe values for
@@ -41,8 +46,10 @@ from .graph_ops import (
     fetch_attr,
     is_elementwise,
     is_split,
+    last_dim,
     op_name,
     target_str,
+    tensor_meta,
 )
 from .projections import Projection, WeightRef, find_projections
 
@@ -93,7 +100,11 @@ class FFNRule:
 
     ``roles``: names of the projections feeding the block, in the order ``reference`` takes
     them; ``split``: the single feeding projection's output is cut in two along the last dim
-    (fused gate_up); ``reference(act, *inputs)``: what the elementwise part must compute.
+    (fused gate_up); ``reference(act, *inputs)``: what the elementwise part must compute;
+    ``rows(width)``: for a split rule, the (gate, up) rows of the fused weight, as slices.
+
+    A split rule matches like "glu" does (named or captured activation) once its output is cut
+    into the two row sets its graph reads; ``rows`` then names the layout.
     """
 
     name: str
@@ -102,11 +113,15 @@ class FFNRule:
     split: bool
     reference: Callable[..., torch.Tensor]
     why: str
+    rows: Callable[[int], tuple[slice, slice]] | None = None
 
 
-def _halves(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    h = t.shape[-1] // 2
-    return t[..., :h], t[..., h:]
+def _fused_rule(name: str, rows: Callable[[int], tuple[slice, slice]], why: str) -> FFNRule:
+    def reference(act, gu, _rows=rows):
+        gate, up = _rows(gu.shape[-1])
+        return act(gu[..., gate]) * gu[..., up]
+
+    return FFNRule(name, "glu_fused", ("gate_up",), True, reference, why, rows)
 
 
 FFN_RULES: tuple[FFNRule, ...] = (
@@ -114,12 +129,14 @@ FFN_RULES: tuple[FFNRule, ...] = (
             "linear -> act -> linear (GPT, BERT, GPT-2 Conv1D)"),
     FFNRule("glu", "glu", ("gate", "up"), False, lambda act, g, u: act(g) * u,
             "act(gate(x)) * up(x) -> down (LLaMA, Mistral, Qwen2: SwiGLU/GeGLU)"),
-    FFNRule("glu_fused_gate_first", "glu_fused", ("gate_up",), True,
-            lambda act, gu: act(_halves(gu)[0]) * _halves(gu)[1],
-            "gate_up(x).chunk(2) -> act(gate) * up -> down (Phi-3)"),
-    FFNRule("glu_fused_up_first", "glu_fused", ("gate_up",), True,
-            lambda act, gu: act(_halves(gu)[1]) * _halves(gu)[0],
-            "gate_up(x).chunk(2) -> up * act(gate), up half first"),
+    _fused_rule("glu_fused_gate_first", lambda w: (slice(0, w // 2), slice(w // 2, w)),
+                "gate_up(x).chunk(2) -> act(gate) * up -> down (Phi-3)"),
+    _fused_rule("glu_fused_up_first", lambda w: (slice(w // 2, w), slice(0, w // 2)),
+                "gate_up(x).chunk(2) -> up * act(gate), up half first (F.glu)"),
+    _fused_rule("glu_fused_interleaved", lambda w: (slice(0, w, 2), slice(1, w, 2)),
+                "gate_up(x)[..., ::2] is the gate, [..., 1::2] the up (gpt-oss)"),
+    _fused_rule("glu_fused_interleaved_up_first", lambda w: (slice(1, w, 2), slice(0, w, 2)),
+                "gate_up(x)[..., ::2] is the up, [..., 1::2] the gate"),
 )
 
 
@@ -146,6 +163,8 @@ class FFNMatch:
     # activation == CAPTURED_ACTIVATION: the block's elementwise graph as a module of the gate
     # (or up, for "mlp") projection's output, (..., d_ff) -> (..., d_ff); else None
     activation_fn: nn.Module | None = None
+    # kind == "glu_fused": (gate rows, up rows) of the fused gate_up weight; else None
+    fused_rows: tuple[tuple[int, ...], tuple[int, ...]] | None = None
 
     @property
     def weights(self) -> Mapping[str, WeightRef]:
@@ -254,24 +273,116 @@ def _computed_from(node: Node, outputs: set[Node]) -> bool:
     return False
 
 
-def _region_module(gm: GraphModule, region: _Region, sink: Node,
-                   ones: frozenset[int] = frozenset()) -> GraphModule:
-    """The region as a module of its source projections' outputs (placeholders ``src<i>`` in
-    source order); a source whose index is in ``ones`` reads ``torch.ones_like`` of the first
-    other source instead of a placeholder. Parameters it reads are ``gm``'s own objects."""
+@dataclass(frozen=True)
+class _Cut:
+    """A fused projection's output cut into the row sets its elementwise graph reads: input
+    ``i`` of the graph is rows ``rows[i]`` of the fused weight."""
+
+    rows: tuple[tuple[int, ...], ...]
+    feeds: Mapping[Node, int]  # node whose value is input i (a chunk part, a slice ...)
+    glus: Mapping[Node, tuple[int, int]]  # glu node -> inputs of (first half, second half)
+    chain: frozenset[Node]  # the cutting nodes, replaced by the inputs
+
+
+def _cut(gm: GraphModule, region: _Region) -> _Cut | str:
+    """Cut the single source's output into the row sets the region reads, or why not. Reads
+    what the cutting ops (chunk, split, narrow, slice, getitem, glu, in any spelling and
+    positive or negative dim) compute: they run on a probe of the output's recorded rank whose
+    value is the row index, so each part shows which rows it holds."""
+    (src,) = region.sources
+    out, width = src.output, src.out_features
+    members = set(region.nodes)
+    known: set[Node] = {out}
+    chain: list[Node] = []
+    glus: list[Node] = []
+    for node in gm.graph.nodes:  # graph order: a cut's inputs come before it
+        if node not in members or not is_split(node):
+            continue
+        if not node.all_input_nodes or not all(a in known for a in node.all_input_nodes):
+            continue
+        if op_name(node) == "glu":
+            glus.append(node)
+        else:
+            chain.append(node)
+            known.add(node)
+    consumers = members - set(chain) - set(glus)
+    feeds = [n for n in [out, *chain] if any(u in consumers for u in n.users)]
+    if out in feeds:
+        return ("the fused projection's whole output enters the activation next to its parts; "
+                "a fused gate_up is read only as two halves of its rows")
+    for g in glus:
+        dim = g.args[1] if len(g.args) > 1 else g.kwargs.get("dim", -1)
+        if not last_dim(g.args[0], dim):
+            return (f"{g.name!r} ({target_str(g)}) halves dim {dim} of its input, not the "
+                    "last (the hidden units)")
+    meta = tensor_meta(out)
+    lead = (3,) * (len(meta[0]) - 1 if meta is not None else 1)
     graph = Graph()
-    env: dict[Node, Node] = {}
-    for i, src in enumerate(region.sources):
-        if i not in ones:
-            env[src.output] = graph.placeholder(f"src{i}")
-    first = next(env[s.output] for s in region.sources if s.output in env)
-    for i, src in enumerate(region.sources):
-        if i in ones:
-            env[src.output] = graph.call_function(torch.ones_like, (first,))
+    env = {out: graph.placeholder("fused")}
+    for node in chain:
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    probed = [*feeds, *(g.args[0] for g in glus)]
+    graph.output(tuple(env[n] for n in probed))
+    index = torch.arange(width, dtype=torch.float64).expand(*lead, width).contiguous()
+    try:
+        with torch.no_grad():
+            values = GraphModule(nn.Module(), graph)(index)
+    except Exception as exc:
+        known_rank = "" if meta is not None else (
+            f" (no shape is recorded on {out.name!r}, so a dim >= 0 is read as of a 2-D "
+            "tensor: capture with example inputs)")
+        return (f"cutting the fused projection's output fails on a probe{known_rank}: "
+                f"{type(exc).__name__}: {str(exc)[:120]}")
+    rows: dict[Node, tuple[int, ...]] = {}
+    for node, v in zip(probed, values):
+        if not isinstance(v, torch.Tensor) or tuple(v.shape[:-1]) != lead or \
+                not bool((v == v[(0,) * len(lead)]).all()):
+            return (f"{node.name!r} ({target_str(node)}) cuts the fused projection's output "
+                    "along a dim other than the last (the hidden units)")
+        rows[node] = tuple(int(i) for i in v[(0,) * len(lead)].tolist())
+    parts = [rows[n] for n in feeds]
+    for g in glus:
+        whole = rows[g.args[0]]
+        parts += [whole[: len(whole) // 2], whole[len(whole) // 2:]]
+    sets = sorted(set(parts), key=lambda r: (min(r, default=-1), r))
+    if len(sets) != 2 or len(sets[0]) != len(sets[1]) or \
+            sorted(sets[0] + sets[1]) != list(range(width)):
+        return (f"the fused projection's {width} outputs are cut into parts of "
+                f"{sorted(len(r) for r in sets)} rows, not two disjoint halves of its rows")
+    at = {r: i for i, r in enumerate(sets)}
+    halves = {}
+    for g in glus:
+        whole = rows[g.args[0]]
+        halves[g] = (at[whole[: len(whole) // 2]], at[whole[len(whole) // 2:]])
+    return _Cut(tuple(sets), MappingProxyType({n: at[rows[n]] for n in feeds}),
+                MappingProxyType(halves), frozenset(chain))
+
+
+def _region_module(gm: GraphModule, region: _Region, sink: Node,
+                   ones: frozenset[int] = frozenset(), cut: _Cut | None = None) -> GraphModule:
+    """The region as a module of its inputs (placeholders ``src<i>`` in order): the source
+    projections' outputs, or the parts of a ``cut`` fused output. An input whose index is in
+    ``ones`` reads ``torch.ones_like`` of the first other input instead of a placeholder.
+    Parameters it reads are ``gm``'s own objects."""
+    if cut is None:
+        inputs = [[s.output] for s in region.sources]
+    else:
+        inputs = [[n for n, i in cut.feeds.items() if i == k] for k in range(len(cut.rows))]
+    graph = Graph()
+    held = {i: graph.placeholder(f"src{i}") for i in range(len(inputs)) if i not in ones}
+    first = next(iter(held.values()))
+    for i in sorted(ones):
+        held[i] = graph.call_function(torch.ones_like, (first,))
+    env: dict[Node, Node] = {n: held[i] for i, nodes in enumerate(inputs) for n in nodes}
+    if cut is not None:  # glu(h) = first half * sigmoid(second half)
+        for g, (a, b) in cut.glus.items():
+            env[g] = graph.call_function(
+                torch.mul, (held[a], graph.call_function(torch.sigmoid, (held[b],))))
+    skip = cut.chain if cut is not None else frozenset()
     members = set(region.nodes)
     root = nn.Module()  # what the region reads, under flat names (alpha_p, not a.b.c.alpha_p)
     for node in gm.graph.nodes:  # graph order is a topological order
-        if node in members:
+        if node in members and node not in env and node not in skip:
             env[node] = graph.node_copy(node, lambda n: env[n])
             if node.op in ("get_attr", "call_module"):  # a leaf module (fx's nn.Dropout)
                 name = str(node.target).replace(".", "_")
@@ -279,13 +390,6 @@ def _region_module(gm: GraphModule, region: _Region, sink: Node,
                 env[node].target = name
     graph.output(env[sink])
     return GraphModule(root, graph)
-
-
-def _region_function(
-    gm: GraphModule, region: _Region, sink: Node
-) -> Callable[..., torch.Tensor]:
-    """The region as a callable of its source projections' outputs."""
-    return _region_module(gm, region, sink).forward
 
 
 def _probe(width: int, seed: int) -> torch.Tensor:
@@ -337,26 +441,23 @@ def _per_neuron(fn: Callable[..., torch.Tensor], width: int, n_inputs: int) -> b
 
 
 def _captured_activation(
-    gm: GraphModule, region: _Region, sink: Node
-) -> tuple[FFNRule, nn.Module] | None:
-    """(rule, activation module) when the region is a per-neuron function no named activation
-    matches: ``act(up)`` for one projection, ``act(gate) * up`` for two (either order)."""
-    sources = list(region.sources)
-    if any(is_split(n) for n in region.nodes) or len(sources) not in (1, 2):
+    gm: GraphModule, region: _Region, sink: Node, widths: tuple[int, ...], cut: _Cut | None
+) -> tuple[FFNRule, nn.Module, tuple[int, ...]] | None:
+    """(rule, activation module, input order) when the region is a per-neuron function no
+    named activation matches: ``act(up)`` for one input, ``act(gate) * up`` for two (either
+    order; the order gives the inputs in the rule's roles)."""
+    if len(widths) not in (1, 2) or len(set(widths)) != 1:
         return None
-    width = sources[0].out_features
-    if any(p.out_features != width for p in sources):
-        return None
-    if len(sources) == 1:
-        act = _region_module(gm, region, sink)
-        return (FFN_RULES[0], act) if _per_neuron(act, width, 1) else None
-    full = _region_function(gm, region, sink)
+    width = widths[0]
+    if len(widths) == 1:
+        act = _region_module(gm, region, sink, cut=cut)
+        return (FFN_RULES[0], act, (0,)) if _per_neuron(act, width, 1) else None
+    full = _region_module(gm, region, sink, cut=cut).forward
     u = _probe(width, seed=41)
+    g = _probe(width, seed=43)
     for gate_i in (0, 1):
         up_i = 1 - gate_i
-        region.sources = sources
-        act = _region_module(gm, region, sink, ones=frozenset({up_i}))
-        g = _probe(width, seed=43)
+        act = _region_module(gm, region, sink, ones=frozenset({up_i}), cut=cut)
         args = [None, None]
         args[gate_i], args[up_i] = g, u
         try:
@@ -365,9 +466,42 @@ def _captured_activation(
         except Exception:
             continue
         if linear_in_up and _per_neuron(act, width, 1):
-            region.sources = [sources[gate_i], sources[up_i]]
-            return FFN_RULES[1], act
-    region.sources = sources
+            return FFN_RULES[1], act, (gate_i, up_i)
+    return None
+
+
+def _classify(
+    gm: GraphModule, region: _Region, sink: Node, cut: _Cut | None
+) -> tuple[FFNRule, str, nn.Module | None, tuple[int, ...]] | None:
+    """(rule, activation name, captured module or None, input order) of the region's
+    elementwise function of its inputs (projection outputs, or the parts of a cut fused one):
+    a named activation under an unsplit rule, else a captured per-neuron one."""
+    widths = (tuple(len(r) for r in cut.rows) if cut is not None
+              else tuple(p.out_features for p in region.sources))
+    n = len(widths)
+    fn = _region_module(gm, region, sink, cut=cut).forward
+    for rule in FFN_RULES:
+        if rule.split or len(rule.roles) != n:
+            continue
+        for perm in ((0,),) if n == 1 else ((0, 1), (1, 0)):
+
+            def ordered(*xs, _perm=perm):  # xs in the rule's role order
+                return fn(*[xs[_perm.index(i)] for i in range(len(xs))])
+
+            act = _identify(ordered, rule, tuple(widths[i] for i in perm))
+            if act is not None:
+                return rule, act, None, perm
+    captured = _captured_activation(gm, region, sink, widths, cut)
+    if captured is not None:
+        return captured[0], CAPTURED_ACTIVATION, captured[1], captured[2]
+    return None
+
+
+def _fused_rule_for(width: int, gate: tuple[int, ...], up: tuple[int, ...]) -> FFNRule | None:
+    rows = tuple(range(width))
+    for rule in FFN_RULES:
+        if rule.rows is not None and tuple(rows[s] for s in rule.rows(width)) == (gate, up):
+            return rule
     return None
 
 
@@ -436,36 +570,40 @@ def _check_candidate(
         return "its projections read different inputs: " + ", ".join(
             sorted(n.name for n in inputs)
         )
-    split = any(is_split(n) for n in region.nodes)
-    widths = tuple(p.out_features for p in region.sources)
-    fn = _region_function(gm, region, down.input)
-    for rule in FFN_RULES:
-        if len(rule.roles) != len(region.sources) or rule.split != split:
-            continue
-        if rule.split and widths[0] % 2:
-            continue
-        orders = [region.sources] if len(region.sources) == 1 else [
-            region.sources, region.sources[::-1]
-        ]
-        for order in orders:
-            perm = [region.sources.index(p) for p in order]
+    cut = None
+    if any(is_split(n) for n in region.nodes):
+        if len(region.sources) != 1:
+            return (f"it cuts the outputs of {len(region.sources)} projections; only one fused "
+                    "gate_up projection is read in parts")
+        cut = _cut(gm, region)
+        if isinstance(cut, str):
+            return cut
+    verdict = _classify(gm, region, down.input, cut)
+    if verdict is None:
+        names = "/".join(a.name for a in ACTIVATIONS)
+        what = (f"{len(region.sources)} projection(s)" if cut is None else
+                "the two halves of a fused gate_up projection")
+        return (
+            f"the elementwise function of {what} matches no rule "
+            f"({', '.join(r.name for r in FFN_RULES)}) with a known activation ({names}), "
+            "and it is not one function applied to every hidden unit alike either (a per-unit "
+            "parameter?)"
+        )
+    rule, act, act_fn, perm = verdict
+    if cut is None:
+        region.sources = [region.sources[i] for i in perm]
+        return rule, act, act_fn
+    gate, up = (cut.rows[i] for i in perm)
+    width = region.sources[0].out_features
+    fused = _fused_rule_for(width, gate, up)
+    if fused is None:
+        return (f"the fused projection's gate rows {_span(gate)} and up rows {_span(up)} are "
+                "laid out as no rule declares (halves, either first, or interleaved)")
+    return fused, act, act_fn
 
-            def ordered(*xs, _perm=perm):
-                return fn(*[xs[_perm.index(i)] for i in range(len(xs))])
 
-            act = _identify(ordered, rule, tuple(p.out_features for p in order))
-            if act is not None:
-                region.sources = list(order)
-                return rule, act, None
-    captured = _captured_activation(gm, region, down.input)
-    if captured is not None:
-        return captured[0], CAPTURED_ACTIVATION, captured[1]
-    names = "/".join(a.name for a in ACTIVATIONS)
-    return (
-        f"the elementwise function of {len(region.sources)} projection(s) matches no rule "
-        f"({', '.join(r.name for r in FFN_RULES)}) with a known activation ({names}), and it "
-        "is not one function applied to every hidden unit alike either (a per-unit parameter?)"
-    )
+def _span(rows: tuple[int, ...]) -> str:
+    return f"[{', '.join(map(str, rows[:4]))}{', ...' if len(rows) > 4 else ''}]"
 
 
 def analyze_ffns(gm: GraphModule) -> FFNAnalysis:
@@ -521,6 +659,11 @@ def _build_match(
     for p in sources:
         nodes |= set(p.nodes)
     order = {n: i for i, n in enumerate(down.node.graph.nodes)}
+    fused_rows = None
+    if rule.rows is not None:
+        rows = tuple(range(2 * d_ff))
+        gate, up = rule.rows(2 * d_ff)
+        fused_rows = (rows[gate], rows[up])
     return FFNMatch(
         index=index,
         module=common_module([p.module for p in projections.values()]),
@@ -536,6 +679,7 @@ def _build_match(
         input=sources[0].input,
         output=down.output,
         activation_fn=act_fn,
+        fused_rows=fused_rows,
     )
 
 

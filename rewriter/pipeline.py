@@ -38,6 +38,7 @@ from rewriter import models
 from rewriter.models.text import model_batches, token_ids
 from rewriter.passes.freeze_fp8 import freeze_fp8
 from rewriter.passes.recovery import RecoveryConfig, recover
+from rewriter.targets.checkpoint import check_writable as _check_destination
 from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_parity
 
@@ -120,15 +121,10 @@ class PipelineReport:
 
 
 def check_writable(path: Path, what: str) -> None:
-    """Fail before any work when ``path`` (a file or a directory to create) is not writable."""
-    probe = path if what == "directory" else path.parent
-    try:
-        probe.mkdir(parents=True, exist_ok=True)
-        test = probe / ".rewriter-write-test"
-        test.write_text("")
-        test.unlink()
-    except OSError as exc:
-        raise InputError(f"cannot write the {what} {path}: {exc.strerror or exc}") from None
+    """Fail before any work when ``path`` (a file, or a directory to create) is not writable
+    (:func:`rewriter.targets.checkpoint.check_writable`, the one check of a destination, with
+    :class:`InputError`); then create the directory (the file's folder) the job writes in."""
+    _check_destination(path, what, error=InputError, create=True)
 
 
 def _row(name: str, model: nn.Module, ppl: float | None) -> PipelineRow:
@@ -334,6 +330,10 @@ def run_pipeline(
                          f"{save_format!r}")
     if save_dir is not None:
         check_writable(Path(save_dir), "directory")
+    for name, value in (("calibration_seqs", calibration_seqs), ("eval_tokens", eval_tokens),
+                        ("train_steps", train_steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InputError(f"{name} must be an int >= 0, got {value!r}")
     if recovery is not None and not isinstance(recovery, RecoveryConfig):
         raise InputError(f"recovery must be a RecoveryConfig, got {type(recovery).__name__}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
@@ -358,6 +358,10 @@ def _run(model, tokenizer, recipe, moe, fp8, example_inputs, calibration_seqs, e
     data = TextData.from_corpus(tokenizer, ids=ids, eval_tokens=eval_tokens,
                                 eval_len=min(256, longest, eval_tokens), hf=hf)
     n_calib = 4 * max(1, calibration_seqs // 4)
+    if calibration_seqs and n_calib * seq > data.train_ids.numel():
+        raise InputError(f"calibration_seqs={calibration_seqs} ({n_calib} sequences of {seq} "
+                         f"tokens) needs {n_calib * seq} tokens, the training text has "
+                         f"{data.train_ids.numel()}: give fewer")
     calib = (model_batches(data.train_ids[:n_calib * seq].reshape(n_calib, seq), hf=hf)
              if calibration_seqs else None)
     if example_inputs is None:

@@ -26,6 +26,8 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +38,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from rewriter.errors import CheckpointError, MissingDependencyError
+from rewriter.errors import CheckpointError, MissingDependencyError, RewriterError
 
 from .fp8_embedding import FP8Embedding, FP8TiedHead
 from .fp8_linear import ActivationMemo, FP8Linear, FP8MoEFFN
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "WEIGHTS", "write_checkpoint", "read_checkpoint",
-           "is_checkpoint", "dtype_name", "dtype_from_name", "transformers_module"]
+           "is_checkpoint", "dtype_name", "dtype_from_name", "transformers_module",
+           "check_writable"]
 
 FORMAT = "rewriter"
 VERSION = 1
@@ -53,6 +56,53 @@ _REFERENCE = {"GPT": (GPT, GPTConfig), "Llama": (Llama, LlamaConfig), "Bert": (B
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def check_writable(path: str | os.PathLike, what: str, *,
+                   error: type[RewriterError] = CheckpointError, create: bool = False) -> Path:
+    """The one check of an output destination, run before anything is written: ``path`` is a
+    ``"file"`` to write or a ``"directory"`` to create or write into. Refuses, with ``error``
+    naming ``path``, a directory that exists as a non-directory, a file that exists as a
+    directory or read-only, a path below an existing file, and a folder we may not write in.
+    Creates nothing unless ``create`` (then the directory, or the file's folder, with its
+    parents, once the check passed). Returns ``path`` as a :class:`Path`."""
+    if what not in ("file", "directory"):
+        raise ValueError(f"what must be 'file' or 'directory', got {what!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise error(f"the {what} to write must be a str or os.PathLike, got "
+                    f"{type(path).__name__}")
+    path = Path(path)
+
+    def refuse(why: str) -> RewriterError:
+        return error(f"cannot write the {what} {str(path)!r}: {why}")
+
+    if what == "directory":
+        if path.exists() and not path.is_dir():
+            raise refuse("it exists and is not a directory")
+        folder = path
+    else:
+        if path.is_dir():
+            raise refuse("it is a directory, not a file")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise refuse("the file exists and is read-only")
+        folder = path.parent
+    probe = folder
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent  # the nearest existing folder: the one the new ones go in
+    if not probe.is_dir():
+        raise refuse(f"{str(probe)!r} is not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".rewriter-write-test-"):
+            pass
+    except OSError as exc:
+        raise refuse(exc.strerror or str(exc)) from None
+    if create:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise refuse(exc.strerror or str(exc)) from None
+    return path
+
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -258,6 +308,7 @@ def write_checkpoint(model: nn.Module, directory: str | Path, *,
     """Write ``model`` to ``directory`` (created; files of ours in it are replaced)."""
     if not isinstance(model, nn.Module):
         raise CheckpointError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    directory = check_writable(directory, "directory")  # before any work, nothing written
     source = _source_spec(model)
     memos: dict[int, int] = {}
     modules = []
@@ -308,7 +359,6 @@ def write_checkpoint(model: nn.Module, directory: str | Path, *,
         "training_differs": sorted(f for f, t in training.items() if t != root_training),
         "metadata": _jsonable(metadata or {}, "metadata"),
     }
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
     manifest["sha256"] = {WEIGHTS: _sha256(directory / WEIGHTS)}

@@ -20,9 +20,15 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
+from rewriter.errors import FP8InferenceModeError
+
 __all__ = [
+    "FP8InferenceModeError",
+    "ReadOnlyWeight",
+    "read_only",
     "E4M3_MAX",
     "AMAX_FLOOR",
     "BLOCK",
@@ -48,6 +54,122 @@ E4M3_MAX = 448.0
 AMAX_FLOOR = 1e-30
 BLOCK = 128
 FP8_DTYPE = torch.float8_e4m3fn
+
+
+# in-place dunders (``w += 1``, ``w[i] = v``); every other in-place op's name ends in "_"
+_INPLACE_DUNDERS = frozenset(f"__{op}__" for op in (
+    "setitem", "iadd", "isub", "imul", "itruediv", "ifloordiv", "imod", "ipow", "imatmul",
+    "iand", "ior", "ixor", "ilshift", "irshift"))
+_NOT_WRITES = frozenset({"requires_grad_", "share_memory_", "detach_", "retain_grad_"})
+
+
+def _write_target(func, args: tuple, kwargs: dict) -> str | None:
+    """How ``func(*args, **kwargs)`` would write into a :class:`ReadOnlyWeight` argument (its
+    name), or None when it does not."""
+    name = getattr(func, "__name__", "") or ""
+    first = args[0] if args else next((kwargs[k] for k in ("tensor", "input", "self")
+                                       if k in kwargs), None)  # nn.init.*_(tensor=w)
+    if isinstance(first, ReadOnlyWeight):
+        if name in _INPLACE_DUNDERS or (name.endswith("_") and not name.endswith("__")
+                                        and name not in _NOT_WRITES):
+            return name
+        if name == "__set__" and getattr(func, "__self__", None) is torch.Tensor.data:
+            return ".data = ..."
+    out = kwargs.get("out")
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    if any(isinstance(o, ReadOnlyWeight) for o in outs):
+        return f"{name}(out=...)"
+    return None
+
+
+def _storages(values) -> set[int]:
+    return {v.untyped_storage().data_ptr() for v in values
+            if isinstance(v, ReadOnlyWeight) and v.numel()}
+
+
+def _flat(args: tuple, kwargs: dict) -> list:
+    flat = list(args) + list(kwargs.values())
+    return flat + [v for a in flat if isinstance(a, (tuple, list)) for v in a]
+
+
+class ReadOnlyWeight(torch.Tensor):
+    """A dequantized copy of FP8-stored weights, as an inference-mode FP8 module's ``weight``
+    hands it out (a fresh tensor per read): it reads like a plain tensor (``dtype``,
+    ``shape``, ``x @ w.T``, ``p.copy_(w)``; results are plain tensors), but writes into it or
+    into a view of its memory (``mul_``, ``.data.mul_``, ``copy_``, ``w[i] = v``, ``out=w``,
+    ``.data = t``, a NumPy view) raise :class:`FP8InferenceModeError`: they would change a
+    throw-away copy, never the FP8 weights the module computes with. ``owner`` names the
+    module class in the message."""
+
+    owner: str = "FP8 module"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        how = _write_target(func, args, kwargs)
+        if how is not None:
+            owner = next((a.owner for a in _flat(args, kwargs)
+                          if isinstance(a, ReadOnlyWeight)), cls.owner)
+            raise FP8InferenceModeError(
+                f"{owner}.weight in FP8 inference mode is a dequantized copy of the FP8 "
+                f"weight (weight_q, weight_scale), made anew on every read: writing to it "
+                f"({how}) would change nothing the module computes with. To train or edit "
+                "the weights, convert with FP8Config(mode='training') (master weights); to "
+                "replace them, load a state_dict (weight_q, weight_scale) or re-convert the "
+                "high-precision model")
+        with torch._C.DisableTorchFunctionSubclass():
+            ptrs = _storages(_flat(args, kwargs))
+            out = func(*args, **kwargs)
+            owner = next((a.owner for a in _flat(args, kwargs)
+                          if isinstance(a, ReadOnlyWeight)), cls.owner)
+            return _alias_read_only(out, ptrs, cls, owner)
+
+    def __setattr__(self, name, value):
+        if name == "_is_param" and value:  # nn.Parameter(w): the caller's own tensor now
+            super().__setattr__("__class__", torch.nn.Parameter)
+            return
+        super().__setattr__(name, value)
+
+    def __deepcopy__(self, memo):  # a copy is the caller's own: a plain tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            out = self.as_subclass(torch.Tensor).clone().requires_grad_(self.requires_grad)
+        memo[id(self)] = out
+        return out
+
+    def __reduce_ex__(self, protocol):  # pickled / torch.save'd as a plain tensor
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(torch.Tensor).__reduce_ex__(protocol)
+
+
+def _alias_read_only(out, ptrs: set[int], cls: type, owner: str):
+    """``out`` with every tensor that shares memory with a read-only weight read-only too
+    (views, ``.data``, ``detach()``), NumPy views not writeable; other tensors plain."""
+    if isinstance(out, (tuple, list)):
+        return type(out)(_alias_read_only(o, ptrs, cls, owner) for o in out) \
+            if not hasattr(out, "_fields") else type(out)(
+                *(_alias_read_only(o, ptrs, cls, owner) for o in out))
+    if isinstance(out, np.ndarray) and ptrs:
+        out.flags.writeable = False
+        return out
+    if type(out) is torch.Tensor and ptrs and out.untyped_storage().data_ptr() in ptrs:
+        out = out.as_subclass(cls)
+        out.owner = owner
+    return out
+
+
+def read_only(t: torch.Tensor, owner: str) -> torch.Tensor:
+    """``t`` (a fresh dequantized weight) as a :class:`ReadOnlyWeight` naming ``owner``; a
+    plain tensor unchanged while torch.export/compile/JIT traces or a dispatch mode runs
+    (fake tensors: model code reading ``weight.dtype`` there must trace as before)."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+    if type(t) is not torch.Tensor or torch.compiler.is_compiling() or \
+            torch.compiler.is_exporting() or torch.jit.is_tracing() or \
+            _get_current_dispatch_mode() is not None:
+        return t
+    out = t.as_subclass(ReadOnlyWeight)
+    out.owner = owner
+    return out
 
 
 def _check(x: torch.Tensor, name: str, dims: int) -> None:

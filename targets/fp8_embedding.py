@@ -10,7 +10,9 @@ fp32 rounding). A head whose weight is the table (``tie_word_embeddings``) reads
 buffers, weight-only: ``logits = (x @ q.float()^T) * s (+ b)`` in fp32, so a checkpoint and an
 ONNX file hold one FP8 table. ``weight_q``/``weight_scale`` keep their dtypes under
 ``.to(dtype)``/``.half()``/``.bfloat16()`` (they still move between devices); ``weight`` reads
-the dequantized table, as ``nn.Embedding.weight`` / ``nn.Linear.weight`` would.
+the dequantized table, as ``nn.Embedding.weight`` / ``nn.Linear.weight`` would (read-only: a
+write raises :class:`~rewriter.targets.fp8.FP8InferenceModeError`). No backward: the ops raise
+that error when autograd reaches them.
 
     rewriter::fp8_embedding(ids, table_q, scale)              -> (..., d) fp32
     rewriter::fp8_embedding_linear(x, table_q, scale, bias)   -> (..., V) in x's dtype
@@ -22,7 +24,8 @@ import torch
 from rewriter.models.moe import apply_pinned
 from torch import Tensor, nn
 
-from .fp8 import FP8_DTYPE, compute_scale
+from .fp8 import FP8_DTYPE, compute_scale, read_only
+from .fp8_ops import register_no_backward
 
 __all__ = ["FP8Embedding", "FP8TiedHead", "quantize_rows", "dequantize_rows"]
 
@@ -76,6 +79,9 @@ def _(x, table_q, scale, bias):
     return x.new_empty((*x.shape[:-1], table_q.shape[0]))
 
 
+register_no_backward(fp8_embedding, "fp8_embedding")
+register_no_backward(fp8_embedding_linear, "fp8_embedding_linear")
+
 _ops = torch.ops.rewriter
 _PINNED = ("weight_q", "weight_scale")
 
@@ -109,8 +115,9 @@ class FP8Embedding(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """(V, d) the table dequantized to ``compute_dtype`` (a fresh tensor per read)."""
-        return self.dequantized().to(self.compute_dtype)
+        """(V, d) the table dequantized to ``compute_dtype`` (a fresh read-only tensor per
+        read)."""
+        return read_only(self.dequantized().to(self.compute_dtype), type(self).__name__)
 
     def forward(self, ids: Tensor) -> Tensor:  # (...) -> (..., d)
         if ids.dtype not in (torch.int64, torch.int32):
@@ -145,8 +152,8 @@ class FP8TiedHead(nn.Module):
 
     @property
     def weight(self) -> Tensor:
-        """(V, d) the tied table dequantized to fp32 (a fresh tensor per read)."""
-        return dequantize_rows(self.weight_q, self.weight_scale)
+        """(V, d) the tied table dequantized to fp32 (a fresh read-only tensor per read)."""
+        return read_only(dequantize_rows(self.weight_q, self.weight_scale), type(self).__name__)
 
     def forward(self, x: Tensor) -> Tensor:  # (..., d) -> (..., V)
         return _ops.fp8_embedding_linear(x, self.weight_q, self.weight_scale, self.bias)

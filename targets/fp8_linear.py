@@ -44,7 +44,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import fp8_ops  # noqa: F401  (registers torch.ops.rewriter.*)
-from .fp8 import BLOCK, dequantize_blockwise, fake_quantize_rowwise, quantize_blockwise
+from .fp8 import (
+    BLOCK,
+    dequantize_blockwise,
+    fake_quantize_rowwise,
+    quantize_blockwise,
+    read_only,
+)
 from .fp8_ops import (
     grouped_linear_dequantized,
     linear_dequantized,
@@ -278,8 +284,10 @@ class FP8Linear(nn.Module):
 
     Keeps ``nn.Linear``'s attribute surface: ``in_features``, ``out_features``, ``bias`` and
     ``weight`` (N, K): the master Parameter in training mode; in inference mode a dequantized
-    copy in ``compute_dtype`` (read-only in effect: writing to it changes nothing; load new
-    weights through ``weight_q``/``weight_scale`` or ``load_state_dict``). ``weight_q``
+    copy in ``compute_dtype``, read-only (:class:`~rewriter.targets.fp8.ReadOnlyWeight`: an
+    in-place write raises :class:`~rewriter.targets.fp8.FP8InferenceModeError` instead of
+    changing a throw-away copy; load new weights through ``weight_q``/``weight_scale`` or
+    ``load_state_dict``, or train with ``mode="training"``). ``weight_q``
     (float8_e4m3fn) and ``weight_scale`` (fp32) keep their dtypes under ``.to(dtype)``,
     ``.half()``, ``.bfloat16()``; ``compute_dtype`` and the bias follow such casts.
     ``quantized``: inference mode only, ``(q, scale)`` to store instead of nearest-rounding
@@ -335,7 +343,7 @@ class FP8Linear(nn.Module):
     @property
     def weight(self) -> Tensor:
         """(N, K): the master weight (training), or the FP8 weight dequantized to
-        ``compute_dtype`` (inference: a fresh tensor per read)."""
+        ``compute_dtype`` (inference: a fresh read-only tensor per read)."""
         p = self._parameters.get("weight")
         if p is not None:
             return p
@@ -343,7 +351,8 @@ class FP8Linear(nn.Module):
         if q is None or s is None:
             raise AttributeError(f"{type(self).__name__} has no weight yet")
         with torch.no_grad():
-            return dequantize_blockwise(q, s).to(self.compute_dtype)
+            return read_only(dequantize_blockwise(q, s).to(self.compute_dtype),
+                             type(self).__name__)
 
     def dequantized_weight(self, x: Tensor | None = None) -> Tensor | None:
         """The cached fp32 weight (N, K) for an eager CPU forward on ``x``, built on first use;

@@ -17,6 +17,10 @@ weight already dequantized (``linear_dequantized``, ``weight_only_linear_dequant
 ``grouped_linear_dequantized``): the eager modules call them with a cached fp32 weight, the ops
 with a freshly dequantized one, so both give the same bits.
 
+The inference linears (``fp8_linear``, ``fp8_weight_only_linear``, ``fp8_grouped_linear``) have
+none: their weights are stored FP8 once. A backward that reaches one raises
+:class:`~rewriter.targets.fp8.FP8InferenceModeError` pointing to ``FP8Config(mode="training")``.
+
 ``fp8_linear_hp`` has an autograd formula (DeepSeek-V3): Fprop ``x @ W^T`` with x per 1x128 and
 W per 128x128; Dgrad ``dy @ W`` with dy per 1x128 along N and W's blocks transposed; Wgrad
 ``dy^T @ x`` with both operands per 1x128 along the token dim. Gradients come out in the
@@ -35,6 +39,7 @@ from torch import Tensor
 from rewriter.capture import activation_quantization_enabled
 
 from . import fp8 as ref
+from .fp8 import FP8InferenceModeError
 
 __all__ = [
     "fp8_quantize_rowwise",
@@ -47,6 +52,7 @@ __all__ = [
     "linear_dequantized",
     "weight_only_linear_dequantized",
     "grouped_linear_dequantized",
+    "register_no_backward",
 ]
 
 _LIB = "rewriter"
@@ -225,6 +231,28 @@ def _(x, w_q, w_s, offsets, pow2):
 
 
 # ----------------------------------------------------------------------------- training
+
+
+def register_no_backward(op, name: str) -> None:
+    """Give the inference op ``op`` an autograd formula that raises a clear error: FP8
+    inference mode stores its weights once and has no backward (the op's default error tells
+    the user to patch the library with ``register_autograd``)."""
+
+    def backward(ctx, *grads):
+        raise FP8InferenceModeError(
+            f"backward through {_LIB}::{name}: the model is in FP8 inference mode "
+            "(FP8Config(mode='inference'), the default), whose weights are stored FP8 once and "
+            "have no backward. To train or fine-tune it (also only its other parameters: "
+            "gradients flow through the FP8 layers), convert with FP8Config(mode='training') "
+            "(master weights; forward and backward GEMMs in FP8); to run inference, call it "
+            "under torch.no_grad() or torch.inference_mode()")
+
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+for _op, _name in ((fp8_linear, "fp8_linear"), (fp8_weight_only_linear, "fp8_weight_only_linear"),
+                   (fp8_grouped_linear, "fp8_grouped_linear")):
+    register_no_backward(_op, _name)
 
 
 @torch.library.custom_op(f"{_LIB}::fp8_linear_hp", mutates_args=())

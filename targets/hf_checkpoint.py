@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from rewriter.capture import quantizes_activations
 from rewriter.errors import CheckpointError
 
-from .checkpoint import dtype_name, transformers_module
+from .checkpoint import check_writable, dtype_name, transformers_module
 from .fp8 import BLOCK, FP8_DTYPE, quantize_blockwise
 from .fp8_embedding import FP8Embedding, FP8TiedHead
 from .fp8_linear import FP8Linear, FP8MoEFFN
@@ -369,6 +369,7 @@ def write_hf_checkpoint(model: nn.Module, directory: str | Path, *, pad_to: int 
     if pad_to is not None and (not isinstance(pad_to, int) or isinstance(pad_to, bool)
                                or pad_to < 1):
         raise CheckpointError(f"pad_to must be a positive int or None, got {pad_to!r}")
+    directory = check_writable(directory, "directory")  # before any work, nothing written
     plan = hf_plan(model)
     block = plan["block"]
     expert_dim = shared = 0
@@ -412,7 +413,6 @@ def write_hf_checkpoint(model: nn.Module, directory: str | Path, *, pad_to: int 
             "quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
             "weight_block_size": [BLOCK, BLOCK],
             "modules_to_not_convert": sorted(set(_dense_names(weights)) | {"lm_head"})}
-    directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     for old in directory.glob("model*.safetensors*"):
         old.unlink()

@@ -28,7 +28,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from rewriter.errors import OnnxRuntimeError
+from rewriter.errors import InputError, OnnxRuntimeError
 
 from . import fp8 as fp8_ref
 from .fp8_linear import FP8Linear, FP8MoEFFN
@@ -118,7 +118,7 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
     available = ort.get_available_providers()
     providers = list(default_providers() if providers is None else providers)
     if not providers:
-        raise ValueError("providers must name at least one execution provider")
+        raise InputError("providers must name at least one execution provider")
     missing = [p for p in providers if p not in available]
     if missing:
         raise OnnxRuntimeError(f"execution provider(s) {missing} not available in this "
@@ -128,13 +128,13 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
               "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL}
     if optimization not in levels:
-        raise ValueError(f"optimization must be one of {', '.join(levels)}, got "
+        raise InputError(f"optimization must be one of {', '.join(levels)}, got "
                          f"{optimization!r}")
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[optimization]
     options.log_severity_level = 3  # errors only: no "removing unused initializer" chatter
     if not isinstance(fold_weight_dequantization, bool):
-        raise ValueError(f"fold_weight_dequantization must be a bool, got "
+        raise InputError(f"fold_weight_dequantization must be a bool, got "
                          f"{fold_weight_dequantization!r}")
     if fold_weight_dequantization:  # DequantizeLinear of initializers folded at load
         options.add_session_config_entry("session.disable_quant_qdq", "1")
@@ -143,7 +143,7 @@ def make_session(path: str | os.PathLike, providers: Sequence[str] | None = None
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     if threads is not None:
         if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive int, got {threads!r}")
+            raise InputError(f"threads must be a positive int, got {threads!r}")
         options.intra_op_num_threads = threads
     try:
         session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
@@ -169,12 +169,12 @@ def _feeds(session, inputs: Any) -> dict[str, np.ndarray]:
         unknown = set(inputs) - set(names)
         missing = set(names) - set(inputs)
         if unknown or missing:
-            raise ValueError(f"inputs do not match the model's inputs {names}: "
+            raise InputError(f"inputs do not match the model's inputs {names}: "
                              f"unknown {sorted(unknown)}, missing {sorted(missing)}")
         return {k: _numpy(inputs[k]) for k in names}
     if isinstance(inputs, (tuple, list)):
         if len(inputs) != len(names):
-            raise ValueError(f"the model takes {len(names)} inputs {names}, got {len(inputs)}")
+            raise InputError(f"the model takes {len(names)} inputs {names}, got {len(inputs)}")
         return {k: _numpy(v) for k, v in zip(names, inputs)}
     raise TypeError(f"inputs must be a tensor, a tuple or a dict, got {type(inputs).__name__}")
 

@@ -22,6 +22,7 @@ from onnxscript.optimizer import fold_constants
 
 __all__ = [
     "FoldConstants",
+    "InterfaceNames",
     "FoldFP8DataMovement",
     "RenameDims",
     "StripNodeMetadata",
@@ -284,6 +285,37 @@ class RenameDims(ir.passes.InPlacePass):
         for node in ir.traversal.RecursiveGraphIterator(graph):
             for value in node.outputs:
                 modified |= self._fix(value)
+        return ir.passes.PassResult(model, modified)
+
+
+class InterfaceNames(ir.passes.InPlacePass):
+    """Give the graph's inputs and outputs the names asked for, by position.
+
+    ``torch.onnx.export`` names inputs and outputs by renaming *values*: a forward that returns
+    one of its inputs (``return {"out": ..., "res": hidden}``) or one tensor twice has one value
+    in two places, and the last name wins (the input became ``res``, then ``OutputFixPass``
+    made it ``res_orig``). Here ``OutputFixPass`` first gives every such output its own
+    ``Identity`` value (ONNX forbids an input as an output and a value as two outputs), then
+    the inputs take the forward's argument names and the outputs theirs; ``NameFixPass``
+    renames any other value that held one of those names (interface names take precedence)."""
+
+    def __init__(self, inputs: list[str], outputs: list[str]):
+        super().__init__()
+        self.inputs, self.outputs = list(inputs), list(outputs)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = common.OutputFixPass()(model).modified
+        for values, names in ((graph.inputs, self.inputs), (graph.outputs, self.outputs)):
+            if len(values) != len(names):
+                raise ValueError(f"the graph has {len(values)} inputs/outputs "
+                                 f"{[v.name for v in values]}, {len(names)} names given")
+            for value, name in zip(values, names):
+                if value.name != name:
+                    value.name = name
+                    modified = True
+        if modified:
+            common.NameFixPass()(model)
         return ir.passes.PassResult(model, modified)
 
 

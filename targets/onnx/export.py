@@ -380,6 +380,7 @@ def export_onnx(
     graph = onnx_program.model
     try:
         cleanup.optimize(graph, optimize)
+        cleanup.InterfaceNames(onnx_inputs, onnx_outputs)(graph)  # forward's argument names
         if not node_metadata:
             cleanup.StripNodeMetadata()(graph)
         cleanup.RenameDims(_dim_mapping(graph, dyn_axes))(graph)

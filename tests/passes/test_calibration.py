@@ -62,8 +62,12 @@ def test_bad_batches_are_named(llama):
     model, gm, ffns = llama
     with pytest.raises(InputError, match="calibration is empty"):
         calibrate(gm, [], ffns=ffns)
-    with pytest.raises(InputError, match="calibration batch 1 cannot run"):
+    with pytest.raises(InputError, match="calibration batch 1: input args.0. is torch.float32, "
+                                         "but the model was captured with torch.int64"):
         calibrate(gm, [models.example_inputs(model, 2, 5), (torch.rand(2, 5),)], ffns=ffns)
+    with pytest.raises(InputError, match="calibration batch 1 cannot run"):
+        calibrate(gm, [models.example_inputs(model, 2, 5), (torch.ones(2, 5, 3).long(),)],
+                  ffns=ffns)
     with pytest.raises(InputError, match="calibration batch 0"):
         calibrate(gm, ["text"], ffns=ffns)
     with pytest.raises(ValueError, match="max_tokens"):

@@ -329,3 +329,44 @@ def test_property_block_equals_dense_ffn(d, unit, experts, shared, act, glu, bia
     assert w.up.shape == (d_ff, d)
     got = block(x)
     assert ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-300)).item() <= 1e-12
+
+
+class _Fused(nn.Module):
+    """A fused gate_up FFN; ``layout`` says which rows of gate_up are the gate and the up."""
+
+    def __init__(self, layout, d=11, f=21):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(d, 2 * f), nn.Linear(f, d)
+        self.layout = layout
+
+    def forward(self, x):
+        h = self.gate_up(x)
+        if self.layout == "glu":  # F.glu: first half * sigmoid(second half)
+            return self.down(F.glu(h, dim=2))
+        if self.layout == "interleaved":  # gpt-oss
+            return self.down(torch.tanh(h[..., ::2]) * h[..., 1::2])
+        a, b = torch.split(h, h.shape[-1] // 2, 2)
+        return self.down(F.silu(a) * b)
+
+
+@pytest.mark.parametrize("layout, gate, up", [
+    ("halves", slice(0, 21), slice(21, 42)),
+    ("glu", slice(21, 42), slice(0, 21)),
+    ("interleaved", slice(0, 42, 2), slice(1, 42, 2)),
+])
+@pytest.mark.parametrize("grouping", ["contiguous", "random"])
+def test_fused_gate_up_rows_are_read_as_the_graph_reads_them(layout, gate, up, grouping):
+    torch.manual_seed(29)
+    model = _Fused(layout).double().eval()
+    (m,) = find_ffns(capture(model, (torch.randn(2, 5, 11, dtype=torch.float64),)))
+    w = dense_weights(m)
+    assert torch.equal(w.gate, model.gate_up.weight[gate])
+    assert torch.equal(w.up, model.gate_up.weight[up])
+    assert torch.equal(w.b_gate, model.gate_up.bias[gate])
+    assert torch.equal(w.b_up, model.gate_up.bias[up])
+    cfg = MoEConfig(num_experts=7, top_k=7, grouping=grouping).resolved(False)
+    block, _ = build_moe_block(m, cfg, plan_experts(cfg, 21, m.module))
+    x = torch.randn(3, 4, 11, dtype=torch.float64)
+    with torch.no_grad():
+        ref, got = model(x), block(x)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-12

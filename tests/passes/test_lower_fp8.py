@@ -6,7 +6,7 @@ from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from torch import nn
 
 import rewriter
-from rewriter import InputError, MoEConfig, capture
+from rewriter import InputError, MoEConfig, capture, models
 from rewriter.graph_ops import weight_bytes
 from tests._zoo import CASES
 
@@ -189,3 +189,82 @@ def test_a_linear_whose_weight_another_forward_reads_is_not_swapped():
     assert decisions["proj"].lowered and not decisions["unembed"].lowered
     assert "never called" in decisions["unembed"].reason
     assert 0 < rel < 0.1
+
+
+# ------------------------------------------------------------------------------ non-finite weights
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self, d=136, h=200, out=9, seed=0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.a, self.b, self.head = nn.Linear(d, h), nn.Linear(h, d), nn.Linear(d, out)
+
+    def forward(self, x):
+        return self.head(self.b(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize("config", [
+    FP8Config(), FP8Config(activations="none"), FP8Config(mode="training"),
+    FP8Config(pow2_scales=True, weight_rounding="nearest")],
+    ids=["w8a8", "w8a16", "training", "pow2"])
+@pytest.mark.parametrize("value, where", [(float("nan"), (1, 1)), (float("inf"), (199, 135)),
+                                          (float("-inf"), (130, 7))])
+def test_non_finite_weight_is_refused_before_anything_changes(config, value, where):
+    """A NaN/inf would make its 128x128 block scale non-finite, the whole block NaN."""
+    model = _TwoLinears().eval()
+    with torch.no_grad():
+        model.a.weight[where] = value
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(2, 5, 136, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(InputError, match=r"a\.weight has NaN or Inf values.*filter_fn"):
+        rewriter.convert(model, fp8=config, example_inputs=(x,))
+    assert isinstance(model.a, nn.Linear) and isinstance(model.b, nn.Linear)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    for k in before:  # bit for bit, the NaN/inf included
+        assert torch.equal(before[k].view(torch.int32), after[k].view(torch.int32)), k
+    # the remedy the message names: keep it in high precision, the rest lowers
+    conv = rewriter.convert(model, fp8=config, example_inputs=(x,),
+                            filter_fn=lambda m, fqn: fqn != "a")
+    assert isinstance(conv.a, nn.Linear) and isinstance(conv.b, FP8Linear)
+
+
+def test_non_finite_weight_outside_the_lowered_set_is_fine():
+    """The output head stays in high precision: its non-finite weight is not FP8's concern."""
+    model = _TwoLinears(seed=2).eval()
+    with torch.no_grad():
+        model.head.weight[3, 4] = float("nan")
+    x = torch.randn(3, 136, generator=torch.Generator().manual_seed(1))
+    conv = rewriter.convert(model, fp8=FP8Config(activations="none"), example_inputs=(x,))
+    assert isinstance(conv.a, FP8Linear) and isinstance(conv.head, nn.Linear)
+    with torch.no_grad():
+        y_ref, y = model(x), conv(x)
+    assert torch.equal(torch.isfinite(y_ref), torch.isfinite(y))  # column 3 NaN in both
+    assert int((~torch.isfinite(y)).sum()) == 3
+
+
+def test_non_finite_embedding_and_expert_weights_are_refused():
+    model = models.build_model("llama-tiny", seed=4, n_layer=1)
+    x = models.example_inputs(model, 2, 7)
+    with torch.no_grad():
+        model.tok_embeddings.weight[17, 5] = float("inf")
+    with pytest.raises(InputError, match=r"tok_embeddings\.weight has NaN or Inf"):
+        rewriter.convert(model, fp8=FP8Config(activations="none", embeddings="fp8"),
+                         example_inputs=x)
+    assert isinstance(model.tok_embeddings, nn.Embedding)
+    # kept in high precision by default: nothing to refuse there
+    conv = rewriter.convert(model, fp8=FP8Config(), example_inputs=x)
+    assert isinstance(conv.tok_embeddings, nn.Embedding)
+
+    moe = rewriter.convert(models.build_model("llama-tiny", seed=4, n_layer=1),
+                           moe=MoEConfig(num_experts=4, shared_experts=0, top_k=2),
+                           example_inputs=x)
+    block = next(m for m in moe.modules() if type(m).__name__ == "MoEFFN")
+    fqn = next(n for n, m in moe.named_modules() if m is block)
+    with torch.no_grad():
+        block.w_down[2, 3, 1] = float("nan")
+    with pytest.raises(InputError, match=rf"{fqn}\.w_down has NaN or Inf values"):
+        rewriter.convert(moe, fp8=FP8Config(), example_inputs=x)
+    assert type(moe.get_submodule(fqn)).__name__ == "MoEFFN"

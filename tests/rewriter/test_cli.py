@@ -219,3 +219,38 @@ def test_convert_recover_flag_trains_the_blocks_and_reports_it(capsys):
     assert after < before
     with pytest.raises(SystemExit):
         main(["convert", "llama-tiny", "--experts", "4", "--recover", "--recover-seqs", "0"])
+
+
+def test_seq_beyond_the_models_length_is_an_input_error_before_any_work(monkeypatch, capsys):
+    """--seq past the preset's (or HF config's) maximum: 'rewriter: error:' naming --seq and
+    the limit, exit 2, and the conversion never starts."""
+    import rewriter.cli as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("convert ran")
+
+    monkeypatch.setattr(cli, "convert", never)
+    for model, seq, limit in (("llama-tiny", 100000, 64), ("llama-tiny", 65, 64)):
+        assert main(["convert", model, "--seq", str(seq), "--experts", "4", "--top-k", "2",
+                     "--calib-seqs", "0"]) == 2
+        err = capsys.readouterr().err.splitlines()
+        assert err[0] == (f"rewriter: error: --seq {seq} exceeds the maximum sequence length "
+                          f"of {model} ({limit} tokens): give --seq {limit} or less"), err
+    with pytest.raises(errors.InputError, match=r"--seq 65 exceeds .*\(64 tokens\)"):
+        cli.resolve_model("llama-tiny", batch=3, seq=65)
+    resolved = cli.resolve_model("llama-tiny", batch=3, seq=64)  # the limit itself is fine
+    assert resolved.example_inputs[0].shape == (3, 64)
+    hf_limit = cli.resolve_model("hf:llama").model.config.max_position_embeddings
+    with pytest.raises(errors.InputError, match=f"--seq {hf_limit + 1} exceeds"):
+        cli.resolve_model("hf:llama", seq=hf_limit + 1)
+
+
+def test_calibration_longer_than_the_text_names_the_flags(monkeypatch, capsys):
+    import rewriter.cli as cli
+
+    monkeypatch.setattr(cli, "convert", lambda *a, **k: pytest.fail("convert ran"))
+    assert main(["convert", "llama-tiny", "--experts", "4", "--top-k", "2",
+                 "--calib-seqs", "99999", "--calib-len", "37"]) == 2
+    err = capsys.readouterr().err.splitlines()[0]
+    assert err.startswith("rewriter: error: --calib-seqs 99999 x --calib-len 37 needs "
+                          f"{99999 * 37} tokens"), err

@@ -101,3 +101,208 @@ def test_a_bad_config_field_is_an_input_error_naming_it(make, field):
     the CLI ("rewriter: error: ...") treat it as bad input, not as a crash."""
     with pytest.raises(InputError, match=field.replace(".", r"\.")):
         make()
+
+
+# ------------------------------------------------------------- the user's model, as it is given
+
+
+class _Block(torch.nn.Module):
+    """An FFN inline in a residual block (norm, gate/up/down linears): D and FF odd."""
+
+    def __init__(self, d: int = 20, ff: int = 44):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(d)
+        self.g = torch.nn.Linear(d, ff, bias=False)
+        self.u = torch.nn.Linear(d, ff, bias=False)
+        self.d = torch.nn.Linear(ff, d, bias=False)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.d(torch.nn.functional.silu(self.g(h)) * self.u(h))
+
+
+class _FFN(torch.nn.Module):
+    def __init__(self, d: int = 20, ff: int = 44):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(d, ff), torch.nn.Linear(ff, d)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+class _Net(torch.nn.Module):
+    def __init__(self, d: int = 20):
+        super().__init__()
+        self.inp = torch.nn.Linear(d, d)
+        self.ffn = torch.nn.ModuleList([_FFN(), _FFN()])
+
+    def forward(self, x):
+        x = self.inp(x)
+        for f in self.ffn:
+            x = x + f(x)
+        return x
+
+
+def _seeded(module: torch.nn.Module) -> torch.nn.Module:
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return module.eval()
+
+
+@pytest.mark.parametrize("where", ["0.d", "0.g", "1.ffn"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_a_hook_on_a_module_the_rewrite_replaces_is_refused_naming_it(where, kind):
+    model = _seeded(torch.nn.Sequential(_Block(), torch.nn.Sequential(
+        torch.nn.Linear(20, 20), torch.nn.Sequential())))
+    model[1][1] = _FFN()  # "1.1": a whole-module swap
+    where = where.replace("1.ffn", "1.1")
+    hooked = model.get_submodule(where)
+    if kind == "forward":
+        hooked.register_forward_hook(lambda mod, i, o: o * 2.0)
+    else:
+        hooked.register_forward_pre_hook(lambda mod, i: (i[0] * 2.0,))
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(1))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = MoEConfig(num_experts=4, top_k=4, gate="hard")
+    if (where, kind) == ("0.g", "forward_pre"):  # gate and up now read different inputs: not
+        out = convert(model, moe=cfg, example_inputs=(x,))  # an FFN, left as it is, hook kept
+        assert conversion_info(out).modules == ("1.1",)
+        assert len(out.get_submodule(where)._forward_pre_hooks) == 1
+        with torch.no_grad():
+            assert _rel(out(x), model(x)) <= 1e-6
+        return
+    with pytest.raises(InputError, match=rf"module {where} \(\w+\) has forward"):
+        convert(model, moe=cfg, example_inputs=(x,))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert len(getattr(hooked, f"_{kind}_hooks")) == 1  # the user's hook is still there
+
+
+def test_hooks_outside_what_is_replaced_are_kept_and_the_rewrite_stays_exact():
+    model = _seeded(torch.nn.Sequential(_Block(), _Block(), _Net()))
+    model[1].norm.register_forward_hook(lambda mod, i, o: o + 1.0)  # inside an inline owner
+    model[2].inp.register_forward_hook(lambda mod, i, o: o * 0.5)  # beside swapped FFNs
+    x = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(2))
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"), example_inputs=(x,))
+    assert len(out[1].norm._forward_hooks) == len(out[2].inp._forward_hooks) == 1
+    with torch.no_grad():
+        assert _rel(out(x), model(x)) <= 1e-6
+
+
+def test_a_hook_on_the_owner_of_an_inline_ffn_is_refused_naming_it():
+    model = _seeded(torch.nn.Sequential(_Block(), _Block()))
+    model[0].register_forward_hook(lambda mod, i, o: o * 2.0)  # its forward is re-traced
+    x = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(InputError, match=r"module 0 \(_Block\) has forward hooks"):
+        convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"), example_inputs=(x,))
+
+
+def test_a_hook_on_a_linear_fp8_lowers_is_refused_naming_it():
+    model = _seeded(_Net())
+    model.inp.register_forward_hook(lambda mod, i, o: o * 2.0)
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(3))
+    with pytest.raises(InputError, match=r"module inp \(Linear\) has forward hooks; FP8"):
+        convert(model, fp8=FP8Config(weight_rounding="nearest"), example_inputs=(x,))
+    with pytest.raises(InputError, match=r"module inp \(Linear\) has forward hooks; FP8"):
+        convert(model, moe=MoEConfig(num_experts=4, top_k=2), fp8=FP8Config(),
+                example_inputs=(x,))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("how", ["moe", "moe+fp8", "fp8"])
+def test_new_modules_take_the_mode_of_the_modules_they_replace(training, how):
+    model = _seeded(_Net()).train(training)
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(4))
+    kw = {"moe": MoEConfig(num_experts=4, top_k=2, aux_loss_coef=0.01)} if "moe" in how else {}
+    if "fp8" in how:
+        kw["fp8"] = FP8Config(weight_rounding="nearest")
+    out = convert(model, example_inputs=(x,), **kw)
+    assert {m.training for m in out.modules()} == {training}
+    assert model.training is training and all(m.training is training for m in model.modules())
+    if "moe" in how and not training:
+        with torch.no_grad():
+            out(x)
+        assert all(getattr(b, "aux_loss", None) is None for b in out.modules())
+
+
+def test_an_ffn_the_user_froze_converts_into_frozen_experts():
+    model = _seeded(_Net())
+    model.ffn[1].requires_grad_(False)
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(5))
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=(x,))
+    params = dict(out.named_parameters())
+    assert not any(p.requires_grad for n, p in params.items() if n.startswith("ffn.1."))
+    assert all(p.requires_grad for n, p in params.items() if n.startswith(("ffn.0.", "inp.")))
+    assert all(p.requires_grad for n, p in model.named_parameters() if not n.startswith("ffn.1"))
+
+
+def test_a_model_on_the_meta_device_is_an_input_error():
+    with torch.device("meta"):
+        model = _Net()
+    for kw in ({"moe": MoEConfig(num_experts=4, top_k=4)}, {"fp8": FP8Config()}):
+        with pytest.raises(InputError, match=r"_Net\.inp\.weight is on the meta device"):
+            convert(model, example_inputs=(torch.randn(2, 5, 20),), **kw)
+
+
+def test_calibration_without_two_real_tokens_is_an_input_error():
+    model = _tiny_llama(97, 44)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cfg = MoEConfig(num_experts=3, top_k=2, shared_experts=1, gate="softmax")
+    one = {"input_ids": ids[:1, :1], "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    for batch, real in ((one, 1),
+                        ({"input_ids": ids, "attention_mask": torch.zeros_like(ids)}, 0)):
+        with pytest.raises(InputError, match=rf"calibration holds {real} real token"):
+            convert(model, moe=cfg, calibration=[batch], example_inputs=example)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32, torch.int32])
+def test_a_calibration_mask_of_another_dtype_is_cast_when_exact(dtype):
+    model = _tiny_llama(97, 44)
+    ids = torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(7))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mask = torch.ones(2, 9, dtype=dtype)
+    mask[0, :4] = 0
+    cfg = MoEConfig(num_experts=3, top_k=2, shared_experts=1, gate="softmax")
+    out = convert(model, moe=cfg, calibration=[{"input_ids": ids, "attention_mask": mask}],
+                  example_inputs=example)
+    assert conversion_info(out).calibration_tokens == 14  # 18 positions, 4 padded
+    half = mask.float() * 0.5  # not a cast that keeps the values: named, with both dtypes
+    with pytest.raises(InputError, match=r"calibration batch 0: input attention_mask is "
+                                         r"torch.float32, .* torch.int64"):
+        convert(model, moe=cfg, calibration=[{"input_ids": ids, "attention_mask": half}],
+                example_inputs=example)
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.module = inner
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+@pytest.mark.parametrize("wrap", [_Wrapper, torch.nn.DataParallel, torch.compile])
+def test_a_model_behind_a_star_args_wrapper_converts_exactly(wrap):
+    model = wrap(_seeded(_Net())).eval()
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(8))
+    out = convert(model, moe=MoEConfig(num_experts=4, top_k=4, gate="hard"), example_inputs=(x,))
+    y = torch.randn(3, 5, 20, generator=torch.Generator().manual_seed(9))  # other batch, length
+    with torch.no_grad():
+        assert _rel(out(y), model(y)) <= 1e-6
+    assert len(conversion_info(out).modules) == 2
+
+
+def test_no_ffn_in_training_mode_with_active_dropout_says_to_call_eval():
+    model = _seeded(torch.nn.Sequential(torch.nn.Linear(20, 20), torch.nn.Linear(20, 44),
+                                        torch.nn.ReLU(), torch.nn.Dropout(0.1),
+                                        torch.nn.Linear(44, 20))).train()
+    x = torch.randn(2, 7, 20, generator=torch.Generator().manual_seed(10))
+    with pytest.raises(NoFFNError, match=r"training mode and has active dropout.*model\.eval"):
+        convert(model, moe=MoEConfig(num_experts=4, top_k=4), example_inputs=(x,))
+    out = convert(model.eval(), moe=MoEConfig(num_experts=4, top_k=4, gate="hard"),
+                  example_inputs=(x,))
+    with torch.no_grad():
+        assert _rel(out(x), model(x)) <= 1e-6

@@ -526,3 +526,180 @@ def test_a_reshape_between_activation_and_down_still_makes_an_ffn(mode, same_sha
     assert [(f.module, f.kind, f.activation, f.d_ff) for f in ffns] == [
         ("0", "mlp", "silu", 44), ("1", "mlp", "silu", 44)]
     _assert_all_experts_exact(model, x, torch.randn(3, 5, 20, dtype=torch.float64), 4, mode)
+
+
+# ----------------------------------------------------------------------------- fused gate_up
+
+
+class FusedSpelled(nn.Module):
+    """A fused gate_up cut in two along the last dim, the dim written as ``dim``; the input has
+    rank ``rank`` (2: no batch dim)."""
+
+    def __init__(self, spelling, dim, d=13, f=30, up_first=False, bias=True):
+        super().__init__()
+        self.gate_up, self.down = nn.Linear(d, 2 * f, bias), nn.Linear(f, d, bias)
+        self.spelling, self.dim, self.f, self.up_first = spelling, dim, f, up_first
+
+    def forward(self, x):
+        h, f, dim = self.gate_up(x), self.f, self.dim
+        if self.spelling == "chunk":
+            a, b = h.chunk(2, dim=dim)
+        elif self.spelling == "torch.chunk":
+            a, b = torch.chunk(h, 2, dim)
+        elif self.spelling == "split":
+            a, b = torch.split(h, f, dim)
+        elif self.spelling == "split_sizes":
+            a, b = h.split([f, f], dim=dim)
+        elif self.spelling == "narrow":
+            a, b = h.narrow(dim, 0, f), h.narrow(dim, f, f)
+        else:  # "index": h[:, :, :f] with every leading dim written out
+            lead = (slice(None),) * (h.dim() - 1)
+            a, b = h[(*lead, slice(0, f))], h[(*lead, slice(f, 2 * f))]
+        gate, up = (b, a) if self.up_first else (a, b)
+        return x + self.down(F.silu(gate) * up)
+
+
+_FUSED_SPELLINGS = ["chunk", "torch.chunk", "split", "split_sizes", "narrow", "index"]
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4])
+@pytest.mark.parametrize("spelling", _FUSED_SPELLINGS)
+def test_a_fused_split_on_the_last_dim_is_found_whatever_its_sign(spelling, rank):
+    """dim=rank-1 is dim=-1: the cut is read from what it computes at the recorded rank."""
+    shapes = {2: (7,), 3: (2, 5), 4: (2, 3, 5)}
+    for dim, up_first in ((rank - 1, False), (-1, False), (rank - 1, True)):
+        model = FusedSpelled(spelling, dim, up_first=up_first).eval()
+        gm, analysis = _found(model, 13, shape=shapes[rank])
+        assert [(m.kind, m.activation, m.d_ff) for m in analysis.matches] == [
+            ("glu_fused", "silu", 30)], [r.describe() for r in analysis.rejections]
+        assert analysis.matches[0].rule == (
+            "glu_fused_up_first" if up_first else "glu_fused_gate_first")
+
+
+@pytest.mark.parametrize("spelling, rank", [("chunk", 3), ("narrow", 2), ("index", 4)])
+@pytest.mark.parametrize("mode", ["module", "graph"])
+def test_a_positive_dim_fused_split_converts_exactly(spelling, rank, mode):
+    torch.manual_seed(21)
+    model = FusedSpelled(spelling, rank - 1, up_first=spelling == "narrow").double().eval()
+    lead = {2: (7,), 3: (2, 5), 4: (2, 3, 5)}[rank]
+    fresh = {2: (11,), 3: (3, 4), 4: (3, 3, 5)}[rank]  # graph mode: 4-D captures fix dim 2
+    _assert_all_experts_exact(model, torch.randn(*lead, 13, dtype=torch.float64),
+                              torch.randn(*fresh, 13, dtype=torch.float64), 5, mode)
+
+
+class TokenSplit(nn.Module):
+    """Cuts the projection's output along a token dim (written as a positive dim): the units
+    of one token meet those of another, no FFN."""
+
+    def __init__(self, dim, d=12, f=30):
+        super().__init__()
+        self.up, self.down, self.dim = nn.Linear(d, f), nn.Linear(f, d), dim
+
+    def forward(self, x):
+        a, b = self.up(x).chunk(2, dim=self.dim)
+        return self.down(F.silu(a) * b)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_a_split_along_a_token_dim_is_rejected_with_the_reason(dim):
+    gm, analysis = _found(TokenSplit(dim), 12, shape=(2, 6))
+    assert analysis.matches == ()
+    reasons = [r.reason for r in analysis.rejections]
+    assert any("along a dim other than the last" in r for r in reasons), reasons
+
+
+class FusedAct(nn.Module):
+    """A fused gate_up GLU with any activation, spelled as a chunk, F.glu or nn.GLU."""
+
+    def __init__(self, act, spelling="chunk", d=13, f=30, bias=True):
+        super().__init__()
+        self.wi, self.wo = nn.Linear(d, 2 * f, bias), nn.Linear(f, d, bias)
+        self.act, self.spelling = act, spelling
+        self.glu = nn.GLU(dim=2)  # dim=2 of a (B, T, 2F) input is its last
+
+    def forward(self, x):
+        h = self.wi(x)
+        if self.spelling == "F.glu":
+            return self.wo(F.glu(h, dim=-1))
+        if self.spelling == "nn.GLU":
+            return self.wo(self.glu(h))
+        if self.spelling == "interleaved":  # gpt-oss: gate = h[..., ::2], up = h[..., 1::2]
+            return self.wo(self.act(h[..., ::2]) * h[..., 1::2])
+        if self.spelling == "interleaved_up_first":
+            return self.wo(h[..., ::2] * self.act(h[..., 1::2]))
+        a, b = h.chunk(2, -1)
+        return self.wo(self.act(a) * b)
+
+
+class SeparateAct(nn.Module):
+    def __init__(self, act, d=13, f=30):
+        super().__init__()
+        self.g, self.u, self.wo = nn.Linear(d, f), nn.Linear(d, f), nn.Linear(f, d)
+        self.act = act
+
+    def forward(self, x):
+        return self.wo(self.act(self.g(x)) * self.u(x))
+
+
+_FUSED_ACTS = {"sigmoid": torch.sigmoid, "tanh": torch.tanh, "mish": F.mish, "silu": F.silu,
+               "scaled_tanh": lambda t: 1.5 * torch.tanh(t) + 0.25}
+
+
+@pytest.mark.parametrize("act", list(_FUSED_ACTS))
+def test_a_fused_gate_up_takes_every_activation_the_separate_form_takes(act):
+    """Fused or separate, one activation is read the same way (named, or captured)."""
+    fn = _FUSED_ACTS[act]
+    ((separate,),) = [_found(SeparateAct(fn), 13)[1].matches]
+    _, analysis = _found(nn.Sequential(nn.Linear(13, 13), FusedAct(fn)), 13)
+    assert [(m.kind, m.activation, m.rule) for m in analysis.matches] == [
+        ("glu_fused", separate.activation, "glu_fused_gate_first")], [
+        r.describe() for r in analysis.rejections]
+    # wi is claimed by the block, not rejected as a "linear -> linear"; only the input layer is
+    assert [r.module for r in analysis.rejections] == ["0"]
+
+
+@pytest.mark.parametrize("spelling, rule", [
+    ("F.glu", "glu_fused_up_first"), ("nn.GLU", "glu_fused_up_first"),
+    ("interleaved", "glu_fused_interleaved"),
+    ("interleaved_up_first", "glu_fused_interleaved_up_first"),
+])
+def test_glu_and_interleaved_fused_spellings_are_found(spelling, rule):
+    """F.glu(h) = first half * sigmoid(second half): the second half is the gate."""
+    _, analysis = _found(FusedAct(torch.tanh, spelling), 13)
+    (m,) = analysis.matches
+    assert (m.kind, m.rule, m.activation, m.d_ff) == ("glu_fused", rule, CAPTURED_ACTIVATION, 30)
+    gate, up = m.fused_rows
+    want = {"glu_fused_up_first": (range(30, 60), range(30)),
+            "glu_fused_interleaved": (range(0, 60, 2), range(1, 60, 2)),
+            "glu_fused_interleaved_up_first": (range(1, 60, 2), range(0, 60, 2))}[rule]
+    assert (gate, up) == tuple(tuple(r) for r in want)
+    with torch.no_grad():  # the captured activation of the gate: sigmoid for a glu
+        z = torch.randn(4, 30)
+        ref = torch.sigmoid(z) if "GLU" in spelling or spelling == "F.glu" else torch.tanh(z)
+        torch.testing.assert_close(m.activation_fn(z), ref, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("act, spelling", [
+    ("sigmoid", "chunk"), ("tanh", "chunk"), ("mish", "chunk"), ("scaled_tanh", "chunk"),
+    ("silu", "F.glu"), ("silu", "nn.GLU"), ("silu", "interleaved"),
+    ("mish", "interleaved_up_first"),
+])
+@pytest.mark.parametrize("mode", ["module", "graph"])
+def test_a_fused_gate_up_with_any_activation_converts_exactly(act, spelling, mode):
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.Linear(13, 13), FusedAct(_FUSED_ACTS[act], spelling))
+    model = model.double().eval()
+    _assert_all_experts_exact(model, torch.randn(2, 5, 13, dtype=torch.float64),
+                              torch.randn(3, 7, 13, dtype=torch.float64), 5, mode)
+
+
+@pytest.mark.parametrize("spelling", ["chunk", "F.glu", "interleaved"])
+def test_a_fused_gate_up_converts_exactly_in_float32(spelling):
+    torch.manual_seed(19)
+    model = nn.Sequential(nn.Linear(13, 13), FusedAct(F.mish, spelling)).eval()
+    out = convert(model, moe=MoEConfig(num_experts=6, top_k=6, gate="hard"),
+                  example_inputs=(torch.randn(2, 5, 13),))
+    with torch.no_grad():
+        y = torch.randn(3, 7, 13)
+        ref, got = model(y), out(y)
+    assert float((got - ref).norm() / ref.norm()) <= 1e-6

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import rewriter
-from rewriter import models, pipeline
+from rewriter import MoEConfig, models, pipeline
 from rewriter.cli import main
 from rewriter.errors import InputError
 from rewriter.pipeline import PipelineError, run_pipeline
@@ -226,3 +226,22 @@ def test_pipeline_recovery_stage_reports_before_and_after(tmp_path):
         run_pipeline(model, recipe="moe-only", recovery=True)
     with pytest.raises(InputError, match="recovery trains MoE blocks"):
         run_pipeline(model, recipe="fp8-only", recovery=rewriter.RecoveryConfig())
+
+
+def test_pipeline_refuses_bad_counts_and_a_file_as_directory_before_any_stage(tmp_path):
+    blocker = tmp_path / "report.txt"
+    blocker.write_text("keep")
+    model = models.build_model("llama-tiny", seed=3)
+    with pytest.raises(InputError, match="report.txt.*exists and is not a directory"):
+        run_pipeline(model, report_dir=blocker)
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        run_pipeline(model, save_dir=blocker)
+    for bad in (-1, 2.5, "16", True):
+        with pytest.raises(InputError, match="calibration_seqs must be an int >= 0"):
+            run_pipeline(model, calibration_seqs=bad, report_dir=tmp_path / "r0")
+    with pytest.raises(InputError, match=r"calibration_seqs=99999 .* tokens, the training "
+                                         r"text has \d+: give fewer"):
+        run_pipeline(model, moe=MoEConfig(num_experts=4, top_k=2), recipe=None,
+                     calibration_seqs=99999, eval_tokens=512, report_dir=tmp_path / "r1")
+    assert blocker.read_text() == "keep"
+    assert list((tmp_path / "r1").iterdir()) == []  # refused before the first stage

@@ -76,6 +76,15 @@ def test_bad_arguments(converted, tmp_path):
     with pytest.raises(CheckpointError, match="must be a torch.nn.Module"):
         rewriter.save("model", tmp_path / "x")
     assert not (tmp_path / "x").exists()
+    blocker = tmp_path / "model.bin"  # an existing regular file: both formats refuse it
+    blocker.write_text("x")
+    for fmt in ("rewriter", "hf"):
+        for path in (blocker, blocker / "sub"):
+            with pytest.raises(CheckpointError, match="cannot write the directory") as info:
+                rewriter.save(conv, path, format=fmt)
+            assert str(path) in str(info.value)
+    assert blocker.read_text() == "x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]
     hf = rewriter.save(conv, tmp_path / "hf", format="hf")
     with pytest.raises(CheckpointError, match="from_pretrained"):
         rewriter.load(hf)  # a Hugging Face checkpoint: not ours to load

@@ -9,13 +9,19 @@ import torch
 from rewriter.models import build_model, example_inputs
 from rewriter.models.moe import MoEFFN
 from rewriter.passes.allocation import apply_top_k
-from rewriter.targets.checkpoint import MANIFEST, WEIGHTS, read_checkpoint, write_checkpoint
+from rewriter.targets.checkpoint import (
+    MANIFEST,
+    WEIGHTS,
+    check_writable,
+    read_checkpoint,
+    write_checkpoint,
+)
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
 from torch import nn
 
 import rewriter
 from rewriter import FP8Config, MoEConfig
-from rewriter.errors import CheckpointError
+from rewriter.errors import CheckpointError, InputError
 
 MOE = MoEConfig(num_experts=8, top_k=3, shared_width=44, gate="sigmoid", route_scale=3.0)
 
@@ -247,3 +253,53 @@ def test_an_inline_ffn_rewrite_is_refused_before_anything_is_written(tmp_path):
                                               r"holds its FFN inline.*ONNX"):
         rewriter.save(moe, tmp_path / "ckpt")
     assert not (tmp_path / "ckpt").exists()
+
+
+# ----------------------------------------------------------------------------- destinations
+
+
+def _tree(root):
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+def test_check_writable_refuses_what_cannot_be_written_and_creates_nothing(tmp_path):
+    blocker = tmp_path / "model.bin"
+    blocker.write_bytes(b"\x07 not a checkpoint")
+    (tmp_path / "folder").mkdir()
+    refused = [(blocker, "directory", "exists and is not a directory"),
+               (blocker / "sub", "directory", "is not a directory"),
+               (blocker / "a" / "b", "directory", "is not a directory"),
+               (tmp_path / "folder", "file", "is a directory, not a file"),
+               (blocker / "m.onnx", "file", "is not a directory")]
+    for path, what, why in refused:
+        with pytest.raises(CheckpointError, match=why) as info:
+            check_writable(path, what)
+        assert f"cannot write the {what} {str(path)!r}" in str(info.value)
+    with pytest.raises(InputError, match="exists and is not a directory"):
+        check_writable(str(blocker), "directory", error=InputError)
+    with pytest.raises(CheckpointError, match="str or os.PathLike, got int"):
+        check_writable(3, "directory")
+    assert _tree(tmp_path) == ["folder", "model.bin"]  # nothing created, no probe left
+    assert blocker.read_bytes() == b"\x07 not a checkpoint"
+    # what can be written passes, new folders only with create=True
+    assert check_writable(tmp_path / "new" / "deep", "directory") == tmp_path / "new" / "deep"
+    assert check_writable(str(tmp_path / "folder" / "m.onnx"), "file") == \
+        tmp_path / "folder" / "m.onnx"
+    assert _tree(tmp_path) == ["folder", "model.bin"]
+    check_writable(tmp_path / "new" / "deep", "directory", create=True)
+    check_writable(tmp_path / "x" / "m.onnx", "file", create=True)
+    assert (tmp_path / "new" / "deep").is_dir() and (tmp_path / "x").is_dir()
+    assert not (tmp_path / "x" / "m.onnx").exists()
+
+
+def test_write_checkpoint_onto_a_file_is_refused_before_anything_is_written(base, tmp_path):
+    model = _variant(base, "moe")
+    blocker = tmp_path / "model.bin"
+    blocker.write_bytes(b"keep me")
+    for path in (blocker, blocker / "ck"):
+        with pytest.raises(CheckpointError, match="cannot write the directory") as info:
+            write_checkpoint(model, path)
+        assert str(path) in str(info.value)
+    assert blocker.read_bytes() == b"keep me" and _tree(tmp_path) == ["model.bin"]
+    with pytest.raises(CheckpointError, match="is not a directory"):
+        read_checkpoint(blocker)

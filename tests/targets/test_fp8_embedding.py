@@ -13,7 +13,7 @@ import torch
 from onnx import numpy_helper
 from rewriter.models import hf
 from rewriter.passes.lower_fp8 import FP8Config
-from rewriter.targets.fp8 import AMAX_FLOOR
+from rewriter.targets.fp8 import AMAX_FLOOR, FP8InferenceModeError
 from rewriter.targets.fp8_embedding import FP8Embedding, FP8TiedHead, quantize_rows
 from rewriter.targets.onnx import export_onnx
 from rewriter.targets.onnx_runtime import check_fp8_linears, compare_with_torch, make_session
@@ -294,3 +294,24 @@ def test_onnx_hf_families(tmp_path, family):
     if family == "gpt2":
         assert conv.lm_head.weight_q is conv.transformer.wte.weight_q
     _parity(conv, inputs, report.path)
+
+
+def test_weights_are_read_only_and_there_is_no_backward():
+    w = _table(67, 130, seed=3)
+    emb = FP8Embedding(w)
+    head = FP8TiedHead(emb, torch.randn(67, generator=torch.Generator().manual_seed(1)))
+    table = emb.weight
+    assert torch.equal(table, emb.dequantized()) and torch.equal(head.weight, table)
+    ids = torch.tensor([[5, 7, 66], [0, 11, 9]])
+    before = emb(ids)
+    for module, name in ((emb, "FP8Embedding"), (head, "FP8TiedHead")):
+        with pytest.raises(FP8InferenceModeError, match=rf"{name}\.weight .*inference mode"):
+            with torch.no_grad():
+                module.weight.data.mul_(2)
+        with pytest.raises(FP8InferenceModeError):
+            module.weight[3] = 0.0
+    assert torch.equal(emb(ids), before)
+    x = torch.randn(2, 3, 130, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    with pytest.raises(FP8InferenceModeError,
+                       match=r"rewriter::fp8_embedding_linear: .*FP8Config\(mode='training'\)"):
+        head(x).sum().backward()

@@ -1,10 +1,18 @@
 import copy
+import io
 
 import pytest
 import torch
 from rewriter.models.moe import MoEFFN
-from rewriter.targets.fp8 import fake_quantize_rowwise, sqnr_db
+from rewriter.targets.fp8 import (
+    FP8InferenceModeError,
+    dequantize_blockwise,
+    fake_quantize_rowwise,
+    sqnr_db,
+)
 from rewriter.targets.fp8_linear import FP8Linear, FP8MoEFFN
+
+import rewriter
 
 
 def test_inference_and_training_modes_compute_the_same_forward():
@@ -550,3 +558,122 @@ def test_fp8_moe_checks_each_projection_cache_once_per_call(monkeypatch, activat
     with torch.no_grad():
         block(torch.randn(23, 200))
     assert sorted(calls) == ["w_down", "w_gate", "w_up"]
+
+
+# ------------------------------------------------------------------- inference weight: read-only
+
+
+def _inference_linear(activations="fp8", seed=11):
+    g = torch.Generator().manual_seed(seed)
+    w, b = torch.randn(72, 200, generator=g) * 0.05, torch.randn(72, generator=g)
+    return FP8Linear(w, b, mode="inference", activations=activations)
+
+
+@pytest.mark.parametrize("activations", ["fp8", "none"])
+@pytest.mark.parametrize("write", [
+    lambda lin: lin.weight.mul_(2),
+    lambda lin: lin.weight.data.mul_(2),
+    lambda lin: lin.weight.copy_(2 * lin.weight),
+    lambda lin: lin.weight.t().add_(1),
+    lambda lin: lin.weight.detach().zero_(),
+    lambda lin: lin.weight.__setitem__((slice(0, 3), 7), 0.5),
+    lambda lin: lin.weight.__iadd__(1),
+    lambda lin: torch.mul(lin.weight, 2, out=lin.weight),
+    lambda lin: setattr(lin.weight, "data", torch.zeros(72, 200)),
+    lambda lin: torch.nn.init.normal_(lin.weight),
+], ids=["mul_", "data.mul_", "copy_", "view.add_", "detach.zero_", "setitem", "iadd", "out",
+        "data=", "init"])
+def test_inference_weight_refuses_writes_instead_of_ignoring_them(activations, write):
+    """``weight`` is a fresh dequantized copy: a write could only be lost, so it raises."""
+    lin = _inference_linear(activations)
+    x = torch.randn(3, 5, 200, generator=torch.Generator().manual_seed(4))
+    q, s = lin.weight_q.clone(), lin.weight_scale.clone()
+    with torch.no_grad():
+        y = lin(x)
+        with pytest.raises(FP8InferenceModeError, match=r"FP8Linear\.weight .*inference mode.*"
+                           r"FP8Config\(mode='training'\)"):
+            write(lin)
+        assert torch.equal(lin(x), y)
+    assert torch.equal(lin.weight_q.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(lin.weight_scale, s)
+    assert isinstance(FP8InferenceModeError("x"), rewriter.RewriterError)
+
+
+def test_inference_weight_still_reads_like_a_tensor():
+    lin = _inference_linear()
+    w = lin.weight
+    ref = dequantize_blockwise(lin.weight_q, lin.weight_scale)
+    assert w.shape == (72, 200) and w.dtype == torch.float32 and not w.requires_grad
+    assert torch.equal(w, ref)
+    x = torch.randn(4, 200, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    y = x @ lin.weight.T  # reads keep working, also under autograd
+    assert type(y) is torch.Tensor and torch.equal(y.detach(), x.detach() @ ref.T)
+    y.sum().backward()
+    torch.testing.assert_close(x.grad, ref.sum(0).expand(4, -1), rtol=1e-6, atol=1e-6)
+    dst = torch.empty(72, 200)
+    dst.copy_(lin.weight)  # copying out of it is fine
+    own = lin.weight.clone()
+    own.mul_(2)  # a copy is the caller's own
+    assert torch.equal(own, 2 * ref) and torch.equal(dst, ref)
+    p = torch.nn.Parameter(lin.weight)  # e.g. back to an nn.Linear for fine-tuning
+    assert type(p) is torch.nn.Parameter and p.requires_grad
+    with torch.no_grad():
+        p.mul_(0.5)
+    assert torch.equal(p, 0.5 * ref)
+    assert type(copy.deepcopy(lin.weight)) is torch.Tensor
+    buf = io.BytesIO()
+    torch.save({"w": lin.weight}, buf)
+    buf.seek(0)
+    loaded = torch.load(buf)  # weights_only: a plain tensor, no custom class to allow
+    assert type(loaded["w"]) is torch.Tensor and torch.equal(loaded["w"], ref)
+    with pytest.raises(ValueError, match="read-only"):
+        lin.weight.numpy()[0, 0] = 1.0
+    half = copy.deepcopy(lin).to(torch.bfloat16)
+    assert half.weight.dtype == torch.bfloat16
+    with pytest.raises(FP8InferenceModeError):
+        half.weight.mul_(2)
+
+
+def test_training_weight_stays_a_writable_parameter():
+    g = torch.Generator().manual_seed(2)
+    tr = FP8Linear(torch.randn(72, 200, generator=g) * 0.05, mode="training")
+    x = torch.randn(3, 200, generator=g)
+    y = tr(x)
+    with torch.no_grad():
+        tr.weight.mul_(2)
+    assert type(tr.weight) is torch.nn.Parameter
+    assert not torch.equal(tr(x), y)
+
+
+# ------------------------------------------------------------------- inference mode: no backward
+
+
+@pytest.mark.parametrize("config", [
+    dict(weight_rounding="nearest"), dict(activations="none"), dict(cache_dequantized=False)],
+    ids=["w8a8", "w8a16", "no-cache"])
+def test_backward_through_inference_mode_says_to_use_training_mode(config):
+    """Fine-tuning the high-precision rest (norm, head) of an inference-mode FP8 model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        m = torch.nn.Sequential(torch.nn.LayerNorm(136), torch.nn.Linear(136, 200),
+                                torch.nn.GELU(), torch.nn.Linear(200, 136),
+                                torch.nn.Linear(136, 9)).eval()
+    x = torch.randn(2, 5, 136, generator=torch.Generator().manual_seed(1))
+    c = rewriter.convert(m, fp8=rewriter.FP8Config(**config), example_inputs=(x,))
+    assert isinstance(c[1], FP8Linear) and c[1].mode == "inference"
+    with pytest.raises(FP8InferenceModeError, match=r"FP8 inference mode.*"
+                       r"FP8Config\(mode='training'\)"):
+        c(x).pow(2).mean().backward()
+    with torch.no_grad():  # inference itself is unaffected
+        assert torch.isfinite(c(x)).all()
+    t = rewriter.convert(m, fp8=rewriter.FP8Config(mode="training"), example_inputs=(x,))
+    t(x).pow(2).mean().backward()  # the way the message names
+    assert t[0].weight.grad is not None and torch.isfinite(t[0].weight.grad).all()
+
+
+@pytest.mark.parametrize("activations", ["fp8", "none"])
+def test_backward_through_inference_moe_experts_raises_the_clear_error(activations):
+    fp8 = FP8MoEFFN(_moe_odd(), mode="inference", activations=activations)
+    x = torch.randn(11, 200, generator=torch.Generator().manual_seed(3), requires_grad=True)
+    with pytest.raises(FP8InferenceModeError, match=r"rewriter::fp8_.*FP8Config"):
+        fp8(x).sum().backward()

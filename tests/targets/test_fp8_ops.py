@@ -2,7 +2,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from rewriter.targets import fp8_ops  # noqa: F401  registers torch.ops.rewriter.*
-from rewriter.targets.fp8 import fp8_gemm_reference, quantize_blockwise, quantize_rowwise, sqnr_db
+from rewriter.targets.fp8 import (
+    FP8InferenceModeError,
+    fp8_gemm_reference,
+    quantize_blockwise,
+    quantize_rowwise,
+    sqnr_db,
+)
+
+import rewriter
 
 ops = torch.ops.rewriter
 
@@ -107,3 +115,27 @@ def test_export_and_compile_keep_the_custom_ops():
 def test_unsupported_dtypes_are_rejected(dtype):
     with pytest.raises((TypeError, RuntimeError)):
         ops.fp8_quantize_rowwise(torch.ones(2, 4).to(dtype), False)
+
+
+def test_inference_ops_backward_raises_the_clear_error():
+    """No register_autograd hint: the error names FP8 inference mode and training mode."""
+    x, w, b = _data(seed=3, m=13, k=200, n=72)
+    wq, ws = quantize_blockwise(w)
+    offsets = torch.tensor([0, 6, 6, 13], dtype=torch.int32)
+    cases = {
+        "fp8_linear": lambda x: ops.fp8_linear(x.reshape(13, 1, 200), wq, ws, b, False),
+        "fp8_weight_only_linear": lambda x: ops.fp8_weight_only_linear(x, wq, ws, b),
+        "fp8_grouped_linear": lambda x: ops.fp8_grouped_linear(
+            x, torch.stack([wq] * 3), torch.stack([ws] * 3), offsets, False),
+    }
+    for name, op in cases.items():
+        xg = x.clone().requires_grad_()
+        y = op(xg)  # the forward records the node and runs as before
+        with torch.no_grad():
+            assert torch.equal(y, op(x))
+        with pytest.raises(FP8InferenceModeError,
+                           match=rf"rewriter::{name}: .*FP8Config\(mode='training'\)") as err:
+            y.sum().backward()
+        assert isinstance(err.value, rewriter.RewriterError)
+        assert isinstance(err.value, RuntimeError)  # what torch raised before
+        assert "register_autograd" not in str(err.value)

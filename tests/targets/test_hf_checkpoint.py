@@ -299,3 +299,20 @@ def test_a_w8a16_model_is_written_with_a_warning_about_runtimes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         rewriter.save(w8a8, tmp_path / "a8", format="hf")
+
+
+def test_a_file_in_the_way_is_refused_before_anything_is_written(llama, tmp_path):
+    """format="hf" onto an existing file (or below one): CheckpointError naming the path,
+    the file untouched, nothing created; a model hf refuses still fails on the path first."""
+    model, x = llama
+    good = rewriter.convert(model, moe=_moe("sigmoid"), example_inputs=x)
+    hard = rewriter.convert(model, moe=MoEConfig(num_experts=4, top_k=2), example_inputs=x)
+    blocker = tmp_path / "weights.bin"
+    blocker.write_bytes(b"\x01\x02\x03")
+    for conv in (good, hard):
+        for path in (blocker, blocker / "hf", str(blocker)):
+            with pytest.raises(CheckpointError, match="cannot write the directory") as info:
+                rewriter.save(conv, path, format="hf")
+            assert str(path) in str(info.value)
+    assert blocker.read_bytes() == b"\x01\x02\x03"
+    assert [p.name for p in tmp_path.iterdir()] == ["weights.bin"]

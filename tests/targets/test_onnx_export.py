@@ -547,3 +547,60 @@ def test_the_old_module_path_still_imports_and_says_where_to_go():
     with pytest.warns(DeprecationWarning, match="rewriter.targets.onnx"):
         old = importlib.import_module("rewriter.targets.onnx_export")
     assert old.export_onnx is onnx_pkg.export_onnx and old.ExportReport is onnx_pkg.ExportReport
+
+
+def test_an_output_that_is_an_input_keeps_the_argument_names(tmp_path):
+    """A forward returning one of its inputs (a residual passed through) and one tensor twice:
+    the graph inputs keep forward's argument names, each output gets its own Identity, and
+    onnxruntime equals PyTorch at shapes other than the example's."""
+    d = 13
+
+    class PassThrough(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(d, d)
+
+        def forward(self, *, hidden, scale):
+            out = self.lin(hidden) * scale
+            return {"out": out, "res": hidden, "again": out, "res2": hidden}
+
+    torch.manual_seed(5)
+    model = PassThrough().eval()
+    example = {"hidden": torch.randn(2, 5, d), "scale": torch.tensor(2.5)}
+    report = export_onnx(model, tmp_path / "pt.onnx", example_inputs=example)
+    assert report.input_names == ("hidden", "scale")
+    assert report.output_names == ("out", "res", "again", "res2")
+    assert report.dynamic_axes["hidden"] == {0: "batch", 1: "sequence"}
+    session = make_session(report.path)
+    assert [i.name for i in session.get_inputs()] == ["hidden", "scale"]
+    assert [o.name for o in session.get_outputs()] == ["out", "res", "again", "res2"]
+    graph = onnx.load(str(report.path)).graph
+    assert sum(n.op_type == "Identity" for n in graph.node) >= 3  # res, res2, again
+    g = torch.Generator().manual_seed(11)
+    for shape in ((3, 7), (1, 1), (4, 2)):
+        feed = {"hidden": torch.randn(*shape, d, generator=g), "scale": torch.tensor(-0.75)}
+        got = run_onnx(session, feed)
+        want = model(**feed)
+        np.testing.assert_array_equal(got["res"], feed["hidden"].numpy())
+        np.testing.assert_array_equal(got["res2"], feed["hidden"].numpy())
+        np.testing.assert_allclose(got["out"], want["out"].detach().numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_array_equal(got["again"], got["out"])
+        assert compare_with_torch(model, report.path, feed)["rel"] <= 1e-5
+
+
+def test_export_onto_a_directory_or_below_a_file_writes_nothing(tmp_path):
+    """ExportInputError naming the path, before anything runs; the file is untouched."""
+    x = (torch.randn(2, 32),)
+    blocker = tmp_path / "model.bin"
+    blocker.write_bytes(b"\x00keep")
+    (tmp_path / "dir.onnx").mkdir()
+    for path, why in ((tmp_path / "dir.onnx", "is a directory"),
+                      (blocker / "m.onnx", "is not a folder"),
+                      (blocker / "sub" / "m.onnx", "does not exist")):
+        with pytest.raises(ExportInputError, match=why) as info:
+            export_onnx(_fp8_linear(), path, example_inputs=x)
+        assert str(path) in str(info.value)
+    assert blocker.read_bytes() == b"\x00keep"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.onnx", "model.bin"]
+    assert list((tmp_path / "dir.onnx").iterdir()) == []

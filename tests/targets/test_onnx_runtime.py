@@ -28,6 +28,8 @@ from rewriter.targets.onnx_runtime import (
     run_onnx,
 )
 
+from rewriter.errors import InputError
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -83,9 +85,9 @@ def test_bad_inputs_and_options(two_heads, tmp_path):
     _, report = two_heads
     session = make_session(report.path, ["CPUExecutionProvider"], threads=1,
                            optimization="basic")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(InputError, match="missing"):  # feeds are the user's input
         run_onnx(session, {"x": torch.randn(1, 2, 6)})
-    with pytest.raises(ValueError, match="takes 2 inputs"):
+    with pytest.raises(InputError, match="takes 2 inputs"):
         run_onnx(session, (torch.randn(1, 2, 6),))
     with pytest.raises(OnnxRuntimeError,
                        match="size 5 on axis 2, but the ONNX graph fixes that axis to 6"):
@@ -94,9 +96,9 @@ def test_bad_inputs_and_options(two_heads, tmp_path):
         make_session(tmp_path / "nothing.onnx")
     with pytest.raises(OnnxRuntimeError, match="not available.*CPUExecutionProvider"):
         make_session(report.path, ["NoSuchExecutionProvider"])
-    with pytest.raises(ValueError, match="optimization"):
+    with pytest.raises(InputError, match="optimization"):
         make_session(report.path, optimization="max")
-    with pytest.raises(ValueError, match="threads"):
+    with pytest.raises(InputError, match="threads"):
         make_session(report.path, threads=0)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"not a model")

@@ -14,6 +14,7 @@ from onnx import helper as h
 from onnx import numpy_helper
 from rewriter.targets.onnx.cleanup import (
     FoldFP8DataMovement,
+    InterfaceNames,
     RenameDims,
     StripNodeMetadata,
     WidenFP8Operands,
@@ -172,3 +173,33 @@ def test_a_folder_failure_leaves_the_graph_unfolded_with_a_warning(tmp_path, mon
     with pytest.warns(UserWarning, match="constant folding stopped early"):
         r = export_onnx(model, tmp_path / "m.onnx", example_inputs=(x,))
     assert compare_with_torch(model, r.path, (torch.randn(3, 5, 6),))["rel"] <= 1e-6
+
+
+def test_interface_names_split_an_input_returned_as_an_output():
+    """The state torch.onnx.export leaves for ``return {"out": hidden * scale, "res": hidden,
+    "dup": out}``: the input value renamed to its output's name, one value as two outputs.
+    InterfaceNames gives the inputs the argument names back and each output its own value."""
+    f32 = ir.TensorType(ir.DataType.FLOAT)
+    hidden = ir.Value(name="res", type=f32, shape=ir.Shape(["s0", 3, 5]))
+    scale = ir.Value(name="scale", type=f32, shape=ir.Shape([]))
+    mul = ir.node("Mul", [hidden, scale])
+    mul.outputs[0].name = "hidden"  # an intermediate holding a wanted name: renamed away
+    mul.outputs[0].type, mul.outputs[0].shape = f32, ir.Shape(["s0", 3, 5])
+    graph = ir.Graph([hidden, scale], [mul.outputs[0], hidden, mul.outputs[0]], nodes=[mul],
+                     name="g", opset_imports={"": 20})
+    model = ir.Model(graph, ir_version=10)
+    assert InterfaceNames(["hidden", "scale"], ["out", "res", "dup"])(model).modified
+    assert [v.name for v in graph.inputs] == ["hidden", "scale"]
+    assert [v.name for v in graph.outputs] == ["out", "res", "dup"]
+    assert len({id(v) for v in graph.outputs}) == 3
+    assert not any(v.is_graph_input() for v in graph.outputs)
+    proto = ir.serde.serialize_model(model)
+    onnx.checker.check_model(proto, full_check=True)
+    session = ort.InferenceSession(proto.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(3).standard_normal((2, 3, 5)).astype(np.float32)
+    out, res, dup = session.run(None, {"hidden": x, "scale": np.array(-1.25, np.float32)})
+    np.testing.assert_array_equal(res, x)
+    np.testing.assert_array_equal(out, x * np.float32(-1.25))
+    np.testing.assert_array_equal(dup, out)
+    assert not InterfaceNames(["hidden", "scale"], ["out", "res", "dup"])(model).modified
