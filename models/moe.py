@@ -36,7 +36,9 @@ integers exactly only up to 256) keep float32 under ``.to(dtype)``, ``.half()``,
 devices; see :func:`apply_pinned`): a bf16 bias cannot take 1e-3 balancing steps at O(1).
 
 Dispatch is dropless. Eager: token slots are sorted by expert once (contiguous per expert, the
-layout a grouped GEMM wants), one matmul chain per non-empty expert, ``index_add_`` back. Under
+layout a grouped GEMM wants), one matmul chain per non-empty expert, ``index_add_`` back; a
+no-grad CPU call runs consecutive experts with few slots as one ``torch._grouped_mm`` per
+projection (``grouped_run_slots``; the same function, the GEMM kernel's rounding). Under
 ``torch.export`` (strict or not) and ``torch.compile`` (``torch.compiler.is_compiling()``) the
 per-expert counts are data dependent, so each expert instead finds its tokens with
 ``torch.where(topk_idx == e)`` (ONNX: TopK, Equal, NonZero, GatherND, ScatterND); both paths give
