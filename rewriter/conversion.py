@@ -152,15 +152,19 @@ def _check_hooks(model: nn.Module, fqns: Iterable[str], what: str) -> None:
                     "them before converting and register them on the converted model's modules")
 
 
+def _ran_by(match: FFNMatch) -> set[str]:
+    """The modules that ran the FFN's ops."""
+    return {owning_module(n) for n in match.nodes if n.op == "call_function"}
+
+
+def _below(fqns: Iterable[str], owner: str) -> list[str]:
+    return [o for o in fqns if o != owner and (not owner or o.startswith(owner + "."))]
+
+
 def _inside_ffns(matches: list[FFNMatch]) -> list[str]:
     """Modules that run an FFN's ops below the module owning the whole FFN (its linears and
     activation modules): every MoE rewrite replaces them."""
-    out = []
-    for m in matches:
-        ran = {owning_module(n) for n in m.nodes if n.op == "call_function"}
-        owner = common_module(sorted(ran))
-        out += [o for o in ran if o != owner and (not owner or o.startswith(owner + "."))]
-    return out
+    return [o for m in matches for o in _below(_ran_by(m), common_module(sorted(_ran_by(m))))]
 
 
 def _plan_swaps(model: nn.Module, gm: GraphModule, matches: list[FFNMatch],
@@ -171,8 +175,7 @@ def _plan_swaps(model: nn.Module, gm: GraphModule, matches: list[FFNMatch],
     try:
         swaps = plan_module_swaps(model, gm, matches, inputs)
     except InputError as exc:
-        owners = [common_module(sorted({owning_module(n) for n in m.nodes
-                                        if n.op == "call_function"})) for m in matches]
+        owners = [common_module(sorted(_ran_by(m))) for m in matches]
         try:
             _check_hooks(model, [o for o in owners if o], "the MoE rewrite")
         except InputError as hooked:
@@ -190,9 +193,7 @@ def _replaced_by_swaps(matches: list[FFNMatch], swaps: list) -> list[str]:
         if isinstance(swap, ModuleSwap):
             out += [swap.block] + ([swap.identity] if swap.identity is not None else [])
             continue
-        owner = swap.owner
-        out += [o for o in {owning_module(n) for n in m.nodes}
-                if o != owner and (not owner or o.startswith(owner + "."))]
+        out += _below(_ran_by(m), swap.owner)
     return out
 
 
